@@ -1,0 +1,36 @@
+"""lora_loader: LoRA adapters for diffusers pipelines and transformers models, without peft.
+
+>>> import lora_loader
+>>> sorted(n for n in lora_loader.__all__ if n.startswith("Lora"))[:3]
+['LoraError', 'LoraFileError', 'LoraFormatError']
+"""
+
+from .attach import attach
+from .errors import (
+    LoraError,
+    LoraFileError,
+    LoraFormatError,
+    LoraNameError,
+    LoraShapeError,
+    LoraTargetError,
+    LoraWarning,
+)
+from .host import LoadReport
+from .model import LoraModelMixin
+from .pipeline import LoraPipelineMixin
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach",
+    "LoadReport",
+    "LoraError",
+    "LoraFileError",
+    "LoraFormatError",
+    "LoraModelMixin",
+    "LoraNameError",
+    "LoraPipelineMixin",
+    "LoraShapeError",
+    "LoraTargetError",
+    "LoraWarning",
+]

@@ -1,0 +1,109 @@
+"""The adapter registry: names, the active set, blend weights, enabled/disabled.
+
+All blending state lives here and nowhere else. When it changes, `push`
+computes each wrapped layer's ``[(adapter, weight * scale), ...]`` list once,
+so a forward does no dictionary work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .blocks import BlockWeights
+from .errors import LoraNameError
+from .layers import LoraLayer
+
+# Per component: a float, or (for a UNet) block weights.
+ComponentWeight = float | BlockWeights
+
+
+@dataclass
+class AdapterRecord:
+    name: str
+    format: str
+    source: str
+    layers: list[tuple[str, str, nn.Module]]  # (component, path, module)
+    skipped: list[str] = field(default_factory=list)
+
+    def components(self) -> list[str]:
+        return sorted({component for component, _, _ in self.layers})
+
+
+class AdapterRegistry:
+    """Named adapters of one host (pipeline or model) and how they are blended."""
+
+    def __init__(self) -> None:
+        self.adapters: dict[str, AdapterRecord] = {}
+        self.active: list[str] = []
+        self.weights: dict[str, dict[str, ComponentWeight]] = {}  # name -> component -> weight
+        self.enabled: bool = True
+
+    # -- names ---------------------------------------------------------------
+    def check_known(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise LoraNameError(f"adapter(s) {missing} are not loaded; loaded adapters: {sorted(self.adapters)}")
+
+    def default_name(self) -> str:
+        n = len(self.adapters)
+        while f"default_{n}" in self.adapters:
+            n += 1
+        return f"default_{n}"
+
+    # -- state changes ---------------------------------------------------------
+    def add(self, record: AdapterRecord) -> None:
+        """Register a freshly applied adapter and make it active alongside the others, weight 1.0."""
+        self.adapters[record.name] = record
+        self.active.append(record.name)
+        self.weights[record.name] = {}
+        self.push()
+
+    def remove(self, name: str) -> AdapterRecord:
+        record = self.adapters.pop(name)
+        self.weights.pop(name, None)
+        if name in self.active:
+            self.active.remove(name)
+        return record
+
+    def set_active(self, names: list[str], weights: list[dict[str, ComponentWeight]]) -> None:
+        self.check_known(names)
+        self.active = list(names)
+        for name, weight in zip(names, weights):
+            self.weights[name] = weight
+        self.push()
+
+    def set_enabled(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.push()
+
+    # -- pushing into layers -----------------------------------------------------
+    def weight(self, name: str, component: str, path: str) -> float:
+        given = self.weights.get(name, {})
+        spec = given.get(component, given.get("*", 1.0))  # "*": one number for every component
+        return spec.weight_for(path) if isinstance(spec, BlockWeights) else float(spec)
+
+    def push(self) -> None:
+        """Give every wrapped layer its list of (adapter, weight * scale) for the current blend."""
+        per_layer: dict[int, tuple[nn.Module, list]] = {}
+        for record in self.adapters.values():
+            for _, _, module in record.layers:
+                per_layer.setdefault(id(module), (module, []))
+        if self.enabled:
+            for name in self.active:
+                for component, path, module in self.adapters[name].layers:
+                    w = self.weight(name, component, path)
+                    if w != 0.0:
+                        adapter = module.lora_adapters[name]
+                        per_layer[id(module)][1].append((adapter, w * adapter.scale))
+        for module, active in per_layer.values():
+            if isinstance(module, LoraLayer):
+                module.set_lora_active(active)
+
+    def list_by_component(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, record in self.adapters.items():
+            for component in record.components():
+                out.setdefault(component, []).append(name)
+        return out

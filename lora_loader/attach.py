@@ -1,0 +1,53 @@
+"""`attach`: make one pipeline or model instance LoRA-capable, leaving its class and other instances alone."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import nn
+
+from .errors import LoraError
+from .host import LoraHost
+from .model import LoraModelMixin
+from .pipeline import LoraPipelineMixin
+
+T = TypeVar("T")
+_attached: dict[tuple[type, type], type] = {}
+
+
+def _is_pipeline(obj) -> bool:
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:  # pragma: no cover - diffusers is a runtime dependency
+        return False
+    return isinstance(obj, DiffusionPipeline)
+
+
+def attach(obj: T) -> T:
+    """Give ``obj`` the lora_loader calls; returns the same object. Attaching twice is a no-op.
+
+    Only this instance changes: its class becomes a subclass of its own class
+    with the mixin first, so our methods take precedence over diffusers' and
+    transformers' same-named ones (which need peft). The subclass keeps the
+    class name, so ``save_pretrained`` still writes the original class name.
+
+    >>> import torch, lora_loader
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> lora_loader.attach(layer) is layer, type(layer).__name__
+    (True, 'Linear')
+    """
+    if isinstance(obj, LoraHost):
+        return obj
+    if _is_pipeline(obj):
+        mixin = LoraPipelineMixin
+    elif isinstance(obj, nn.Module):
+        mixin = LoraModelMixin
+    else:
+        raise LoraError(f"attach() takes a diffusers pipeline or a torch.nn.Module, got {type(obj).__name__}")
+    base = type(obj)
+    cls = _attached.get((mixin, base))
+    if cls is None:
+        cls = type(base.__name__, (mixin, base), {"__module__": base.__module__, "__qualname__": base.__qualname__})
+        _attached[(mixin, base)] = cls
+    obj.__class__ = cls
+    return obj

@@ -1,0 +1,166 @@
+"""diffusers and PEFT keys: dotted module paths with a LoRA suffix.
+
+Accepted spellings, per module path ``M`` (optionally behind a component
+prefix ``unet.`` / ``transformer.`` / ``text_encoder.`` / ``text_encoder_2.`` /
+``text_encoder_3.``, and PEFT's ``base_model.model.``):
+
+- PEFT / diffusers >= 0.26: ``M.lora_A.weight``, ``M.lora_B.weight``
+  (also ``M.lora_A.<adapter>.weight`` as a raw PEFT model state dict has it)
+- diffusers ``LoRACompatibleLinear``: ``M.lora.down.weight``, ``M.lora.up.weight``
+- diffusers ``LoRALinearLayer`` (text encoders): ``M.lora_linear_layer.down.weight`` / ``.up.weight``
+- diffusers attention processors (<= 0.20): ``P.processor.to_q_lora.down.weight``, ... where
+  ``to_{q,k,v}_lora`` is ``P.to_{q,k,v}`` in a UNet and ``P.{q,k,v}_proj`` in a
+  text encoder, and ``to_out_lora`` is ``P.to_out.0`` / ``P.out_proj``
+- an optional ``M.alpha``
+
+Strength: diffusers' training scripts write rank and alpha (with
+``rank_pattern`` / ``alpha_pattern``) only into the safetensors header
+(``lora_adapter_metadata``), and a PEFT folder into ``adapter_config.json``.
+With such a config, ``scale = alpha / r`` with PEFT's pattern rules; else an
+``M.alpha`` key; else scale 1 (alpha = r), as diffusers infers it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..delta import LoraDelta
+
+_COMPONENT_PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+# suffix -> role, longest first so ".lora_linear_layer.down.weight" wins over ".down.weight".
+_SUFFIXES = (
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    ("_lora.down.weight", "down"),  # attention-processor era: to_q_lora.down.weight
+    ("_lora.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+_NAMED_ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.[^.]+\.weight$")  # M.lora_A.default.weight
+_NOT_YET = (
+    ("lora_magnitude_vector", "DoRA magnitude (lora_magnitude_vector) is not supported yet"),
+    (".lora_B.bias", "LoRA bias (lora_bias=True) is not supported yet"),
+    (".lora_embedding_A", "LoRA on embeddings is not supported yet"),
+    (".lora_embedding_B", "LoRA on embeddings is not supported yet"),
+)
+_ATTN_PROCESSOR_TARGETS = {
+    # old processor name -> (UNet module, text encoder module)
+    "to_q": ("to_q", "q_proj"),
+    "to_k": ("to_k", "k_proj"),
+    "to_v": ("to_v", "v_proj"),
+    "to_out": ("to_out.0", "out_proj"),
+}
+
+
+def claims(key: str) -> bool:
+    return (
+        any(key.endswith(suffix) for suffix, role in _SUFFIXES if role != "alpha")
+        or _NAMED_ADAPTER.match(key) is not None
+        or any(marker in key for marker, _ in _NOT_YET)
+        or key.endswith(".alpha")
+    )
+
+
+def _split_component(path: str) -> tuple[str, str]:
+    if path.startswith("base_model.model."):
+        path = path[len("base_model.model."):]
+    head, _, rest = path.partition(".")
+    if head in _COMPONENT_PREFIXES and rest:
+        if rest.startswith("base_model.model."):
+            rest = rest[len("base_model.model."):]
+        return head, rest
+    return "denoiser", path
+
+
+def _parse(key: str) -> tuple[str, str, str] | None:
+    """key -> (component, module path, role) or None if it is not a LoRA key we read."""
+    match = _NAMED_ADAPTER.match(key)
+    if match and not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        stem, role = match.group(1), "down" if match.group(2) == "A" else "up"
+    else:
+        for suffix, role in _SUFFIXES:
+            if key.endswith(suffix):
+                stem = key[: -len(suffix)]
+                break
+        else:
+            return None
+    stem = stem.replace(".processor.", ".")
+    component, module = _split_component(stem)
+    if key.endswith(("_lora.down.weight", "_lora.up.weight")):
+        parent, _, old = module.rpartition(".")
+        if old not in _ATTN_PROCESSOR_TARGETS:
+            return None
+        unet_name, te_name = _ATTN_PROCESSOR_TARGETS[old]
+        target = te_name if component.startswith("text_encoder") else unet_name
+        module = f"{parent}.{target}" if parent else target
+    return component, module, role
+
+
+def pattern_key(patterns, module_name: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return pattern
+    return None
+
+
+def alpha_from_config(config: dict, module_name: str, rank: int) -> tuple[float, bool]:
+    """(alpha, use_rslora) for one module, as PEFT's ``LoraConfig`` would compute its scaling."""
+    alpha_pattern = config.get("alpha_pattern") or {}
+    key = pattern_key(alpha_pattern, module_name)
+    if key is not None:
+        alpha = alpha_pattern[key]
+    else:
+        alpha = config.get("lora_alpha", 8)  # PEFT's LoraConfig default
+    return float(alpha), bool(config.get("use_rslora", False))
+
+
+def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "ConvertedLora":  # noqa: F821
+    from . import ConvertedLora
+
+    result = ConvertedLora()
+    modules: dict[tuple[str, str], dict[str, str]] = {}
+    for key in tensors:
+        reason = next((why for marker, why in _NOT_YET if marker in key), None)
+        parsed = None if reason else _parse(key)
+        if parsed is None:
+            result.unknown[key] = reason or "not a LoRA key (expected lora_A/lora_B, lora.down/lora.up or alpha)"
+            continue
+        component, module, role = parsed
+        slot = modules.setdefault((component, module), {})
+        if role in slot:
+            result.unknown[key] = f"a second '{role}' tensor for module {module} (first: {slot[role]})"
+            continue
+        slot[role] = key
+    for (component, module), keys in modules.items():
+        down_key, up_key, alpha_key = keys.get("down"), keys.get("up"), keys.get("alpha")
+        if down_key is None and up_key is None:
+            result.ignored.append(alpha_key)
+            continue
+        if down_key is None or up_key is None:
+            present = down_key or up_key
+            result.unknown[present] = f"module {module} has {'lora_A/down' if down_key else 'lora_B/up'} but not its pair"
+            if alpha_key:
+                result.ignored.append(alpha_key)
+            continue
+        down, up = tensors[down_key], tensors[up_key]
+        rank = int(down.shape[0])
+        config = configs.get(component, configs.get("", None))
+        if component == "denoiser" and config is None:
+            config = configs.get("unet") or configs.get("transformer")
+        use_rslora = False
+        if config is not None:
+            alpha, use_rslora = alpha_from_config(config, module, rank)
+        elif alpha_key is not None:
+            alpha = float(tensors[alpha_key].detach().float().reshape(-1)[0])
+        else:
+            alpha = None
+        used = tuple(k for k in (down_key, up_key, alpha_key) if k)
+        result.deltas[(component, module)] = LoraDelta(down, up, alpha, use_rslora, keys=used)
+    return result

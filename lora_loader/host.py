@@ -1,0 +1,233 @@
+"""What pipelines and models share: loading, blending, enabling and deleting adapters.
+
+`LoraHost` holds the calls; a host class says only which components it has
+(`_lora_components`) and where a file's symbolic component goes
+(`_lora_resolve_component`). `pipeline.py` and `model.py` are the two hosts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import inject
+from .adapters import AdapterRecord, AdapterRegistry, ComponentWeight
+from .blocks import BlockWeights, expand_block_weights
+from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
+from .formats import convert
+from .hub import read_source
+
+# diffusers' load_lora_weights kwargs that change nothing for us; accepted so diffusers code runs unchanged.
+_IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent", "allow_pickle"}
+ALL_COMPONENTS = "*"
+
+
+@dataclass
+class LoadReport:
+    """What one `load_lora_weights` call did. ``print(report)`` gives a readable summary."""
+
+    adapter_name: str
+    format: str
+    source: str
+    modules: dict[str, int]  # component -> number of modules adapted
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{component}: {n} modules" for component, n in self.modules.items())
+        text = f"adapter '{self.adapter_name}' ({self.format}) from {self.source}: {parts}"
+        if self.skipped:
+            shown = ", ".join(self.skipped[:10]) + (" ..." if len(self.skipped) > 10 else "")
+            text += f"; skipped {len(self.skipped)} keys: {shown}"
+        return text
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoraError(f"{what} must be a number, got {value!r}")
+    return float(value)
+
+
+class LoraHost:
+    """The adapter calls shared by `LoraPipelineMixin` and `LoraModelMixin`."""
+
+    # -- what a host provides -------------------------------------------------------
+    def _lora_components(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def _lora_resolve_component(self, symbolic: str) -> str | None:
+        raise NotImplementedError
+
+    def _lora_component_weights(self, name: str, weights: dict) -> dict[str, ComponentWeight]:
+        raise NotImplementedError
+
+    # -- state ---------------------------------------------------------------------
+    @property
+    def _lora_registry(self) -> AdapterRegistry:
+        registry = self.__dict__.get("_lora_registry_state")
+        if registry is None:
+            registry = AdapterRegistry()
+            # object.__setattr__: neither nn.Module nor DiffusionPipeline should see this as a submodule/config.
+            object.__setattr__(self, "_lora_registry_state", registry)
+        return registry
+
+    # -- loading ---------------------------------------------------------------------
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict,
+        weight_name: str | None = None,
+        adapter_name: str | None = None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        subfolder: str | None = None,
+        hotswap: bool = False,
+        strict: bool = True,
+        **kwargs,
+    ) -> LoadReport:
+        """Load a LoRA (Kohya, PEFT or diffusers layout) as a named adapter, active with weight 1.0.
+
+        The source is a Hub repo id, a local folder, a ``.safetensors`` file or a
+        state dict. Every key is applied or reported; anything that does not fit
+        raises a `LoraError` and leaves the model exactly as it was.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> report = model.load_lora_weights(
+        ...     {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}, adapter_name="x")
+        >>> print(report)
+        adapter 'x' (diffusers) from <state dict>: model: 1 modules
+        """
+        unknown = set(kwargs) - _IGNORED_DIFFUSERS_KWARGS
+        if unknown:
+            raise LoraError(f"load_lora_weights() got unexpected keyword arguments {sorted(unknown)}")
+        if hotswap:
+            raise LoraError("hotswap=True is not supported yet; load under a new adapter_name or delete_adapters() first")
+        registry = self._lora_registry
+        name = registry.default_name() if adapter_name is None else adapter_name
+        if not isinstance(name, str) or not name or "." in name:
+            raise LoraNameError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+        if name in registry.adapters:
+            raise LoraNameError(
+                f"adapter name '{name}' is already in use (loaded adapters: {sorted(registry.adapters)}); "
+                "choose another adapter_name or delete_adapters('{name}') first"
+            )
+        source = read_source(
+            pretrained_model_name_or_path_or_dict,
+            weight_name,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        try:
+            converted = convert(source.tensors, source.metadata, source.adapter_config)
+        except LoraFormatError as err:
+            raise LoraFormatError(f"{source.name}: {err}") from None
+        if not converted.deltas and not converted.formats:
+            sample = sorted(source.tensors)[:5]
+            raise LoraFormatError(
+                f"{source.name}: not a LoRA file: none of its {len(source.tensors)} keys is a LoRA key "
+                f"(expected e.g. '*.lora_down.weight' or '*.lora_A.weight'; first keys: {sample})"
+            )
+        components = self._lora_components()
+        planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
+        layers = inject.apply(planned, name)
+        record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped)
+        registry.add(record)
+        counts: dict[str, int] = {}
+        for component, _, _ in layers:
+            counts[component] = counts.get(component, 0) + 1
+        return LoadReport(name, converted.format, source.name, counts, list(planned.skipped))
+
+    # -- blending ----------------------------------------------------------------------
+    def set_adapters(self, adapter_names, weights=None, *, adapter_weights=None) -> None:
+        """Activate exactly these adapters, with blend weights.
+
+        ``weights`` (or diffusers' name ``adapter_weights``): None (all 1.0), a
+        number, a list with one entry per adapter, and per adapter a dict per
+        component (``{"unet": 0.7, "text_encoder": 0.5}``), with UNet block
+        weights as diffusers defines them. Adapters not named become inactive.
+        A name that is not loaded raises `LoraNameError` and changes nothing.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> _ = model.load_lora_weights({"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}, adapter_name="a")
+        >>> model.set_adapters(["a"], weights=[0.5]); model.get_active_adapters()
+        ['a']
+        """
+        if adapter_weights is not None:
+            if weights is not None:
+                raise LoraError("pass either weights= or adapter_weights=, not both")
+            weights = adapter_weights
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        registry = self._lora_registry
+        registry.check_known(names)
+        if len(set(names)) != len(names):
+            raise LoraNameError(f"adapter names repeat in {names}")
+        if weights is None or not isinstance(weights, (list, tuple)):
+            weights = [weights] * len(names)
+        if len(weights) != len(names):
+            raise LoraError(f"got {len(weights)} weights for {len(names)} adapters {names}; expected one weight per adapter")
+        normalized = []
+        for name, weight in zip(names, weights):
+            if weight is None:
+                normalized.append({})
+            elif isinstance(weight, dict):
+                normalized.append(self._lora_component_weights(name, weight))
+            else:
+                normalized.append({ALL_COMPONENTS: _number(weight, f"weight of adapter '{name}'")})
+        registry.set_active(names, normalized)
+
+    def disable_lora(self) -> None:
+        """Bypass every adapter: outputs equal the base model's exactly, until `enable_lora`."""
+        self._lora_registry.set_enabled(False)
+
+    def enable_lora(self) -> None:
+        """Restore the adapters and weights of the last `set_adapters` (or loads) after `disable_lora`."""
+        self._lora_registry.set_enabled(True)
+
+    def get_active_adapters(self) -> list[str]:
+        """Names of the active adapters, in the order they were set."""
+        return list(self._lora_registry.active)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """``{component: [adapter names]}`` for every component an adapter touches."""
+        return self._lora_registry.list_by_component()
+
+    def delete_adapters(self, adapter_names) -> None:
+        """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        registry = self._lora_registry
+        registry.check_known(names)
+        for name in names:
+            record = registry.remove(name)
+            inject.remove(name, [module for _, _, module in record.layers])
+        registry.push()
+
+
+def block_or_number(component: str, value, module: nn.Module, adapter: str) -> ComponentWeight:
+    """A component's weight: a number, or for a UNet a block dict expanded as diffusers does."""
+    if isinstance(value, dict):
+        if not hasattr(module, "down_blocks"):
+            raise LoraError(
+                f"adapter '{adapter}': block weights for '{component}' need a UNet (down/mid/up blocks); "
+                f"{type(module).__name__} takes a number"
+            )
+        return expand_block_weights(module, value)
+    return _number(value, f"weight of adapter '{adapter}' for '{component}'")
+
+
+def warn_unused_component(adapter: str, component: str) -> None:
+    warnings.warn(
+        f"adapter '{adapter}': weights for '{component}' are ignored: this pipeline has no such component",
+        LoraWarning,
+        stacklevel=4,
+    )
+
+
+__all__ = ["LoadReport", "LoraHost", "BlockWeights"]

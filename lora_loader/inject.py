@@ -1,0 +1,205 @@
+"""Plan, then apply: a load is a transaction.
+
+`plan` matches every delta of a converted file to a live module and checks
+every shape without touching the model; anything that does not fit is raised
+(or, with ``strict=False``, skipped and reported) before a single module is
+wrapped. `apply` then wraps and assigns, and rolls back everything it did if
+anything fails midway.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .delta import LoraDelta
+from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
+from .formats import ConvertedLora
+from .layers import LoraAdapter, LoraLayer, adapter_from_delta, supported_kind, unwrap, wrap
+from .names import ModuleIndex
+
+
+@dataclass
+class PlannedModule:
+    component: str
+    path: str
+    module: nn.Module
+    delta: LoraDelta
+
+
+@dataclass
+class Plan:
+    modules: list[PlannedModule] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # keys not applied (all-zero, or strict=False)
+
+
+def _shape(t) -> list[int]:
+    return list(t.shape)
+
+
+def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
+    """Why ``delta`` cannot apply to ``module``, or None if it fits."""
+    down, up = delta.down, delta.up
+    kind = supported_kind(module)
+    weight = module.weight
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4):
+        return f"lora_down is {_shape(down)} and lora_up is {_shape(up)}; expected 2-D or 4-D tensors"
+    rank = down.shape[0]
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        return f"lora_up is {_shape(up)}; expected a 1x1 kernel [out, r, 1, 1]"
+    if kind == "linear":
+        out_f, in_f = weight.shape
+        expect_down, expect_up = f"[r, {in_f}]", f"[{out_f}, r]"
+        fits = (
+            (down.dim() == 2 or tuple(down.shape[2:]) == (1, 1))
+            and down.shape[1] == in_f
+            and up.shape[0] == out_f
+            and up.shape[1] == rank
+        )
+        what = f"Linear {in_f}->{out_f}"
+    else:
+        out_c, in_c, kh, kw = weight.shape
+        if module.groups != 1:
+            return f"Conv2d with groups={module.groups}; LoRA supports groups=1 only"
+        expect_down, expect_up = f"[r, {in_c}, {kh}, {kw}]", f"[{out_c}, r, 1, 1]"
+        down_ok = (down.dim() == 4 and tuple(down.shape[1:]) == (in_c, kh, kw)) or (
+            down.dim() == 2 and (kh, kw) == (1, 1) and down.shape[1] == in_c
+        )
+        fits = down_ok and up.shape[0] == out_c and up.shape[1] == rank
+        what = f"Conv2d {in_c}->{out_c} {kh}x{kw}"
+    if fits:
+        return None
+    return (
+        f"module is {what}: lora_down is {_shape(down)}, expected {expect_down}; "
+        f"lora_up is {_shape(up)}, expected {expect_up}"
+    )
+
+
+def plan(
+    converted: ConvertedLora,
+    components: dict[str, nn.Module],
+    resolve_component: Callable[[str], str | None],
+    source_name: str,
+    tensors: dict,
+    strict: bool = True,
+) -> Plan:
+    """Match and shape-check every delta; raise (or skip, if not strict) what does not fit. Touches nothing."""
+    result = Plan()
+    indexes: dict[str, ModuleIndex] = {}
+    shape_errors: list[str] = []
+    # key -> why it cannot be applied; all-zero ones are skipped with a warning, not raised.
+    unapplied: dict[str, str] = dict(converted.unknown)
+    for (symbolic, name), delta in converted.deltas.items():
+        component = resolve_component(symbolic)
+        if component is None:
+            for key in delta.keys:
+                unapplied[key] = f"targets component '{symbolic}', which is not in this model ({sorted(components)})"
+            continue
+        if component not in indexes:
+            indexes[component] = ModuleIndex(components[component])
+        index = indexes[component]
+        path = index.lookup(name)
+        if path is None:
+            for key in delta.keys:
+                unapplied[key] = f"targets no module of {component} (looked for '{name}')"
+            continue
+        module = index.modules[path]
+        if supported_kind(module) is None:
+            for key in delta.keys:
+                unapplied[key] = f"targets {component}.{path}, a {type(module).__name__}; LoRA applies to Linear and Conv2d"
+            continue
+        problem = shape_problem(delta, module)
+        if problem is not None:
+            if delta.is_all_zero():
+                for key in delta.keys:
+                    unapplied[key] = f"does not fit {component}.{path}: {problem}"
+            elif strict:
+                shape_errors.append(f"'{delta.keys[0]}' does not fit {component}.{path}: {problem}")
+            else:
+                result.skipped.extend(delta.keys)
+                unapplied.update({key: f"does not fit {component}.{path}" for key in delta.keys})
+            continue
+        result.modules.append(PlannedModule(component, path, module, delta))
+
+    if shape_errors:
+        more = f" ({len(shape_errors) - 1} more modules do not fit)" if len(shape_errors) > 1 else ""
+        raise LoraShapeError(
+            f"{source_name}: {shape_errors[0]}{more}. Is this LoRA made for another base model "
+            f"(e.g. SDXL vs SD 1.5)? Nothing was loaded."
+        )
+
+    zero, nonzero = [], []
+    for key, why in unapplied.items():
+        if key in result.skipped:
+            continue
+        (zero if _is_zero(tensors.get(key)) else nonzero).append((key, why))
+    if nonzero and strict:
+        lines = "\n".join(f"  {key}: {why}" for key, why in nonzero[:20])
+        more = f"\n  ... and {len(nonzero) - 20} more" if len(nonzero) > 20 else ""
+        error = LoraTargetError if all("targets" in why for _, why in nonzero) else LoraFormatError
+        raise error(
+            f"{source_name}: {len(nonzero)} key(s) with non-zero tensors cannot be applied:\n{lines}{more}\n"
+            "Nothing was loaded. Pass strict=False to load the rest and skip these."
+        )
+    if zero:
+        warnings.warn(
+            f"{source_name}: skipped {len(zero)} all-zero key(s) that apply to nothing: "
+            + ", ".join(key for key, _ in zero[:20]),
+            LoraWarning,
+            stacklevel=3,
+        )
+        result.skipped.extend(key for key, _ in zero)
+    if nonzero:  # not strict
+        warnings.warn(
+            f"{source_name}: strict=False, skipped {len(nonzero)} key(s) that cannot be applied: "
+            + "; ".join(f"{key} ({why})" for key, why in nonzero[:20]),
+            LoraWarning,
+            stacklevel=3,
+        )
+        result.skipped.extend(key for key, _ in nonzero)
+    if not result.modules:
+        raise LoraFormatError(
+            f"{source_name}: no module of this model matched any LoRA in the file "
+            f"(format detected: {converted.format}). Nothing was loaded."
+        )
+    return result
+
+
+def _is_zero(tensor) -> bool:
+    return tensor is not None and tensor.is_floating_point() and not bool(tensor.any())
+
+
+def apply(planned: Plan, adapter_name: str) -> list[tuple[str, str, nn.Module]]:
+    """Wrap and assign; on any failure undo every change and re-raise. Returns (component, path, module)."""
+    newly_wrapped: list[nn.Module] = []
+    added: list[nn.Module] = []
+    try:
+        adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module) for p in planned.modules]
+        for p, adapter in zip(planned.modules, adapters):
+            if not isinstance(p.module, LoraLayer):
+                wrap(p.module)
+                newly_wrapped.append(p.module)
+            p.module.lora_adapters[adapter_name] = adapter
+            added.append(p.module)
+    except BaseException as err:
+        for module in added:
+            module.lora_adapters.pop(adapter_name, None)
+        for module in newly_wrapped:
+            unwrap(module)
+        if isinstance(err, LoraError):
+            raise
+        raise LoraError(f"loading adapter '{adapter_name}' failed and was rolled back: {type(err).__name__}: {err}") from err
+    return [(p.component, p.path, p.module) for p in planned.modules]
+
+
+def remove(adapter_name: str, modules) -> None:
+    """Remove one adapter from these layers; a layer left with no adapter is unwrapped."""
+    for module in modules:
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_adapters:
+            del module.lora_adapters[adapter_name]
+            module.set_lora_active([(a, f) for a, f in module._lora_active if a in module.lora_adapters.values()])
+            if len(module.lora_adapters) == 0:
+                unwrap(module)

@@ -1,0 +1,146 @@
+"""Find the live module a file's name refers to, by building every alias of every module once.
+
+Files name modules in several ways: diffusers' dotted paths, Kohya's
+underscore-mangled paths (``down_blocks_0_attentions_0_proj_in``), Stability's
+original UNet layout that sd-scripts writes for SDXL (``input_blocks_4_1_...``),
+and text-encoder paths with or without transformers' ``text_model.`` segment.
+Underscores are ambiguous (``to_q``, ``proj_in``, ``time_emb_proj``), so we
+never parse a name: we enumerate the live model's modules, generate each
+one's aliases, and look names up in that dict (as ComfyUI and A1111 do).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+# diffusers ResnetBlock2D child -> Stability (LDM/SGM) name
+_RESNET_TO_SGM = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def mangle(name: str) -> str:
+    """Kohya's spelling of a module path: dots become underscores."""
+    return name.replace(".", "_")
+
+
+def unet_sgm_prefixes(unet: nn.Module) -> dict[str, str]:
+    """diffusers UNet2DConditionModel prefixes -> Stability layout prefixes, read off the live blocks.
+
+    Follows the layout of sd-scripts' ``make_unet_conversion_map`` (and
+    diffusers' SGM converter): ``input_blocks.{n}.0`` resnets, ``.1`` attentions,
+    ``input_blocks.{n}.0.op`` downsamplers; ``middle_block.{0,1,2}``;
+    ``output_blocks.{n}.{0,1}`` and the upsampler as the block's last layer.
+    """
+    if not all(hasattr(unet, attr) for attr in ("down_blocks", "up_blocks", "conv_in")):
+        return {}
+    prefixes = {
+        "conv_in": "input_blocks.0.0",
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    n = 1
+    for i, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            prefixes[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{n}.0"
+            if attentions is not None and j < len(attentions):
+                prefixes[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
+            n += 1
+        if getattr(block, "downsamplers", None):
+            prefixes[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+            n += 1
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None and hasattr(mid, "resnets"):
+        prefixes["mid_block.resnets.0"] = "middle_block.0"
+        if getattr(mid, "attentions", None):
+            prefixes["mid_block.attentions.0"] = "middle_block.1"
+            prefixes["mid_block.resnets.1"] = "middle_block.2"
+        elif len(mid.resnets) > 1:
+            prefixes["mid_block.resnets.1"] = "middle_block.1"
+    n = 0
+    for i, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None)
+        for j in range(len(block.resnets)):
+            prefixes[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{n}.0"
+            if attentions is not None and j < len(attentions):
+                prefixes[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
+            n += 1
+        if getattr(block, "upsamplers", None):
+            slot = 2 if attentions is not None else 1
+            prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{n - 1}.{slot}.conv"
+    return prefixes
+
+
+def _sgm_name(name: str, prefixes: dict[str, str]) -> str | None:
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in prefixes:
+            rest = parts[cut:]
+            if ".resnets." in head and rest and rest[0] in _RESNET_TO_SGM:
+                rest = [_RESNET_TO_SGM[rest[0]], *rest[1:]]
+            return ".".join([prefixes[head], *rest])
+    return None
+
+
+class ModuleIndex:
+    """Every alias of every module of one component, built with a single ``named_modules()`` walk.
+
+    >>> index = ModuleIndex(nn.Sequential(nn.Linear(2, 2)))
+    >>> index.lookup("0") is index.lookup("0")
+    True
+    """
+
+    def __init__(self, root: nn.Module):
+        self.modules: dict[str, nn.Module] = {}
+        self._aliases: dict[str, str] = {}
+        self._ambiguous: set[str] = set()
+        sgm = unet_sgm_prefixes(root)
+        for name, module in root.named_modules():
+            if not name:
+                continue
+            self.modules[name] = module
+            for alias in self._aliases_of(name, sgm):
+                self._add(alias, name)
+
+    @staticmethod
+    def _aliases_of(name: str, sgm: dict[str, str]) -> list[str]:
+        dotted = [name]
+        # transformers 5 dropped CLIPTextModel.text_model; files written before keep it (and vice versa).
+        if name.startswith("text_model."):
+            dotted.append(name[len("text_model."):])
+        else:
+            dotted.append("text_model." + name)
+        if sgm:
+            sgm_name = _sgm_name(name, sgm)
+            if sgm_name is not None:
+                dotted.append(sgm_name)
+        return dotted + [mangle(d) for d in dotted]
+
+    def _add(self, alias: str, name: str) -> None:
+        owner = self._aliases.get(alias)
+        if owner is None:
+            self._aliases[alias] = name
+        elif owner != name:
+            # Real module names win over generated aliases; two generated aliases that collide are ambiguous.
+            if alias == name:
+                self._aliases[alias] = name
+                self._ambiguous.discard(alias)
+            elif alias != owner:
+                self._ambiguous.add(alias)
+
+    def lookup(self, alias: str) -> str | None:
+        """The live module path ``alias`` refers to, or None."""
+        if alias in self._ambiguous:
+            return None
+        return self._aliases.get(alias)

@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# tests/tiny.py and friends are plain modules next to the tests.
+sys.path.insert(0, os.path.dirname(__file__))
+# No test may reach the network: the Hub is only ever a local cache here.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
