@@ -22,6 +22,7 @@ from .hub import read_source
 # diffusers' load_lora_weights kwargs that change nothing for us; accepted so diffusers code runs unchanged.
 _IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent", "allow_pickle"}
 ALL_COMPONENTS = "*"
+_REGISTRY = "_lora_registry_state"
 
 
 @dataclass
@@ -63,14 +64,34 @@ class LoraHost:
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------
+    def _lora_existing_registry(self) -> AdapterRegistry:
+        """The registry if there is one, else an empty one that is not attached (for read-only calls)."""
+        for module in self._lora_components().values():
+            if _REGISTRY in module.__dict__:
+                return module.__dict__[_REGISTRY]
+        return AdapterRegistry()
+
     @property
     def _lora_registry(self) -> AdapterRegistry:
-        registry = self.__dict__.get("_lora_registry_state")
+        # The registry lives on the component modules, not on the host: adapters live in those
+        # modules, so a second pipeline built from the same components (img2img from txt2img,
+        # `from_pipe`) sees the same adapters, as it does with diffusers.
+        components = list(self._lora_components().values())
+        registry = next((m.__dict__[_REGISTRY] for m in components if _REGISTRY in m.__dict__), None)
         if registry is None:
             registry = AdapterRegistry()
-            # object.__setattr__: neither nn.Module nor DiffusionPipeline should see this as a submodule/config.
-            object.__setattr__(self, "_lora_registry_state", registry)
+        for module in components:
+            if module.__dict__.get(_REGISTRY) is not registry:
+                # object.__setattr__: not a submodule, parameter or config entry.
+                object.__setattr__(module, _REGISTRY, registry)
         return registry
+
+    def _lora_release_registry_if_empty(self) -> None:
+        """With no adapter left, take the registry off the modules: they are plain modules again."""
+        for module in self._lora_components().values():
+            registry = module.__dict__.get(_REGISTRY)
+            if registry is not None and not registry.adapters and registry.enabled:
+                del module.__dict__[_REGISTRY]
 
     # -- loading ---------------------------------------------------------------------
     def load_lora_weights(
@@ -106,7 +127,7 @@ class LoraHost:
             raise LoraError(f"load_lora_weights() got unexpected keyword arguments {sorted(unknown)}")
         if hotswap:
             raise LoraError("hotswap=True is not supported yet; load under a new adapter_name or delete_adapters() first")
-        registry = self._lora_registry
+        registry = self._lora_existing_registry()
         name = registry.default_name() if adapter_name is None else adapter_name
         if not isinstance(name, str) or not name or "." in name:
             raise LoraNameError(f"adapter_name must be a non-empty string without '.', got {name!r}")
@@ -138,7 +159,7 @@ class LoraHost:
         planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
         layers = inject.apply(planned, name)
         record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped)
-        registry.add(record)
+        self._lora_registry.add(record)
         counts: dict[str, int] = {}
         for component, _, _ in layers:
             counts[component] = counts.get(component, 0) + 1
@@ -193,11 +214,11 @@ class LoraHost:
 
     def get_active_adapters(self) -> list[str]:
         """Names of the active adapters, in the order they were set."""
-        return list(self._lora_registry.active)
+        return list(self._lora_existing_registry().active)
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """``{component: [adapter names]}`` for every component an adapter touches."""
-        return self._lora_registry.list_by_component()
+        return self._lora_existing_registry().list_by_component()
 
     def delete_adapters(self, adapter_names) -> None:
         """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again."""
@@ -208,6 +229,7 @@ class LoraHost:
             record = registry.remove(name)
             inject.remove(name, [module for _, _, module in record.layers])
         registry.push()
+        self._lora_release_registry_if_empty()
 
 
 def block_or_number(component: str, value, module: nn.Module, adapter: str) -> ComponentWeight:

@@ -38,6 +38,15 @@ class LoraAdapter(nn.Module):
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    # Adapters are not part of the model's state_dict: `unet.state_dict()` stays the base model's,
+    # so save_pretrained, load_state_dict(strict=True) and copies such as ControlNetModel.from_unet
+    # work while adapters are loaded. Adapters are saved with save_lora_weights.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        return
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        return
+
     def to_delta(self) -> LoraDelta:
         # scale = alpha / rank (or alpha / sqrt(rank)); keep whichever holds.
         use_rslora = abs(self.scale - self.alpha / self.rank) > 1e-12 * max(1.0, abs(self.scale))
