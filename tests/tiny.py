@@ -87,7 +87,7 @@ def _vae() -> AutoencoderKL:
 
 def _scheduler() -> DDIMScheduler:
     return DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )
 
 
