@@ -113,14 +113,10 @@ def plan(
             continue
         problem = shape_problem(delta, module)
         if problem is not None:
-            if delta.is_all_zero():
-                for key in delta.keys:
-                    unapplied[key] = f"does not fit {component}.{path}: {problem}"
-            elif strict:
+            if strict and not delta.is_all_zero():
                 shape_errors.append(f"'{delta.keys[0]}' does not fit {component}.{path}: {problem}")
-            else:
-                result.skipped.extend(delta.keys)
-                unapplied.update({key: f"does not fit {component}.{path}" for key in delta.keys})
+            for key in delta.keys:
+                unapplied[key] = f"does not fit {component}.{path}: {problem}"
             continue
         result.modules.append(PlannedModule(component, path, module, delta))
 
@@ -133,9 +129,9 @@ def plan(
 
     zero, nonzero = [], []
     for key, why in unapplied.items():
-        if key in result.skipped:
-            continue
         (zero if _is_zero(tensors.get(key)) else nonzero).append((key, why))
+    # An alpha with no LoRA pair carries nothing to apply: reported with the all-zero keys.
+    zero.extend((key, "an alpha with no LoRA pair") for key in converted.ignored)
     if nonzero and strict:
         lines = "\n".join(f"  {key}: {why}" for key, why in nonzero[:20])
         more = f"\n  ... and {len(nonzero) - 20} more" if len(nonzero) > 20 else ""
@@ -146,8 +142,8 @@ def plan(
         )
     if zero:
         warnings.warn(
-            f"{source_name}: skipped {len(zero)} all-zero key(s) that apply to nothing: "
-            + ", ".join(key for key, _ in zero[:20]),
+            f"{source_name}: skipped {len(zero)} key(s) that change nothing and apply to nothing "
+            "(all-zero tensors, alphas without a LoRA pair): " + ", ".join(key for key, _ in zero[:20]),
             LoraWarning,
             stacklevel=3,
         )
