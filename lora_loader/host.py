@@ -134,7 +134,7 @@ class LoraHost:
         if name in registry.adapters:
             raise LoraNameError(
                 f"adapter name '{name}' is already in use (loaded adapters: {sorted(registry.adapters)}); "
-                "choose another adapter_name or delete_adapters('{name}') first"
+                f"choose another adapter_name or delete_adapters('{name}') first"
             )
         source = read_source(
             pretrained_model_name_or_path_or_dict,
@@ -149,7 +149,8 @@ class LoraHost:
             converted = convert(source.tensors, source.metadata, source.adapter_config)
         except LoraFormatError as err:
             raise LoraFormatError(f"{source.name}: {err}") from None
-        if not converted.deltas and not converted.formats:
+        generic = ("not a key of any LoRA format", "not a LoRA key")
+        if not converted.deltas and all(why.startswith(generic) for why in converted.unknown.values()):
             sample = sorted(source.tensors)[:5]
             raise LoraFormatError(
                 f"{source.name}: not a LoRA file: none of its {len(source.tensors)} keys is a LoRA key "
@@ -186,8 +187,7 @@ class LoraHost:
                 raise LoraError("pass either weights= or adapter_weights=, not both")
             weights = adapter_weights
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        registry = self._lora_registry
-        registry.check_known(names)
+        self._lora_existing_registry().check_known(names)
         if len(set(names)) != len(names):
             raise LoraNameError(f"adapter names repeat in {names}")
         if weights is None or not isinstance(weights, (list, tuple)):
@@ -202,7 +202,7 @@ class LoraHost:
                 normalized.append(self._lora_component_weights(name, weight))
             else:
                 normalized.append({ALL_COMPONENTS: _number(weight, f"weight of adapter '{name}'")})
-        registry.set_active(names, normalized)
+        self._lora_registry.set_active(names, normalized)
 
     def disable_lora(self) -> None:
         """Bypass every adapter: outputs equal the base model's exactly, until `enable_lora`."""
@@ -223,8 +223,8 @@ class LoraHost:
     def delete_adapters(self, adapter_names) -> None:
         """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._lora_existing_registry().check_known(names)
         registry = self._lora_registry
-        registry.check_known(names)
         for name in names:
             record = registry.remove(name)
             inject.remove(name, [module for _, _, module in record.layers])

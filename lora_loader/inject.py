@@ -182,10 +182,11 @@ def apply(planned: Plan, adapter_name: str) -> list[tuple[str, str, nn.Module]]:
             added.append(p.module)
     except BaseException as err:
         for module in added:
-            module.lora_adapters.pop(adapter_name, None)
+            if adapter_name in module.lora_adapters:
+                del module.lora_adapters[adapter_name]
         for module in newly_wrapped:
             unwrap(module)
-        if isinstance(err, LoraError):
+        if isinstance(err, LoraError) or not isinstance(err, Exception):  # KeyboardInterrupt stays itself
             raise
         raise LoraError(f"loading adapter '{adapter_name}' failed and was rolled back: {type(err).__name__}: {err}") from err
     return [(p.component, p.path, p.module) for p in planned.modules]

@@ -56,10 +56,23 @@ class LoraAdapter(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
 
 
+class AdapterDict(nn.ModuleDict):
+    """A ModuleDict that takes any adapter name, also those that are nn.Module attributes ("train", "to").
+
+    Adapters are only ever reached with ``[name]``, never as attributes, so the
+    attribute clash nn.Module guards against cannot happen here.
+    """
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise KeyError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        self._modules[name] = module
+
+
 class LoraLayer:
     """Mixin placed in front of the wrapped module's class. Never instantiated directly."""
 
-    lora_adapters: nn.ModuleDict
+    lora_adapters: AdapterDict
     _lora_base_class: type
     # (adapter, factor) pairs, factor = blend weight * adapter scale; empty means "base only".
     _lora_active: list[tuple[LoraAdapter, float]]
@@ -152,7 +165,7 @@ def wrap(module: nn.Module) -> None:
     module._lora_base_class = base_class
     module._lora_active = []
     module._lora_concat = None
-    module.lora_adapters = nn.ModuleDict()
+    module.lora_adapters = AdapterDict()
 
 
 def unwrap(module: nn.Module) -> None:
