@@ -13,7 +13,7 @@ from torch import nn
 
 from .blocks import BlockWeights
 from .errors import LoraNameError
-from .layers import LoraLayer
+from .layers import LoraLayer, SavedCopyLayer
 
 # Per component: a float, or (for a UNet) block weights.
 ComponentWeight = float | BlockWeights
@@ -26,9 +26,11 @@ class AdapterRecord:
     source: str
     layers: list[tuple[str, str, nn.Module]]  # (component, path, module)
     skipped: list[str] = field(default_factory=list)
+    copies: list[tuple[str, str, nn.Module]] = field(default_factory=list)  # PEFT's modules_to_save
+    config: object = None  # the LoraConfig it was created or loaded with, for saving
 
     def components(self) -> list[str]:
-        return sorted({component for component, _, _ in self.layers})
+        return sorted({component for component, _, _ in self.layers + self.copies})
 
 
 class AdapterRegistry:
@@ -100,6 +102,19 @@ class AdapterRegistry:
         for module, active in per_layer.values():
             if isinstance(module, LoraLayer):
                 module.set_lora_active(active)
+        # modules_to_save: a module runs the copy of the first active adapter that has one.
+        chosen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
+        for record in self.adapters.values():
+            for _, _, module in record.copies:
+                chosen.setdefault(id(module), (module, None))
+        if self.enabled:
+            for name in self.active:
+                for component, path, module in self.adapters[name].copies:
+                    if chosen[id(module)][1] is None and self.weight(name, component, path) != 0.0:
+                        chosen[id(module)] = (module, module.lora_copies[name])
+        for module, copy in chosen.values():
+            if isinstance(module, SavedCopyLayer):
+                module.set_lora_copy(copy)
 
     def list_by_component(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

@@ -33,6 +33,8 @@ class LoraDelta:
     alpha: float | None = None
     use_rslora: bool = False
     keys: tuple[str, ...] = field(default_factory=tuple)
+    magnitude: torch.Tensor | None = None  # DoRA: per-output-row magnitude (PEFT's lora_magnitude_vector)
+    dropout: float = 0.0  # applied to the adapter's input in training mode only
 
     kind = "lora"
 
@@ -48,7 +50,7 @@ class LoraDelta:
         return alpha / self.rank
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.down, self.up]
+        return [self.down, self.up] + ([] if self.magnitude is None else [self.magnitude])
 
     def is_all_zero(self) -> bool:
         return all(not bool(t.any()) for t in self.tensors())

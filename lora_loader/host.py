@@ -158,11 +158,11 @@ class LoraHost:
             )
         components = self._lora_components()
         planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
-        layers = inject.apply(planned, name)
-        record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped)
+        layers, copies = inject.apply(planned, name)
+        record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped, copies)
         self._lora_registry.add(record)
         counts: dict[str, int] = {}
-        for component, _, _ in layers:
+        for component, _, _ in layers + copies:
             counts[component] = counts.get(component, 0) + 1
         return LoadReport(name, converted.format, source.name, counts, list(planned.skipped))
 
@@ -227,7 +227,7 @@ class LoraHost:
         registry = self._lora_registry
         for name in names:
             record = registry.remove(name)
-            inject.remove(name, [module for _, _, module in record.layers])
+            inject.remove(name, [module for _, _, module in record.layers + record.copies])
         registry.push()
         self._lora_release_registry_if_empty()
 

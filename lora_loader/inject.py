@@ -13,12 +13,24 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .delta import LoraDelta
 from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
 from .formats import ConvertedLora
-from .layers import LoraAdapter, LoraLayer, adapter_from_delta, supported_kind, unwrap, wrap
+from .layers import (
+    LoraAdapter,
+    LoraLayer,
+    SavedCopyLayer,
+    adapter_from_delta,
+    make_saved_copy,
+    supported_kind,
+    unwrap,
+    unwrap_saved_copy,
+    wrap,
+    wrap_saved_copy,
+)
 from .names import ModuleIndex
 
 
@@ -31,8 +43,17 @@ class PlannedModule:
 
 
 @dataclass
+class PlannedCopy:
+    component: str
+    path: str
+    module: nn.Module
+    tensors: dict  # parameter name -> tensor of the full copy (PEFT's modules_to_save)
+
+
+@dataclass
 class Plan:
     modules: list[PlannedModule] = field(default_factory=list)
+    copies: list[PlannedCopy] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # keys not applied (all-zero, or strict=False)
 
 
@@ -50,8 +71,16 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
     rank = down.shape[0]
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
         return f"lora_up is {_shape(up)}; expected a 1x1 kernel [out, r, 1, 1]"
-    if kind == "linear":
-        out_f, in_f = weight.shape
+    if kind in ("linear", "conv1d", "embedding"):
+        if kind == "linear":
+            out_f, in_f = weight.shape
+            what = f"Linear {in_f}->{out_f}"
+        elif kind == "conv1d":
+            in_f, out_f = weight.shape  # transformers' Conv1D stores [in, out]
+            what = f"Conv1D {in_f}->{out_f}"
+        else:
+            in_f, out_f = weight.shape  # [num_embeddings, dim]; down is looked up by token id
+            what = f"Embedding {in_f}x{out_f}"
         expect_down, expect_up = f"[r, {in_f}]", f"[{out_f}, r]"
         fits = (
             (down.dim() == 2 or tuple(down.shape[2:]) == (1, 1))
@@ -59,7 +88,6 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
             and up.shape[0] == out_f
             and up.shape[1] == rank
         )
-        what = f"Linear {in_f}->{out_f}"
     else:
         out_c, in_c, kh, kw = weight.shape
         if module.groups != 1:
@@ -70,6 +98,12 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
         )
         fits = down_ok and up.shape[0] == out_c and up.shape[1] == rank
         what = f"Conv2d {in_c}->{out_c} {kh}x{kw}"
+    if fits and delta.magnitude is not None:
+        if kind not in ("linear", "conv1d"):
+            return f"module is {what}: DoRA (a magnitude vector) is supported on Linear and Conv1D layers only, so far"
+        out_features = weight.shape[0] if kind == "linear" else weight.shape[1]
+        if delta.magnitude.numel() != out_features:
+            return f"module is {what}: DoRA magnitude is {_shape(delta.magnitude)}, expected [{out_features}]"
     if fits:
         return None
     return (
@@ -98,9 +132,7 @@ def plan(
             for key in delta.keys:
                 unapplied[key] = f"targets component '{symbolic}', which is not in this model ({sorted(components)})"
             continue
-        if component not in indexes:
-            indexes[component] = ModuleIndex(components[component])
-        index = indexes[component]
+        index = _index(indexes, components, component)
         path = index.lookup(name)
         if path is None:
             for key in delta.keys:
@@ -109,7 +141,10 @@ def plan(
         module = index.modules[path]
         if supported_kind(module) is None:
             for key in delta.keys:
-                unapplied[key] = f"targets {component}.{path}, a {type(module).__name__}; LoRA applies to Linear and Conv2d"
+                unapplied[key] = (
+                    f"targets {component}.{path}, a {type(module).__name__}; "
+                    "LoRA applies to Linear, Conv2d, Conv1D and Embedding"
+                )
             continue
         problem = shape_problem(delta, module)
         if problem is not None:
@@ -119,6 +154,38 @@ def plan(
                 unapplied[key] = f"does not fit {component}.{path}: {problem}"
             continue
         result.modules.append(PlannedModule(component, path, module, delta))
+
+    lora_targets = {(p.component, p.path) for p in result.modules}
+    for (symbolic, name), params in converted.module_copies.items():
+        component = resolve_component(symbolic)
+        index = _index(indexes, components, component)
+        path = index.lookup(name) if index else None
+        if path is None:
+            for key in params.values():
+                unapplied[key] = f"a modules_to_save copy of '{name}', which is no module of this model"
+            continue
+        module = index.modules[path]
+        problem = _copy_problem(module, params, tensors, (component, path) in lora_targets)
+        if problem is not None:
+            if strict:
+                shape_errors.append(f"'{next(iter(params.values()))}' does not fit {component}.{path}: {problem}")
+            for key in params.values():
+                unapplied[key] = f"does not fit {component}.{path}: {problem}"
+            continue
+        result.copies.append(PlannedCopy(component, path, module, {p: tensors[k] for p, k in params.items()}))
+    for key, (symbolic, name, param) in converted.base_weights.items():
+        component = resolve_component(symbolic)
+        index = _index(indexes, components, component)
+        path = index.lookup(name) if index else None
+        live = getattr(index.modules[path], param, None) if path is not None else None
+        if live is None or tuple(live.shape) != tuple(tensors[key].shape):
+            unapplied[key] = f"a base weight for '{name}', which does not match any weight of this model"
+        elif not torch.equal(tensors[key].to(device=live.device, dtype=live.dtype), live.detach()):
+            unapplied[key] = (
+                f"a base weight for {component}.{path} that differs from the model's own "
+                "(a resized vocabulary?); lora_loader never overwrites base weights"
+            )
+        # else: PEFT saved the unchanged base embedding beside its LoRA; nothing to apply.
 
     if shape_errors:
         more = f" ({len(shape_errors) - 1} more modules do not fit)" if len(shape_errors) > 1 else ""
@@ -156,7 +223,7 @@ def plan(
             stacklevel=3,
         )
         result.skipped.extend(key for key, _ in nonzero)
-    if not result.modules:
+    if not result.modules and not result.copies:
         raise LoraFormatError(
             f"{source_name}: no module of this model matched any LoRA in the file "
             f"(format detected: {converted.format}). Nothing was loaded."
@@ -164,39 +231,80 @@ def plan(
     return result
 
 
+def _index(indexes: dict, components: dict, component: str | None) -> ModuleIndex | None:
+    if component is None:
+        return None
+    if component not in indexes:
+        indexes[component] = ModuleIndex(components[component])
+    return indexes[component]
+
+
+def _copy_problem(module: nn.Module, params: dict, tensors: dict, is_lora_target: bool) -> str | None:
+    if is_lora_target or isinstance(module, LoraLayer):
+        return "a module cannot both carry LoRA and be a modules_to_save copy"
+    own = {n: t for n, t in module.state_dict().items()}
+    for param, key in params.items():
+        if param not in own:
+            return f"the module has no tensor '{param}' (it has {sorted(own)})"
+        if tuple(own[param].shape) != tuple(tensors[key].shape):
+            return f"'{param}' is {list(tensors[key].shape)}, expected {list(own[param].shape)}"
+    return None
+
+
 def _is_zero(tensor) -> bool:
     return tensor is not None and tensor.is_floating_point() and not bool(tensor.any())
 
 
-def apply(planned: Plan, adapter_name: str) -> list[tuple[str, str, nn.Module]]:
-    """Wrap and assign; on any failure undo every change and re-raise. Returns (component, path, module)."""
+def apply(planned: Plan, adapter_name: str) -> tuple[list, list]:
+    """Wrap and assign; on any failure undo every change and re-raise.
+
+    Returns the (component, path, module) of the LoRA layers and of the modules_to_save copies.
+    """
     newly_wrapped: list[nn.Module] = []
     added: list[nn.Module] = []
+    copied: list[nn.Module] = []
     try:
         adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module) for p in planned.modules]
+        copies = [make_saved_copy(c.module, c.tensors) for c in planned.copies]
         for p, adapter in zip(planned.modules, adapters):
             if not isinstance(p.module, LoraLayer):
                 wrap(p.module)
                 newly_wrapped.append(p.module)
             p.module.lora_adapters[adapter_name] = adapter
             added.append(p.module)
+        for c, copy in zip(planned.copies, copies):
+            if not isinstance(c.module, SavedCopyLayer):
+                wrap_saved_copy(c.module)
+                newly_wrapped.append(c.module)
+            c.module.lora_copies[adapter_name] = copy
+            copied.append(c.module)
     except BaseException as err:
         for module in added:
             if adapter_name in module.lora_adapters:
                 del module.lora_adapters[adapter_name]
+        for module in copied:
+            if adapter_name in module.lora_copies:
+                del module.lora_copies[adapter_name]
         for module in newly_wrapped:
             unwrap(module)
+            unwrap_saved_copy(module)
         if isinstance(err, LoraError) or not isinstance(err, Exception):  # KeyboardInterrupt stays itself
             raise
         raise LoraError(f"loading adapter '{adapter_name}' failed and was rolled back: {type(err).__name__}: {err}") from err
-    return [(p.component, p.path, p.module) for p in planned.modules]
+    layers = [(p.component, p.path, p.module) for p in planned.modules]
+    return layers, [(c.component, c.path, c.module) for c in planned.copies]
 
 
 def remove(adapter_name: str, modules) -> None:
-    """Remove one adapter from these layers; a layer left with no adapter is unwrapped."""
+    """Remove one adapter from these layers / copies; a module left with none is unwrapped."""
     for module in modules:
         if isinstance(module, LoraLayer) and adapter_name in module.lora_adapters:
             del module.lora_adapters[adapter_name]
             module.set_lora_active([(a, f) for a, f in module._lora_active if a in module.lora_adapters.values()])
             if len(module.lora_adapters) == 0:
                 unwrap(module)
+        if isinstance(module, SavedCopyLayer) and adapter_name in module.lora_copies:
+            del module.lora_copies[adapter_name]
+            module.set_lora_copy(None)
+            if len(module.lora_copies) == 0:
+                unwrap_saved_copy(module)

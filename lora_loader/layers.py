@@ -10,12 +10,20 @@ original again.
 
 The forward is ``base(x) + sum_i factor_i * up_i(down_i(x))``, where
 ``factor_i = weight_i * scale_i`` is pushed in by the adapter registry when the
-blend changes. With several adapters active and no gradients needed, the
-down's and the factor-folded up's are concatenated once, so k adapters cost two
-matmuls instead of 2k.
+blend changes. With several plain adapters active and no gradients needed,
+the down's and the factor-folded up's are concatenated once, so k adapters
+cost two matmuls instead of 2k.
+
+Kinds: ``nn.Linear``, ``nn.Conv2d`` (kxk down, 1x1 up), transformers'
+``Conv1D`` (weight stored ``[in, out]``) and ``nn.Embedding`` (down is
+``[r, num_embeddings]``, looked up like the embedding). DoRA adapters (a
+``magnitude`` vector) follow PEFT's formula; with blend weight ``w`` the
+output is ``base + w * (dora(x) - base)``, so weight 0 switches DoRA off.
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -23,24 +31,44 @@ from torch import nn
 
 from .delta import LoraDelta
 
+# Per-row adapter names of the batch being computed (mixed-batch inference), or None.
+MIXED_BATCH: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("lora_loader_mixed_batch", default=None)
+BASE = "__base__"
+
 
 class LoraAdapter(nn.Module):
-    """One adapter's factors on one layer (``down``, ``up``) and its scale."""
+    """One adapter's factors on one layer (``down``, ``up``), its scale, dropout and DoRA magnitude."""
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float, alpha: float):
+    def __init__(
+        self,
+        down: torch.Tensor,
+        up: torch.Tensor,
+        scale: float,
+        alpha: float,
+        magnitude: torch.Tensor | None = None,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
         super().__init__()
         self.down = nn.Parameter(down, requires_grad=False)
         self.up = nn.Parameter(up, requires_grad=False)
+        self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = float(scale)
         self.alpha = float(alpha)
+        self.use_rslora = use_rslora
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
     # Adapters are not part of the model's state_dict: `unet.state_dict()` stays the base model's,
     # so save_pretrained, load_state_dict(strict=True) and copies such as ControlNetModel.from_unet
-    # work while adapters are loaded. Adapters are saved with save_lora_weights.
+    # work while adapters are loaded. Adapters are saved with save_lora_weights / save_adapter.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         return
 
@@ -48,12 +76,14 @@ class LoraAdapter(nn.Module):
         return
 
     def to_delta(self) -> LoraDelta:
-        # scale = alpha / rank (or alpha / sqrt(rank)); keep whichever holds.
-        use_rslora = abs(self.scale - self.alpha / self.rank) > 1e-12 * max(1.0, abs(self.scale))
-        return LoraDelta(self.down.detach(), self.up.detach(), self.alpha, use_rslora)
+        magnitude = None if self.magnitude is None else self.magnitude.detach()
+        return LoraDelta(
+            self.down.detach(), self.up.detach(), self.alpha, self.use_rslora, magnitude=magnitude, dropout=self.dropout_p
+        )
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
+        dora = ", dora" if self.magnitude is not None else ""
+        return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}{dora}"
 
 
 class AdapterDict(nn.ModuleDict):
@@ -84,25 +114,42 @@ class LoraLayer:
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = super().forward(x, *args, **kwargs)
+        rows = MIXED_BATCH.get()
+        if rows is not None:
+            return self._lora_mixed_batch(x, out, rows)
         active = self._lora_active
         if not active:
             return out
+        return out + self._lora_delta(x, out, active).to(out.dtype)
+
+    # -- the delta for a list of (adapter, factor) ------------------------------------------------------
+    def _lora_delta(self, x: torch.Tensor, out: torch.Tensor, active) -> torch.Tensor:
         first = active[0][0].down
-        h = x if x.dtype == first.dtype else x.to(first.dtype)
-        if len(active) == 1 or (torch.is_grad_enabled() and any(a.down.requires_grad or a.up.requires_grad for a, _ in active)):
-            delta = None
-            for adapter, factor in active:
-                d = self._lora_up(self._lora_down(h, adapter.down), adapter.up) * factor
-                delta = d if delta is None else delta + d
-        else:
-            down, up = self._concatenated(active)
+        h = x.to(first.dtype) if x.is_floating_point() and x.dtype != first.dtype else x
+        plain = [(a, f) for a, f in active if a.magnitude is None]
+        delta = None
+        if len(plain) > 1 and self._lora_can_concatenate(plain):
+            down, up = self._concatenated(plain)
             delta = self._lora_up(self._lora_down(h, down), up)
-        return out + delta.to(out.dtype)
+        else:
+            for adapter, factor in plain:
+                d = self._lora_up(self._lora_down(adapter.dropout(h), adapter.down), adapter.up) * factor
+                delta = d if delta is None else delta + d
+        for adapter, factor in active:
+            if adapter.magnitude is not None:
+                d = self._dora_delta(h, out, adapter, factor / adapter.scale)
+                delta = d if delta is None else delta + d
+        return delta
+
+    def _lora_can_concatenate(self, plain) -> bool:
+        if self.training and any(a.dropout_p > 0 for a, _ in plain):
+            return False
+        return not (torch.is_grad_enabled() and any(a.down.requires_grad or a.up.requires_grad for a, _ in plain))
 
     def _concatenated(self, active):
         # Keyed on device, dtype and the tensors' in-place version counters, so a
         # `.to()` or an optimizer step invalidates the cache without any hook.
-        key = tuple((a.down._version, a.up._version, a.down.device, a.down.dtype) for a, _ in active)
+        key = tuple((id(a), f, a.down._version, a.up._version, a.down.device, a.down.dtype) for a, f in active)
         cached = self._lora_concat
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -112,6 +159,38 @@ class LoraLayer:
             self._lora_concat = cached
         return cached[1], cached[2]
 
+    def _dora_delta(self, h, out, adapter: LoraAdapter, weight: float) -> torch.Tensor:
+        """``weight * (dora(x) - base(x))`` with PEFT's DoRA: ``m / ||W + s B A||`` rescales the rows."""
+        base_weight = self._lora_dense_base_weight().to(adapter.down.dtype)
+        lora_weight = adapter.up.flatten(1) @ adapter.down.flatten(1)
+        norm = torch.linalg.norm(base_weight + adapter.scale * lora_weight, dim=1).detach()
+        mag_scale = adapter.magnitude / norm
+        x_in = adapter.dropout(h)
+        if isinstance(adapter.dropout, nn.Dropout) and self.training:
+            base_no_bias = F.linear(x_in, base_weight)
+        else:
+            bias = getattr(self, "bias", None)
+            base_no_bias = out.to(h.dtype) if bias is None else out.to(h.dtype) - bias.to(h.dtype)
+        lora_out = self._lora_up(self._lora_down(x_in, adapter.down), adapter.up)
+        return weight * ((mag_scale - 1) * base_no_bias + mag_scale * lora_out * adapter.scale)
+
+    # -- mixed batches: a different adapter per row ------------------------------------------------------
+    def _lora_mixed_batch(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
+        repeat = x.shape[0] // len(names)
+        if repeat > 1:  # generate() expands rows with repeat_interleave (num_beams, num_return_sequences)
+            names = [n for n in names for _ in range(repeat)]
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name, []).append(row)
+        for name, rows in groups.items():
+            if name == BASE or name not in self.lora_adapters:
+                continue
+            adapter = self.lora_adapters[name]
+            index = torch.tensor(rows, device=out.device)
+            delta = self._lora_delta(x[index], out[index], [(adapter, adapter.scale)])
+            out = out.index_add(0, index, delta.to(out.dtype))
+        return out
+
 
 class LoraLinearMixin(LoraLayer):
     def _lora_down(self, x, down):
@@ -119,6 +198,16 @@ class LoraLinearMixin(LoraLayer):
 
     def _lora_up(self, h, up):
         return F.linear(h, up)
+
+    def _lora_dense_base_weight(self):
+        return self.weight
+
+
+class LoraConv1DMixin(LoraLinearMixin):
+    """transformers' Conv1D (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]`` (PEFT's fan_in_fan_out)."""
+
+    def _lora_dense_base_weight(self):
+        return self.weight.T
 
 
 class LoraConv2dMixin(LoraLayer):
@@ -130,27 +219,52 @@ class LoraConv2dMixin(LoraLayer):
         return F.conv2d(h, up)
 
 
-_MIXIN_FOR_BASE = ((nn.Conv2d, LoraConv2dMixin), (nn.Linear, LoraLinearMixin))
-_wrapped_classes: dict[type, type] = {}
+class LoraEmbeddingMixin(LoraLayer):
+    """``nn.Embedding``: down ``[r, num_embeddings]`` is looked up by token id, up ``[dim, r]`` maps to the embedding."""
+
+    def _lora_down(self, x, down):
+        return F.embedding(x, down.T, padding_idx=None, max_norm=self.max_norm, norm_type=self.norm_type,
+                           scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+
+    def _lora_up(self, h, up):
+        return F.linear(h, up)
 
 
-def supported_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv2d"`` or None for modules we cannot adapt."""
-    if isinstance(module, LoraLayer):
-        module_type = module._lora_base_class
-    else:
-        module_type = type(module)
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a runtime dependency
+        return None
+    return Conv1D
+
+
+def kind_of(module_type: type) -> str | None:
+    """``"linear"``, ``"conv2d"``, ``"conv1d"``, ``"embedding"`` or None for classes we cannot adapt."""
+    conv1d = _conv1d_class()
     if issubclass(module_type, nn.Conv2d):
         return "conv2d"
     if issubclass(module_type, nn.Linear):
         return "linear"
+    if conv1d is not None and issubclass(module_type, conv1d):
+        return "conv1d"
+    if issubclass(module_type, nn.Embedding):
+        return "embedding"
     return None
+
+
+def supported_kind(module: nn.Module) -> str | None:
+    """The LoRA kind of a (possibly wrapped) module, or None for modules we cannot adapt."""
+    return kind_of(module._lora_base_class if isinstance(module, LoraLayer) else type(module))
+
+
+_MIXINS = {"conv2d": LoraConv2dMixin, "linear": LoraLinearMixin, "conv1d": LoraConv1DMixin, "embedding": LoraEmbeddingMixin}
+_wrapped_classes: dict[type, type] = {}
 
 
 def _wrapped_class(base_class: type) -> type:
     cls = _wrapped_classes.get(base_class)
     if cls is None:
-        mixin = next(m for b, m in _MIXIN_FOR_BASE if issubclass(base_class, b))
+        mixin = _MIXINS[kind_of(base_class)]
         cls = type(f"Lora{base_class.__name__}", (mixin, base_class), {"__module__": __name__})
         _wrapped_classes[base_class] = cls
     return cls
@@ -184,12 +298,118 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module) -> LoraAdapter:
     weight = module.weight
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     down, up = delta.down, delta.up
-    if supported_kind(module) == "linear":
-        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-    else:
+    if supported_kind(module) == "conv2d":
         down = down.reshape(down.shape[0], -1, *module.kernel_size) if down.dim() == 2 else down
         up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+    else:
+        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
     down = down.to(device=weight.device, dtype=dtype, copy=True).contiguous()
     up = up.to(device=weight.device, dtype=dtype, copy=True).contiguous()
+    magnitude = None
+    if delta.magnitude is not None:
+        magnitude = delta.magnitude.reshape(-1).to(device=weight.device, dtype=dtype, copy=True)
     alpha = float(delta.rank if delta.alpha is None else delta.alpha)
-    return LoraAdapter(down, up, delta.scale, alpha)
+    return LoraAdapter(down, up, delta.scale, alpha, magnitude, delta.dropout, delta.use_rslora)
+
+
+class SavedCopyLayer:
+    """PEFT's ``modules_to_save``: per adapter a full copy of the module, used instead of it while active.
+
+    Like a LoRA layer, this is a class swap on the module itself; the copies sit
+    in ``lora_copies`` and stay out of the state_dict.
+    """
+
+    lora_copies: AdapterDict
+    _lora_base_class: type
+    _lora_copy: nn.Module | None
+
+    def set_lora_copy(self, copy: nn.Module | None) -> None:
+        self._lora_copy = copy
+
+    def forward(self, x, *args, **kwargs):
+        names = MIXED_BATCH.get()
+        if names is None:
+            copy = self._lora_copy
+            return super().forward(x, *args, **kwargs) if copy is None else copy(x, *args, **kwargs)
+        out = super().forward(x, *args, **kwargs)
+        repeat = x.shape[0] // len(names)
+        names = [n for n in names for _ in range(repeat)]
+        for name in dict.fromkeys(names):
+            if name in self.lora_copies:
+                index = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+                out = out.index_copy(0, index, self.lora_copies[name](x[index], *args, **kwargs).to(out.dtype))
+        return out
+
+
+_copy_classes: dict[type, type] = {}
+
+
+def wrap_saved_copy(module: nn.Module) -> None:
+    if isinstance(module, SavedCopyLayer):
+        return
+    base_class = type(module)
+    cls = _copy_classes.get(base_class)
+    if cls is None:
+        cls = type(f"Saved{base_class.__name__}", (SavedCopyLayer, base_class), {"__module__": __name__})
+        _copy_classes[base_class] = cls
+    module.__class__ = cls
+    module._lora_base_class = base_class
+    module._lora_copy = None
+    module.lora_copies = _CopyDict()
+
+
+def unwrap_saved_copy(module: nn.Module) -> None:
+    if not isinstance(module, SavedCopyLayer):
+        return
+    base_class = module._lora_base_class
+    del module._modules["lora_copies"]
+    for name in ("_lora_base_class", "_lora_copy"):
+        module.__dict__.pop(name, None)
+    module.__class__ = base_class
+
+
+def _drop_copy_keys(module, incompatible_keys) -> None:
+    # load_state_dict recursed into the copies and called their weights missing; they are not the model's.
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if ".lora_copies." not in k]
+
+
+class _CopyDict(AdapterDict):
+    """Holds the copies; like adapters, they stay out of the model's state_dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_load_state_dict_post_hook(_drop_copy_keys)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        return
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        # Copies are not part of the model's state_dict: skip the recursion into them.
+        return {} if destination is None else destination
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        return
+
+
+def make_saved_copy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain deep copy of ``module`` (without our wrapping) with ``tensors`` assigned to its parameters."""
+    import copy as copy_module
+
+    saved = module._modules.pop("lora_copies", None) if isinstance(module, SavedCopyLayer) else None
+    try:
+        clone = copy_module.deepcopy(module)
+    finally:
+        if saved is not None:
+            module._modules["lora_copies"] = saved
+    if isinstance(clone, SavedCopyLayer):
+        clone.__class__ = clone._lora_base_class
+        for name in ("_lora_base_class", "_lora_copy"):
+            clone.__dict__.pop(name, None)
+    with torch.no_grad():
+        own = dict(clone.named_parameters())
+        own.update(dict(clone.named_buffers()))
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor.to(own[name].dtype))
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone

@@ -38,6 +38,11 @@ class ConvertedLora:
     deltas: dict[tuple[str, str], LoraDelta] = field(default_factory=dict)
     unknown: dict[str, str] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    # PEFT extras: key -> (component, module, "weight"|"bias") of a base weight saved beside an embedding
+    # LoRA (must equal the model's own), and (component, module) -> {param: key} full module copies
+    # (PEFT's modules_to_save).
+    base_weights: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    module_copies: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
     @property
     def format(self) -> str:
@@ -99,11 +104,14 @@ def convert(
         for k in mine:
             del remaining[k]
         part = converter(mine, configs)
-        if part.deltas:
-            result.formats.append(name)
+        if part.deltas or part.module_copies:
+            peft_layout = name == "diffusers" and (adapter_config or any(k.startswith("base_model.model.") for k in mine))
+            result.formats.append("peft" if peft_layout else name)
         result.deltas.update(part.deltas)
         result.unknown.update(part.unknown)
         result.ignored.extend(part.ignored)
+        result.base_weights.update(part.base_weights)
+        result.module_copies.update(part.module_copies)
     for key in remaining:
         result.unknown[key] = "not a key of any LoRA format lora_loader reads"
     return result

@@ -26,7 +26,9 @@ import re
 
 import torch
 
+from ..config import LoraConfig, pattern_key
 from ..delta import LoraDelta
+from ..errors import LoraError, LoraFormatError
 
 _COMPONENT_PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -40,15 +42,16 @@ _SUFFIXES = (
     (".lora_B.weight", "up"),
     ("_lora.down.weight", "down"),  # attention-processor era: to_q_lora.down.weight
     ("_lora.up.weight", "up"),
+    (".lora_embedding_A", "down"),  # PEFT on nn.Embedding: [r, num_embeddings]
+    (".lora_embedding_B", "up"),  # [dim, r]
+    (".lora_magnitude_vector.weight", "magnitude"),  # DoRA
+    (".lora_magnitude_vector", "magnitude"),
     (".alpha", "alpha"),
 )
+# PEFT's save_embedding_layers writes the base embedding next to an embedding LoRA.
+_BASE_LAYER = re.compile(r"^(.*)\.base_layer\.(weight|bias)$")
 _NAMED_ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.[^.]+\.weight$")  # M.lora_A.default.weight
-_NOT_YET = (
-    ("lora_magnitude_vector", "DoRA magnitude (lora_magnitude_vector) is not supported yet"),
-    (".lora_B.bias", "LoRA bias (lora_bias=True) is not supported yet"),
-    (".lora_embedding_A", "LoRA on embeddings is not supported yet"),
-    (".lora_embedding_B", "LoRA on embeddings is not supported yet"),
-)
+_NOT_YET = ((".lora_B.bias", "LoRA bias (lora_bias=True) is not supported yet"),)
 _ATTN_PROCESSOR_TARGETS = {
     # old processor name -> (UNet module, text encoder module)
     "to_q": ("to_q", "q_proj"),
@@ -62,6 +65,8 @@ def claims(key: str) -> bool:
     return (
         any(key.endswith(suffix) for suffix, role in _SUFFIXES if role != "alpha")
         or _NAMED_ADAPTER.match(key) is not None
+        or _BASE_LAYER.match(key) is not None
+        or key.startswith("base_model.model.")
         or any(marker in key for marker, _ in _NOT_YET)
         or key.endswith(".alpha")
     )
@@ -102,34 +107,57 @@ def _parse(key: str) -> tuple[str, str, str] | None:
     return component, module, role
 
 
-def pattern_key(patterns, module_name: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
-    for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return pattern
-    return None
-
-
 def alpha_from_config(config: dict, module_name: str, rank: int) -> tuple[float, bool]:
     """(alpha, use_rslora) for one module, as PEFT's ``LoraConfig`` would compute its scaling."""
     alpha_pattern = config.get("alpha_pattern") or {}
     key = pattern_key(alpha_pattern, module_name)
-    if key is not None:
-        alpha = alpha_pattern[key]
-    else:
-        alpha = config.get("lora_alpha", 8)  # PEFT's LoraConfig default
+    alpha = alpha_pattern[key] if key is not None else config.get("lora_alpha", 8)  # 8: PEFT's default
     return float(alpha), bool(config.get("use_rslora", False))
+
+
+def _saved_module(path: str, config: dict | None) -> tuple[str, str] | None:
+    """Split ``classifier.dense.weight`` into (``classifier``, ``dense.weight``) when ``classifier`` is one of
+    PEFT's ``modules_to_save`` (a module whose full copy the adapter carries, e.g. lm_head or a head)."""
+    names = (config or {}).get("modules_to_save") or []
+    parts = path.split(".")
+    for cut in range(1, len(parts)):
+        module = ".".join(parts[:cut])
+        if any(module == name or module.endswith("." + name) for name in names):
+            return module, ".".join(parts[cut:])
+    return None
+
+
+def _config_for(configs: dict[str, dict], component: str) -> dict | None:
+    config = configs.get(component, configs.get("", None))
+    if component == "denoiser" and config is None:
+        config = configs.get("unet") or configs.get("transformer")
+    return config
 
 
 def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "ConvertedLora":  # noqa: F821
     from . import ConvertedLora
 
+    for component, config in configs.items():
+        try:
+            LoraConfig.from_dict(config, f"adapter config{' of ' + component if component else ''}")
+        except LoraError as err:
+            raise LoraFormatError(str(err)) from None
     result = ConvertedLora()
     modules: dict[tuple[str, str], dict[str, str]] = {}
     for key in tensors:
         reason = next((why for marker, why in _NOT_YET if marker in key), None)
+        base = None if reason else _BASE_LAYER.match(key)
+        if base is not None:
+            component, module = _split_component(base.group(1))
+            result.base_weights[key] = (component, module, base.group(2))
+            continue
         parsed = None if reason else _parse(key)
         if parsed is None:
+            component, path = _split_component(key)
+            saved = None if reason else _saved_module(path, _config_for(configs, component))
+            if saved is not None:
+                result.module_copies.setdefault((component, saved[0]), {})[saved[1]] = key
+                continue
             result.unknown[key] = reason or "not a LoRA key (expected lora_A/lora_B, lora.down/lora.up or alpha)"
             continue
         component, module, role = parsed
@@ -139,28 +167,35 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
             continue
         slot[role] = key
     for (component, module), keys in modules.items():
-        down_key, up_key, alpha_key = keys.get("down"), keys.get("up"), keys.get("alpha")
+        down_key, up_key, alpha_key, magnitude_key = (keys.get(r) for r in ("down", "up", "alpha", "magnitude"))
         if down_key is None and up_key is None:
-            result.ignored.append(alpha_key)
+            if alpha_key is not None:
+                result.ignored.append(alpha_key)
+            if magnitude_key is not None:
+                result.unknown[magnitude_key] = "a DoRA magnitude with no LoRA pair"
             continue
         if down_key is None or up_key is None:
             present = down_key or up_key
             result.unknown[present] = f"module {module} has {'lora_A/down' if down_key else 'lora_B/up'} but not its pair"
             if alpha_key:
                 result.ignored.append(alpha_key)
+            if magnitude_key:
+                result.unknown[magnitude_key] = f"module {module} has a DoRA magnitude but no complete LoRA pair"
             continue
         down, up = tensors[down_key], tensors[up_key]
         rank = int(down.shape[0])
-        config = configs.get(component, configs.get("", None))
-        if component == "denoiser" and config is None:
-            config = configs.get("unet") or configs.get("transformer")
-        use_rslora = False
+        config = _config_for(configs, component)
+        use_rslora, dropout = False, 0.0
         if config is not None:
             alpha, use_rslora = alpha_from_config(config, module, rank)
+            dropout = float(config.get("lora_dropout") or 0.0)
         elif alpha_key is not None:
             alpha = float(tensors[alpha_key].detach().float().reshape(-1)[0])
         else:
             alpha = None
-        used = tuple(k for k in (down_key, up_key, alpha_key) if k)
-        result.deltas[(component, module)] = LoraDelta(down, up, alpha, use_rslora, keys=used)
+        magnitude = tensors[magnitude_key] if magnitude_key else None
+        used = tuple(k for k in (down_key, up_key, alpha_key, magnitude_key) if k)
+        result.deltas[(component, module)] = LoraDelta(
+            down, up, alpha, use_rslora, keys=used, magnitude=magnitude, dropout=dropout
+        )
     return result

@@ -1,0 +1,136 @@
+"""`LoraConfig`: PEFT's field names and defaults, read from and written to ``adapter_config.json``.
+
+Fields lora_loader does not use are kept on a round trip (in ``extra``), and a
+field that changes the math which lora_loader does not implement is a
+`LoraError`, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import LoraError
+
+# Fields that would change the adapter's math if set; lora_loader implements none of them.
+_UNSUPPORTED_WHEN_SET = {
+    "use_qalora": "QA-LoRA",
+    "layer_replication": "layer replication",
+    "lora_bias": "a LoRA bias on lora_B",
+    "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "megatron_config": "Megatron parallel layers",
+    "use_bdlora": "BD-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "arrow_config": "Arrow routing",
+}
+# init_lora_weights values lora_loader can create (loading ignores init: the tensors come from the file).
+_INITS = (True, False, "gaussian")
+
+
+@dataclass
+class LoraConfig:
+    """PEFT's ``LoraConfig`` fields and defaults (the ones that shape a plain LoRA, plus the rest kept verbatim).
+
+    >>> cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    >>> LoraConfig.from_dict(cfg.to_dict()) == cfg
+    True
+    """
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: int | float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, int | float] = field(default_factory=dict)
+    use_dora: bool = False
+    task_type: str | None = None
+    peft_type: str = "LORA"
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    # Every other field of adapter_config.json, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- (de)serialisation -----------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "adapter config") -> LoraConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = dict(data.get("extra", {}))
+        extra.update({k: v for k, v in data.items() if k not in names and k != "extra"})
+        config = cls(**known, extra=extra)
+        config.check_supported(source)
+        return config
+
+    @classmethod
+    def from_pretrained(cls, folder: str) -> LoraConfig:
+        path = os.path.join(folder, "adapter_config.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f), path)
+        except (OSError, json.JSONDecodeError) as err:
+            raise LoraError(f"{path}: cannot read the adapter config ({err})") from None
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        if isinstance(data["target_modules"], (set, tuple)):
+            data["target_modules"] = sorted(data["target_modules"])
+        data.update(self.extra)
+        return data
+
+    def save_pretrained(self, folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    # -- checks ----------------------------------------------------------------------------------------
+    def check_supported(self, source: str = "adapter config") -> None:
+        """Raise for anything that would change the math and that lora_loader does not implement."""
+        if str(self.peft_type).upper() != "LORA":
+            raise LoraError(f"{source}: peft_type is {self.peft_type!r}; lora_loader reads LoRA adapters (peft_type 'LORA')")
+        for name, what in _UNSUPPORTED_WHEN_SET.items():
+            value = self.extra.get(name)
+            if value not in (None, False, [], {}, 0):
+                raise LoraError(f"{source}: {name}={value!r} asks for {what}, which lora_loader does not implement")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise LoraError(f"{source}: bias={self.bias!r}; expected 'none', 'all' or 'lora_only'")
+
+    def check_creatable(self) -> None:
+        """What `add_adapter` needs on top of `check_supported`: an initialisation we implement."""
+        if self.init_lora_weights not in _INITS:
+            raise LoraError(
+                f"init_lora_weights={self.init_lora_weights!r} is not implemented; use True (PEFT's default), "
+                "False or 'gaussian'"
+            )
+        if self.r <= 0:
+            raise LoraError(f"r must be a positive integer, got {self.r}")
+
+    # -- per-module values, with PEFT's pattern rules ------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        key = pattern_key(self.rank_pattern, module_name)
+        return int(self.rank_pattern[key]) if key is not None else int(self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        key = pattern_key(self.alpha_pattern, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+
+def pattern_key(patterns, module_name: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first pattern that matches the end of the module name."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return pattern
+    return None
