@@ -2,10 +2,12 @@
 
 >>> import lora_loader
 >>> sorted(n for n in lora_loader.__all__ if n.startswith("Lora"))[:3]
-['LoraError', 'LoraFileError', 'LoraFormatError']
+['LoraConfig', 'LoraError', 'LoraFileError']
 """
 
 from .attach import attach
+from .auto import AutoLoraModelForCausalLM
+from .config import LoraConfig
 from .errors import (
     LoraError,
     LoraFileError,
@@ -23,6 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attach",
+    "AutoLoraModelForCausalLM",
+    "LoraConfig",
     "LoadReport",
     "LoraError",
     "LoraFileError",

@@ -13,7 +13,7 @@ from torch import nn
 
 from .blocks import BlockWeights
 from .errors import LoraNameError
-from .layers import LoraLayer, SavedCopyLayer
+from .layers import BiasLayer, LoraLayer, SavedCopyLayer
 
 # Per component: a float, or (for a UNet) block weights.
 ComponentWeight = float | BlockWeights
@@ -103,18 +103,29 @@ class AdapterRegistry:
             if isinstance(module, LoraLayer):
                 module.set_lora_active(active)
         # modules_to_save: a module runs the copy of the first active adapter that has one.
+        # bias="all": a module without LoRA adds each active adapter's weighted bias delta.
         chosen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
+        biases: dict[int, tuple[nn.Module, list]] = {}
         for record in self.adapters.values():
             for _, _, module in record.copies:
-                chosen.setdefault(id(module), (module, None))
+                if isinstance(module, SavedCopyLayer):
+                    chosen.setdefault(id(module), (module, None))
+                elif isinstance(module, BiasLayer):
+                    biases.setdefault(id(module), (module, []))
         if self.enabled:
             for name in self.active:
                 for component, path, module in self.adapters[name].copies:
-                    if chosen[id(module)][1] is None and self.weight(name, component, path) != 0.0:
+                    w = self.weight(name, component, path)
+                    if w == 0.0:
+                        continue
+                    if id(module) in chosen and chosen[id(module)][1] is None:
                         chosen[id(module)] = (module, module.lora_copies[name])
+                    elif id(module) in biases:
+                        biases[id(module)][1].append((module.lora_biases[name], w))
         for module, copy in chosen.values():
-            if isinstance(module, SavedCopyLayer):
-                module.set_lora_copy(copy)
+            module.set_lora_copy(copy)
+        for module, active in biases.values():
+            module.set_lora_bias_active(active)
 
     def list_by_component(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

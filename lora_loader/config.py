@@ -24,6 +24,9 @@ _UNSUPPORTED_WHEN_SET = {
     "trainable_token_indices": "trainable tokens",
     "target_parameters": "LoRA on nn.Parameter targets",
     "megatron_config": "Megatron parallel layers",
+    "loftq_config": "LoftQ initialisation",
+    "eva_config": "EVA initialisation",
+    "corda_config": "CorDA initialisation",
     "use_bdlora": "BD-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "arrow_config": "Arrow routing",
@@ -61,6 +64,19 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    # PEFT fields lora_loader does not implement: accepted (so PEFT configs construct unchanged) and refused
+    # by check_supported when set to anything but their default.
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    layer_replication: list | None = None
+    lora_bias: bool = False
+    trainable_token_indices: list | dict | None = None
+    target_parameters: list | None = None
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    loftq_config: dict = field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
     # Every other field of adapter_config.json, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -102,7 +118,7 @@ class LoraConfig:
         if str(self.peft_type).upper() != "LORA":
             raise LoraError(f"{source}: peft_type is {self.peft_type!r}; lora_loader reads LoRA adapters (peft_type 'LORA')")
         for name, what in _UNSUPPORTED_WHEN_SET.items():
-            value = self.extra.get(name)
+            value = getattr(self, name, None) if hasattr(self, name) else self.extra.get(name)
             if value not in (None, False, [], {}, 0):
                 raise LoraError(f"{source}: {name}={value!r} asks for {what}, which lora_loader does not implement")
         if self.bias not in ("none", "all", "lora_only"):
@@ -126,6 +142,21 @@ class LoraConfig:
     def alpha_for(self, module_name: str) -> float:
         key = pattern_key(self.alpha_pattern, module_name)
         return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+
+_dataclass_init = LoraConfig.__init__
+
+
+def _init(self, **fields) -> None:
+    """Like PEFT's LoraConfig, take every PEFT field by keyword; those without a place here go to ``extra``."""
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    extra = dict(fields.pop("extra", None) or {})
+    extra.update({k: fields.pop(k) for k in list(fields) if k not in names})
+    _dataclass_init(self, **fields, extra=extra)
+
+
+_init.__signature__ = __import__("inspect").signature(_dataclass_init)
+LoraConfig.__init__ = _init
 
 
 def pattern_key(patterns, module_name: str) -> str | None:

@@ -35,6 +35,7 @@ class LoraDelta:
     keys: tuple[str, ...] = field(default_factory=tuple)
     magnitude: torch.Tensor | None = None  # DoRA: per-output-row magnitude (PEFT's lora_magnitude_vector)
     dropout: float = 0.0  # applied to the adapter's input in training mode only
+    bias: torch.Tensor | None = None  # PEFT's bias="lora_only"/"all": the module's bias while the adapter is on
 
     kind = "lora"
 
@@ -50,7 +51,7 @@ class LoraDelta:
         return alpha / self.rank
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.down, self.up] + ([] if self.magnitude is None else [self.magnitude])
+        return [self.down, self.up] + [t for t in (self.magnitude, self.bias) if t is not None]
 
     def is_all_zero(self) -> bool:
         return all(not bool(t.any()) for t in self.tensors())

@@ -15,6 +15,7 @@ from torch import nn
 from . import inject
 from .adapters import AdapterRecord, AdapterRegistry, ComponentWeight
 from .blocks import BlockWeights, expand_block_weights
+from .config import LoraConfig
 from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
 from .hub import read_source
@@ -122,6 +123,7 @@ class LoraHost:
         >>> print(report)
         adapter 'x' (diffusers) from <state dict>: model: 1 modules
         """
+        adapter_config = kwargs.pop("_adapter_config", None)  # load_adapter(adapter_state_dict=, peft_config=)
         unknown = set(kwargs) - _IGNORED_DIFFUSERS_KWARGS
         if unknown:
             raise LoraError(f"load_lora_weights() got unexpected keyword arguments {sorted(unknown)}")
@@ -145,6 +147,8 @@ class LoraHost:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
+        if adapter_config is not None:
+            source.adapter_config = adapter_config
         try:
             converted = convert(source.tensors, source.metadata, source.adapter_config)
         except LoraFormatError as err:
@@ -159,7 +163,8 @@ class LoraHost:
         components = self._lora_components()
         planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
         layers, copies = inject.apply(planned, name)
-        record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped, copies)
+        config = LoraConfig.from_dict(source.adapter_config, source.name) if source.adapter_config else None
+        record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped, copies, config)
         self._lora_registry.add(record)
         counts: dict[str, int] = {}
         for component, _, _ in layers + copies:

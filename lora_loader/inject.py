@@ -20,15 +20,19 @@ from .delta import LoraDelta
 from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
 from .formats import ConvertedLora
 from .layers import (
+    BiasLayer,
     LoraAdapter,
     LoraLayer,
     SavedCopyLayer,
     adapter_from_delta,
+    bias_adapter,
     make_saved_copy,
     supported_kind,
     unwrap,
+    unwrap_bias,
     unwrap_saved_copy,
     wrap,
+    wrap_bias,
     wrap_saved_copy,
 )
 from .names import ModuleIndex
@@ -51,9 +55,18 @@ class PlannedCopy:
 
 
 @dataclass
+class PlannedBias:
+    component: str
+    path: str
+    module: nn.Module
+    bias: torch.Tensor  # the adapter's full bias for a module without LoRA (PEFT's bias="all")
+
+
+@dataclass
 class Plan:
     modules: list[PlannedModule] = field(default_factory=list)
     copies: list[PlannedCopy] = field(default_factory=list)
+    biases: list[PlannedBias] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # keys not applied (all-zero, or strict=False)
 
 
@@ -98,9 +111,15 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
         )
         fits = down_ok and up.shape[0] == out_c and up.shape[1] == rank
         what = f"Conv2d {in_c}->{out_c} {kh}x{kw}"
+    if fits and delta.bias is not None:
+        base_bias = getattr(module, "bias", None)
+        if base_bias is None:
+            return f"module is {what} without a bias, but the adapter carries one ({_shape(delta.bias)})"
+        if tuple(delta.bias.shape) != tuple(base_bias.shape):
+            return f"module is {what}: the adapter's bias is {_shape(delta.bias)}, expected {_shape(base_bias)}"
     if fits and delta.magnitude is not None:
-        if kind not in ("linear", "conv1d"):
-            return f"module is {what}: DoRA (a magnitude vector) is supported on Linear and Conv1D layers only, so far"
+        if kind == "conv2d":
+            return f"module is {what}: DoRA (a magnitude vector) on Conv2d is not supported yet"
         out_features = weight.shape[0] if kind == "linear" else weight.shape[1]
         if delta.magnitude.numel() != out_features:
             return f"module is {what}: DoRA magnitude is {_shape(delta.magnitude)}, expected [{out_features}]"
@@ -133,7 +152,7 @@ def plan(
                 unapplied[key] = f"targets component '{symbolic}', which is not in this model ({sorted(components)})"
             continue
         index = _index(indexes, components, component)
-        path = index.lookup(name)
+        path = _lookup(index, symbolic, name)
         if path is None:
             for key in delta.keys:
                 unapplied[key] = f"targets no module of {component} (looked for '{name}')"
@@ -159,7 +178,7 @@ def plan(
     for (symbolic, name), params in converted.module_copies.items():
         component = resolve_component(symbolic)
         index = _index(indexes, components, component)
-        path = index.lookup(name) if index else None
+        path = _lookup(index, symbolic, name) if index else None
         if path is None:
             for key in params.values():
                 unapplied[key] = f"a modules_to_save copy of '{name}', which is no module of this model"
@@ -173,10 +192,33 @@ def plan(
                 unapplied[key] = f"does not fit {component}.{path}: {problem}"
             continue
         result.copies.append(PlannedCopy(component, path, module, {p: tensors[k] for p, k in params.items()}))
+    copy_targets = {(c.component, c.path) for c in result.copies}
+    for (symbolic, name), key in converted.module_biases.items():
+        component = resolve_component(symbolic)
+        index = _index(indexes, components, component)
+        path = _lookup(index, symbolic, name) if index else None
+        if path is None:
+            unapplied[key] = f"the bias of '{name}', which is no module of this model"
+            continue
+        module = index.modules[path]
+        base_bias = getattr(module, "bias", None)
+        if not isinstance(base_bias, torch.Tensor) or tuple(base_bias.shape) != tuple(tensors[key].shape):
+            what = "has no bias" if not isinstance(base_bias, torch.Tensor) else f"has a bias of {_shape(base_bias)}"
+            problem = f"{component}.{path} {what}; the adapter's is {_shape(tensors[key])}"
+        elif (component, path) in lora_targets or (component, path) in copy_targets or isinstance(
+            module, (LoraLayer, SavedCopyLayer)
+        ):
+            problem = f"{component}.{path} carries LoRA or a full copy; its bias belongs with that"
+        else:
+            result.biases.append(PlannedBias(component, path, module, tensors[key]))
+            continue
+        if strict:
+            shape_errors.append(f"'{key}' does not fit: {problem}")
+        unapplied[key] = problem
     for key, (symbolic, name, param) in converted.base_weights.items():
         component = resolve_component(symbolic)
         index = _index(indexes, components, component)
-        path = index.lookup(name) if index else None
+        path = _lookup(index, symbolic, name) if index else None
         live = getattr(index.modules[path], param, None) if path is not None else None
         if live is None or tuple(live.shape) != tuple(tensors[key].shape):
             unapplied[key] = f"a base weight for '{name}', which does not match any weight of this model"
@@ -223,12 +265,21 @@ def plan(
             stacklevel=3,
         )
         result.skipped.extend(key for key, _ in nonzero)
-    if not result.modules and not result.copies:
+    if not result.modules and not result.copies and not result.biases:
         raise LoraFormatError(
             f"{source_name}: no module of this model matched any LoRA in the file "
             f"(format detected: {converted.format}). Nothing was loaded."
         )
     return result
+
+
+def _lookup(index: ModuleIndex, symbolic: str, name: str) -> str | None:
+    """The module ``name`` names; a component prefix the converter split off may be a real module name
+    (GPT-2's ``transformer.h.0``), so try it joined back too."""
+    path = index.lookup(name)
+    if path is None and symbolic != "denoiser":
+        path = index.lookup(f"{symbolic}.{name}")
+    return path
 
 
 def _index(indexes: dict, components: dict, component: str | None) -> ModuleIndex | None:
@@ -263,9 +314,11 @@ def apply(planned: Plan, adapter_name: str) -> tuple[list, list]:
     newly_wrapped: list[nn.Module] = []
     added: list[nn.Module] = []
     copied: list[nn.Module] = []
+    biased: list[nn.Module] = []
     try:
         adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module) for p in planned.modules]
         copies = [make_saved_copy(c.module, c.tensors) for c in planned.copies]
+        bias_adapters = [bias_adapter(b.module, b.bias) for b in planned.biases]
         for p, adapter in zip(planned.modules, adapters):
             if not isinstance(p.module, LoraLayer):
                 wrap(p.module)
@@ -278,6 +331,12 @@ def apply(planned: Plan, adapter_name: str) -> tuple[list, list]:
                 newly_wrapped.append(c.module)
             c.module.lora_copies[adapter_name] = copy
             copied.append(c.module)
+        for b, adapter in zip(planned.biases, bias_adapters):
+            if not isinstance(b.module, BiasLayer):
+                wrap_bias(b.module)
+                newly_wrapped.append(b.module)
+            b.module.lora_biases[adapter_name] = adapter
+            biased.append(b.module)
     except BaseException as err:
         for module in added:
             if adapter_name in module.lora_adapters:
@@ -285,14 +344,19 @@ def apply(planned: Plan, adapter_name: str) -> tuple[list, list]:
         for module in copied:
             if adapter_name in module.lora_copies:
                 del module.lora_copies[adapter_name]
+        for module in biased:
+            if adapter_name in module.lora_biases:
+                del module.lora_biases[adapter_name]
         for module in newly_wrapped:
             unwrap(module)
             unwrap_saved_copy(module)
+            unwrap_bias(module)
         if isinstance(err, LoraError) or not isinstance(err, Exception):  # KeyboardInterrupt stays itself
             raise
         raise LoraError(f"loading adapter '{adapter_name}' failed and was rolled back: {type(err).__name__}: {err}") from err
     layers = [(p.component, p.path, p.module) for p in planned.modules]
-    return layers, [(c.component, c.path, c.module) for c in planned.copies]
+    copies = [(c.component, c.path, c.module) for c in planned.copies]
+    return layers, copies + [(b.component, b.path, b.module) for b in planned.biases]
 
 
 def remove(adapter_name: str, modules) -> None:
@@ -303,6 +367,11 @@ def remove(adapter_name: str, modules) -> None:
             module.set_lora_active([(a, f) for a, f in module._lora_active if a in module.lora_adapters.values()])
             if len(module.lora_adapters) == 0:
                 unwrap(module)
+        if isinstance(module, BiasLayer) and adapter_name in module.lora_biases:
+            del module.lora_biases[adapter_name]
+            module.set_lora_bias_active([(a, w) for a, w in module._lora_bias_active if a in module.lora_biases.values()])
+            if len(module.lora_biases) == 0:
+                unwrap_bias(module)
         if isinstance(module, SavedCopyLayer) and adapter_name in module.lora_copies:
             del module.lora_copies[adapter_name]
             module.set_lora_copy(None)

@@ -48,11 +48,15 @@ class LoraAdapter(nn.Module):
         magnitude: torch.Tensor | None = None,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        bias_delta: torch.Tensor | None = None,
     ):
         super().__init__()
         self.down = nn.Parameter(down, requires_grad=False)
         self.up = nn.Parameter(up, requires_grad=False)
         self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
+        # PEFT's bias="lora_only": the adapter's bias minus the base bias, added with the blend weight,
+        # so the base bias itself is never overwritten.
+        self.bias_delta = None if bias_delta is None else nn.Parameter(bias_delta, requires_grad=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = float(scale)
         self.alpha = float(alpha)
@@ -75,10 +79,14 @@ class LoraAdapter(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         return
 
-    def to_delta(self) -> LoraDelta:
+    def to_delta(self, base_bias: torch.Tensor | None = None) -> LoraDelta:
         magnitude = None if self.magnitude is None else self.magnitude.detach()
+        bias = None
+        if self.bias_delta is not None:
+            bias = self.bias_delta.detach() + (0 if base_bias is None else base_bias.detach().to(self.bias_delta.dtype))
         return LoraDelta(
-            self.down.detach(), self.up.detach(), self.alpha, self.use_rslora, magnitude=magnitude, dropout=self.dropout_p
+            self.down.detach(), self.up.detach(), self.alpha, self.use_rslora,
+            magnitude=magnitude, dropout=self.dropout_p, bias=bias,
         )
 
     def extra_repr(self) -> str:
@@ -139,7 +147,12 @@ class LoraLayer:
             if adapter.magnitude is not None:
                 d = self._dora_delta(h, out, adapter, factor / adapter.scale)
                 delta = d if delta is None else delta + d
+            if adapter.bias_delta is not None:
+                delta = delta + self._lora_bias_shape(adapter.bias_delta) * (factor / adapter.scale)
         return delta
+
+    def _lora_bias_shape(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias
 
     def _lora_can_concatenate(self, plain) -> bool:
         if self.training and any(a.dropout_p > 0 for a, _ in plain):
@@ -218,6 +231,9 @@ class LoraConv2dMixin(LoraLayer):
     def _lora_up(self, h, up):
         return F.conv2d(h, up)
 
+    def _lora_bias_shape(self, bias):
+        return bias.view(-1, 1, 1)
+
 
 class LoraEmbeddingMixin(LoraLayer):
     """``nn.Embedding``: down ``[r, num_embeddings]`` is looked up by token id, up ``[dim, r]`` maps to the embedding."""
@@ -228,6 +244,10 @@ class LoraEmbeddingMixin(LoraLayer):
 
     def _lora_up(self, h, up):
         return F.linear(h, up)
+
+    def _lora_dense_base_weight(self):
+        # DoRA on an embedding normalises per embedding dimension, as PEFT's DoraEmbeddingLayer (fan_in_fan_out).
+        return self.weight.T
 
 
 def _conv1d_class():
@@ -309,7 +329,12 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module) -> LoraAdapter:
     if delta.magnitude is not None:
         magnitude = delta.magnitude.reshape(-1).to(device=weight.device, dtype=dtype, copy=True)
     alpha = float(delta.rank if delta.alpha is None else delta.alpha)
-    return LoraAdapter(down, up, delta.scale, alpha, magnitude, delta.dropout, delta.use_rslora)
+    bias_delta = None
+    if delta.bias is not None:
+        bias_delta = (delta.bias.to(device=weight.device, dtype=torch.float32) - module.bias.detach().float()).to(dtype)
+    dropout = 0.0 if supported_kind(module) == "embedding" else delta.dropout  # token ids take no dropout, as in PEFT
+    adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta)
+    return adapter.train(module.training)  # dropout follows the model's train/eval mode from the start
 
 
 class SavedCopyLayer:
@@ -413,3 +438,82 @@ def make_saved_copy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.M
     for p in clone.parameters():
         p.requires_grad_(False)
     return clone
+
+
+class BiasAdapter(nn.Module):
+    """PEFT's bias="all" on a module without LoRA: the adapter's bias minus the base bias."""
+
+    def __init__(self, delta: torch.Tensor):
+        super().__init__()
+        self.delta = nn.Parameter(delta, requires_grad=False)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        return
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        return
+
+
+class BiasLayer:
+    """A module (a norm, a Linear without LoRA, ...) whose output gets ``sum_i w_i * bias_delta_i`` added."""
+
+    lora_biases: AdapterDict
+    _lora_base_class: type
+    _lora_bias_active: list[tuple[BiasAdapter, float]]
+
+    def set_lora_bias_active(self, active: list[tuple[BiasAdapter, float]]) -> None:
+        self._lora_bias_active = active
+
+    def _lora_shaped(self, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # Channels are dim 1 of a conv / group-norm output, the last dim of everything else.
+        if out.dim() > 2 and isinstance(self, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d)):
+            return delta.view(-1, *([1] * (out.dim() - 2)))
+        return delta
+
+    def forward(self, x, *args, **kwargs):
+        out = super().forward(x, *args, **kwargs)
+        names = MIXED_BATCH.get()
+        if names is not None:
+            repeat = out.shape[0] // len(names)
+            names = [n for n in names for _ in range(repeat)]
+            for name in dict.fromkeys(names):
+                if name in self.lora_biases:
+                    index = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+                    shaped = self._lora_shaped(self.lora_biases[name].delta, out).to(out.dtype)
+                    out = out.index_add(0, index, shaped.expand_as(out[index]).contiguous())
+            return out
+        for adapter, weight in self._lora_bias_active:
+            out = out + weight * self._lora_shaped(adapter.delta, out).to(out.dtype)
+        return out
+
+
+_bias_classes: dict[type, type] = {}
+
+
+def wrap_bias(module: nn.Module) -> None:
+    if isinstance(module, BiasLayer):
+        return
+    base_class = type(module)
+    cls = _bias_classes.get(base_class)
+    if cls is None:
+        cls = type(f"Biased{base_class.__name__}", (BiasLayer, base_class), {"__module__": __name__})
+        _bias_classes[base_class] = cls
+    module.__class__ = cls
+    module._lora_base_class = base_class
+    module._lora_bias_active = []
+    module.lora_biases = AdapterDict()
+
+
+def unwrap_bias(module: nn.Module) -> None:
+    if not isinstance(module, BiasLayer):
+        return
+    base_class = module._lora_base_class
+    del module._modules["lora_biases"]
+    for name in ("_lora_base_class", "_lora_bias_active"):
+        module.__dict__.pop(name, None)
+    module.__class__ = base_class
+
+
+def bias_adapter(module: nn.Module, bias: torch.Tensor) -> BiasAdapter:
+    base = module.bias.detach()
+    return BiasAdapter((bias.to(device=base.device, dtype=torch.float32) - base.float()).to(base.dtype))

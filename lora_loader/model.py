@@ -1,13 +1,37 @@
-"""transformers models and any torch.nn.Module: the whole model is one component, "model"."""
+"""transformers models and any torch.nn.Module: the whole model is one component, "model".
+
+On top of the shared calls, the PEFT-style names transformers users know:
+`load_adapter`, `add_adapter`, `set_adapter`, `disable_adapters`,
+`enable_adapters`, `active_adapters`, `get_adapter_state_dict`, `save_adapter`,
+`print_trainable_parameters`, and mixed batches (``adapter_names=`` per row).
+They all go through the same core as pipelines: formats -> plan -> apply ->
+registry -> layers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import re
+from collections import Counter
+
+import torch
 from torch import nn
 
-from .adapters import ComponentWeight
-from .host import LoraHost, block_or_number
+from . import inject
+from .adapters import AdapterRecord, ComponentWeight
+from .config import LoraConfig
+from .delta import LoraDelta
+from .errors import LoraError, LoraNameError
+from .formats import ConvertedLora
+from .host import LoadReport, LoraHost, block_or_number
+from .layers import BASE, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, kind_of
 
 MODEL = "model"
+PEFT_PREFIX = "base_model.model."
+# PEFT's COMMON_LAYERS_PATTERN, for layers_to_transform without layers_pattern.
+_COMMON_LAYERS = ("layers", "h", "block", "blocks", "layer")
 
 
 class LoraModelMixin(LoraHost):
@@ -15,10 +39,12 @@ class LoraModelMixin(LoraHost):
 
     >>> import torch, lora_loader
     >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
-    >>> isinstance(model, lora_loader.LoraModelMixin)
-    True
+    >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="mine")
+    >>> model.active_adapters()
+    ['mine']
     """
 
+    # -- host hooks ------------------------------------------------------------------------------------
     def _lora_components(self) -> dict[str, nn.Module]:
         return {MODEL: self}
 
@@ -32,6 +58,382 @@ class LoraModelMixin(LoraHost):
             return {MODEL: block_or_number(MODEL, weights, self, name)}
         if set(weights) == {MODEL}:
             return {MODEL: block_or_number(MODEL, weights[MODEL], self, name)}
-        from .errors import LoraError
-
         raise LoraError(f"adapter '{name}': a model takes a number or UNet block weights, got keys {sorted(weights)}")
+
+    # -- PEFT / transformers names ----------------------------------------------------------------------
+    def load_adapter(
+        self,
+        peft_model_id=None,
+        adapter_name: str | None = None,
+        *,
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        adapter_state_dict: dict | None = None,
+        peft_config: dict | LoraConfig | None = None,
+        **kwargs,
+    ) -> LoadReport:
+        """Load a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``), as transformers does.
+
+        ``adapter_name`` defaults to ``"default"``. With ``is_trainable=True`` its
+        tensors require grad, to resume training; otherwise they are frozen.
+        """
+        for ignored in ("low_cpu_mem_usage", "hotswap", "adapter_kwargs", "load_config"):
+            kwargs.pop(ignored, None)
+        src = adapter_state_dict if adapter_state_dict is not None else peft_model_id
+        if src is None:
+            raise LoraError("load_adapter() needs a folder, a Hub repo id or adapter_state_dict=")
+        if peft_config is not None and isinstance(src, dict):
+            config = peft_config if isinstance(peft_config, LoraConfig) else LoraConfig.from_dict(dict(peft_config))
+            src = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in src.items()}
+            kwargs["_adapter_config"] = config.to_dict()
+        name = "default" if adapter_name is None else adapter_name
+        report = self.load_lora_weights(src, adapter_name=name, revision=revision, token=token, **kwargs)
+        record = self._lora_registry.adapters[name]
+        record.config = record.config or _config_from_record(record, self)
+        if is_trainable:  # as transformers' load_adapter(is_trainable=True): only the adapter trains
+            for p in self.parameters():
+                p.requires_grad_(False)
+        _set_trainable(record, is_trainable)
+        return report
+
+    def add_adapter(self, adapter_config: LoraConfig | dict, adapter_name: str = "default") -> None:
+        """Add a fresh trainable adapter with PEFT's initialisation; the base is frozen and it becomes the active one.
+
+        ``target_modules``: suffixes (``["q_proj", "v_proj"]``), a regex matched
+        against the full module name, or ``"all-linear"``. Also honoured:
+        ``exclude_modules``, ``layers_to_transform`` / ``layers_pattern``,
+        ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ``use_dora``,
+        ``lora_dropout``, ``modules_to_save``, ``bias``, ``init_lora_weights``
+        (True, False, ``"gaussian"``).
+        """
+        config = _as_config(adapter_config)
+        config.check_creatable()
+        registry = self._lora_existing_registry()
+        if adapter_name in registry.adapters:
+            raise LoraNameError(f"adapter name '{adapter_name}' is already in use (loaded: {sorted(registry.adapters)})")
+        targets = _find_targets(self, config)
+        converted = ConvertedLora(formats=["new"])
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in targets:
+            delta = _initial_delta(module, config, name)
+            converted.deltas[(MODEL, name)] = delta
+        for name in _find_saved_modules(self, config):
+            module = self.get_submodule(name)
+            params = {}
+            for param, tensor in module.state_dict().items():
+                tensors[f"{name}.{param}"] = tensor
+                params[param] = f"{name}.{param}"
+            converted.module_copies[(MODEL, name)] = params
+        if config.bias == "all":  # every other bias trains too, as a delta on top of the frozen base bias
+            taken = {n for n, _ in targets} | {n for (_, n) in converted.module_copies}
+            for name, module in self.named_modules():
+                inside = any(name == t or name.startswith(t + ".") for t in taken)
+                if name and not inside and isinstance(getattr(module, "bias", None), nn.Parameter):
+                    if ".lora_" in f".{name}":
+                        continue
+                    tensors[f"{name}.bias"] = module.bias.detach().clone()
+                    converted.module_biases[(MODEL, name)] = f"{name}.bias"
+        planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, "add_adapter", tensors)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        layers, copies = inject.apply(planned, adapter_name)
+        record = AdapterRecord(adapter_name, "new", "add_adapter", layers, [], copies, config)
+        self._lora_registry.add(record)
+        _set_trainable(record, True)
+        self.set_adapter(adapter_name)
+        if getattr(self, "is_gradient_checkpointing", False) and hasattr(self, "enable_input_require_grads"):
+            self.enable_input_require_grads()
+
+    def set_adapter(self, adapter_name) -> None:
+        """Activate exactly these adapters, each with weight 1.0."""
+        self.set_adapters(adapter_name)
+
+    def disable_adapters(self) -> None:
+        """Bypass every adapter (transformers' name for `disable_lora`)."""
+        self.disable_lora()
+
+    def enable_adapters(self) -> None:
+        """Undo `disable_adapters` (transformers' name for `enable_lora`)."""
+        self.enable_lora()
+
+    def active_adapters(self) -> list[str]:
+        return self.get_active_adapters()
+
+    def active_adapter(self) -> str:
+        active = self.get_active_adapters()
+        if not active:
+            raise LoraError("no adapter is active")
+        return active[0]
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors with PEFT's keys (``model.layers.0.self_attn.q_proj.lora_A.weight``), as transformers
+        returns them (without the ``base_model.model.`` prefix a saved file has)."""
+        record = self._lora_record(adapter_name)
+        out: dict[str, torch.Tensor] = {}
+        for _, path, module in record.layers:
+            adapter = module.lora_adapters[record.name]
+            if kind_of(module._lora_base_class) == "embedding":
+                out[f"{path}.lora_embedding_A"] = adapter.down.detach()
+                out[f"{path}.lora_embedding_B"] = adapter.up.detach()
+            else:
+                out[f"{path}.lora_A.weight"] = adapter.down.detach()
+                out[f"{path}.lora_B.weight"] = adapter.up.detach()
+            if adapter.magnitude is not None:
+                out[f"{path}.lora_magnitude_vector"] = adapter.magnitude.detach()
+            if adapter.bias_delta is not None:  # PEFT's bias="lora_only": the full bias the adapter trained
+                out[f"{path}.base_layer.bias"] = adapter.to_delta(module.bias).bias  # PEFT's key for it
+        for _, path, module in record.copies:
+            if isinstance(module, BiasLayer):  # bias="all": the trained bias of a module without LoRA
+                out[f"{path}.bias"] = module.bias.detach() + module.lora_biases[record.name].delta.detach()
+                continue
+            for param, tensor in module.lora_copies[record.name].state_dict().items():
+                out[f"{path}.{param}"] = tensor.detach()
+        return out
+
+    def save_adapter(self, save_directory: str, adapter_name: str | None = None) -> None:
+        """Write PEFT's layout, ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by PEFT itself."""
+        from safetensors.torch import save_file
+
+        record = self._lora_record(adapter_name)
+        config = record.config or _config_from_record(record, self)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(self, "config", None), "_name_or_path", None) or None
+        os.makedirs(save_directory, exist_ok=True)
+        config.inference_mode = True
+        config.save_pretrained(save_directory)
+        tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in self.get_adapter_state_dict(record.name).items()}
+        save_file(tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """With adapters loaded, save them in PEFT's layout (as transformers does with peft); else the base model.
+
+        The adapter named ``default`` (or the only one) goes to ``save_directory``,
+        each other adapter to ``save_directory/<name>``.
+        """
+        registry = self._lora_existing_registry()
+        if not registry.adapters:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        names = list(registry.adapters)
+        root = "default" if "default" in names else (names[0] if len(names) == 1 else None)
+        for name in names:
+            self.save_adapter(save_directory if name == root else os.path.join(save_directory, name), name)
+
+    def print_trainable_parameters(self) -> None:
+        """``trainable params: N || all params: M || trainable%: P``, counted as PEFT counts them."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- mixed batches ----------------------------------------------------------------------------------
+    def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return super().__call__(*args, **kwargs)
+        with self._lora_mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return super().__call__(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """transformers' ``generate``, with ``adapter_names`` (one per row; ``"__base__"`` for none) if given."""
+        if adapter_names is None:
+            return super().generate(*args, **kwargs)
+        with self._lora_mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return super().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _lora_mixed_batch(self, adapter_names, batch_size: int | None):
+        names = list(adapter_names)
+        registry = self._lora_existing_registry()
+        unknown = sorted({n for n in names if n != BASE and n not in registry.adapters})
+        if unknown:
+            raise LoraNameError(f"adapter_names name {unknown}, which are not loaded (loaded: {sorted(registry.adapters)})")
+        if batch_size is not None and len(names) != batch_size:
+            raise LoraError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows; expected one per row")
+        if not registry.enabled:  # disabled: every row is the base model, as with PEFT
+            names = [BASE] * len(names)
+        token = MIXED_BATCH.set(names)
+        try:
+            yield
+        finally:
+            MIXED_BATCH.reset(token)
+
+    # -- training helpers ------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, *args, **kwargs):
+        # With a frozen base, reentrant checkpointing needs inputs that require grad for the adapters to
+        # get gradients (what PEFT arranges through enable_input_require_grads).
+        result = super().gradient_checkpointing_enable(*args, **kwargs)
+        if any(p.requires_grad for p in self.parameters()) and hasattr(self, "enable_input_require_grads"):
+            self.enable_input_require_grads()
+        return result
+
+    def _lora_record(self, adapter_name: str | None) -> AdapterRecord:
+        registry = self._lora_existing_registry()
+        if adapter_name is None:
+            if not registry.active and not registry.adapters:
+                raise LoraNameError("no adapter is loaded")
+            adapter_name = registry.active[0] if registry.active else next(iter(registry.adapters))
+        registry.check_known([adapter_name])
+        return registry.adapters[adapter_name]
+
+
+# -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for value in list(args) + [kwargs.get(k) for k in ("input_ids", "inputs_embeds", "sample", "x")]:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def _as_config(config) -> LoraConfig:
+    if isinstance(config, LoraConfig):
+        config.check_supported()
+        return config
+    if isinstance(config, dict):
+        return LoraConfig.from_dict(config)
+    if hasattr(config, "to_dict"):  # a peft.LoraConfig, converted by its fields
+        data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+        data["peft_type"] = str(getattr(data.get("peft_type"), "value", data.get("peft_type") or "LORA"))
+        return LoraConfig.from_dict(data)
+    raise LoraError(f"expected a lora_loader.LoraConfig or a dict, got {type(config).__name__}")
+
+
+def _matches(targets, name: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _layer_index_ok(config: LoraConfig, name: str) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None:
+        return True
+    wanted = [wanted] if isinstance(wanted, int) else list(wanted)
+    patterns = config.layers_pattern or _COMMON_LAYERS
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    for pattern in patterns:
+        match = re.match(rf".*\.{pattern}\.(\d+)\.", name)
+        if match:
+            return int(match.group(1)) in wanted
+    return False
+
+
+def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    targets = config.target_modules
+    if targets is None:
+        raise LoraError("LoraConfig.target_modules is required (a list of module-name suffixes, a regex or 'all-linear')")
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for name, module in model.named_modules():
+        if not name or ".lora_adapters." in f".{name}." or ".lora_copies." in f".{name}.":
+            continue
+        if targets == "all-linear":
+            hit = kind_of(type(module)) in ("linear", "conv1d") and module is not output
+        else:
+            hit = _matches(targets, name)
+        if not hit or not _layer_index_ok(config, name):
+            continue
+        if config.exclude_modules and _matches(config.exclude_modules, name):
+            continue
+        if kind_of(type(module) if not isinstance(module, LoraLayer) else module._lora_base_class) is None:
+            raise LoraError(
+                f"target_modules matches {name}, a {type(module).__name__}; LoRA applies to Linear, Conv2d, "
+                "Conv1D and Embedding"
+            )
+        found.append((name, module))
+    if not found:
+        raise LoraError(f"target_modules={targets!r} matches no module of {type(model).__name__}")
+    return found
+
+
+def _find_saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    names = config.modules_to_save or []
+    found = [n for n, _ in model.named_modules() if n and _matches(list(names), n)]
+    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
+    if missing:
+        raise LoraError(f"modules_to_save names {missing}, which match no module of {type(model).__name__}")
+    return found
+
+
+def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelta:
+    """PEFT's initialisation: A kaiming-uniform (a=sqrt(5)) and B zeros; 'gaussian': A ~ N(0, 1/r); False: both random."""
+    kind = kind_of(type(module))
+    weight = module.weight
+    r, alpha = config.rank_for(name), config.alpha_for(name)
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    if kind == "conv2d":
+        out_f, in_f, kh, kw = weight.shape
+        down, up = torch.empty(r, in_f, kh, kw, dtype=dtype), torch.empty(out_f, r, 1, 1, dtype=dtype)
+    elif kind == "linear":
+        out_f, in_f = weight.shape
+        down, up = torch.empty(r, in_f, dtype=dtype), torch.empty(out_f, r, dtype=dtype)
+    else:  # conv1d stores [in, out]; embedding is [num_embeddings, dim]
+        in_f, out_f = weight.shape
+        down, up = torch.empty(r, in_f, dtype=dtype), torch.empty(out_f, r, dtype=dtype)
+    init = config.init_lora_weights
+    if kind == "embedding":
+        if init is False:
+            nn.init.normal_(down)
+            nn.init.normal_(up)
+        else:
+            nn.init.zeros_(down)
+            nn.init.normal_(up)
+    else:
+        if init == "gaussian":
+            nn.init.normal_(down, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(up, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(up)
+    magnitude = None
+    if config.use_dora:
+        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        dense = weight.detach().float()
+        if kind in ("conv1d", "embedding"):
+            dense = dense.T
+        lora = up.float().flatten(1) @ down.float().flatten(1)
+        magnitude = torch.linalg.norm(dense.flatten(1) + scale * lora, dim=1).to(dtype)
+    bias = None
+    if config.bias != "none" and getattr(module, "bias", None) is not None:
+        bias = module.bias.detach().clone()  # starts equal to the base bias: the trainable delta starts at zero
+    return LoraDelta(
+        down, up, float(alpha), config.use_rslora, keys=(name,), magnitude=magnitude, dropout=config.lora_dropout, bias=bias
+    )
+
+
+def _set_trainable(record: AdapterRecord, trainable: bool) -> None:
+    for _, _, module in record.layers:
+        for p in module.lora_adapters[record.name].parameters():
+            p.requires_grad_(trainable)
+    for _, _, module in record.copies:
+        extras = module.lora_biases if isinstance(module, BiasLayer) else module.lora_copies
+        for p in extras[record.name].parameters():
+            p.requires_grad_(trainable)
+
+
+def _config_from_record(record: AdapterRecord, model: nn.Module) -> LoraConfig:
+    """A PEFT config that reproduces a loaded adapter: the common rank/alpha, patterns for the rest."""
+    ranks, alphas, rslora, dora = {}, {}, set(), False
+    for _, path, module in record.layers:
+        adapter = module.lora_adapters[record.name]
+        ranks[path], alphas[path] = adapter.rank, adapter.alpha
+        rslora.add(adapter.use_rslora)
+        dora = dora or adapter.magnitude is not None
+    if len(rslora) > 1:
+        raise LoraError(f"adapter '{record.name}' mixes rsLoRA and plain scaling, which one PEFT config cannot express")
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=sorted(ranks),
+        rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
+        alpha_pattern={re.escape(p): (int(v) if float(v).is_integer() else v) for p, v in alphas.items() if v != alpha},
+        use_rslora=bool(rslora and rslora.pop()),
+        use_dora=dora,
+        modules_to_save=sorted(path for _, path, _ in record.copies) or None,
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+    )

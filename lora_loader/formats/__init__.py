@@ -43,6 +43,8 @@ class ConvertedLora:
     # (PEFT's modules_to_save).
     base_weights: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     module_copies: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    # PEFT's bias="all": (component, module) -> key of the trained bias of a module without LoRA.
+    module_biases: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def format(self) -> str:
@@ -112,6 +114,7 @@ def convert(
         result.ignored.extend(part.ignored)
         result.base_weights.update(part.base_weights)
         result.module_copies.update(part.module_copies)
+        result.module_biases.update(part.module_biases)
     for key in remaining:
         result.unknown[key] = "not a key of any LoRA format lora_loader reads"
     return result

@@ -144,19 +144,27 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
             raise LoraFormatError(str(err)) from None
     result = ConvertedLora()
     modules: dict[tuple[str, str], dict[str, str]] = {}
+    biases: dict[tuple[str, str], str] = {}  # PEFT bias="lora_only"/"all": (component, module) -> key
     for key in tensors:
         reason = next((why for marker, why in _NOT_YET if marker in key), None)
         base = None if reason else _BASE_LAYER.match(key)
         if base is not None:
             component, module = _split_component(base.group(1))
-            result.base_weights[key] = (component, module, base.group(2))
+            if base.group(2) == "bias" and (_config_for(configs, component) or {}).get("bias", "none") != "none":
+                biases[(component, module)] = key  # PEFT's bias="lora_only"/"all": the adapted module's trained bias
+            else:
+                result.base_weights[key] = (component, module, base.group(2))
             continue
         parsed = None if reason else _parse(key)
         if parsed is None:
             component, path = _split_component(key)
-            saved = None if reason else _saved_module(path, _config_for(configs, component))
+            config = _config_for(configs, component)
+            saved = None if reason else _saved_module(path, config)
             if saved is not None:
                 result.module_copies.setdefault((component, saved[0]), {})[saved[1]] = key
+                continue
+            if not reason and key.endswith(".bias") and (config or {}).get("bias", "none") != "none":
+                biases[(component, path[: -len(".bias")])] = key
                 continue
             result.unknown[key] = reason or "not a LoRA key (expected lora_A/lora_B, lora.down/lora.up or alpha)"
             continue
@@ -194,8 +202,11 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
         else:
             alpha = None
         magnitude = tensors[magnitude_key] if magnitude_key else None
-        used = tuple(k for k in (down_key, up_key, alpha_key, magnitude_key) if k)
+        bias_key = biases.pop((component, module), None)
+        bias = tensors[bias_key] if bias_key else None
+        used = tuple(k for k in (down_key, up_key, alpha_key, magnitude_key, bias_key) if k)
         result.deltas[(component, module)] = LoraDelta(
-            down, up, alpha, use_rslora, keys=used, magnitude=magnitude, dropout=dropout
+            down, up, alpha, use_rslora, keys=used, magnitude=magnitude, dropout=dropout, bias=bias
         )
+    result.module_biases.update(biases)  # bias="all": biases of modules without LoRA
     return result
