@@ -360,20 +360,22 @@ def apply(planned: Plan, adapter_name: str) -> tuple[list, list]:
 
 
 def remove(adapter_name: str, modules) -> None:
-    """Remove one adapter from these layers / copies; a module left with none is unwrapped."""
+    """Remove one adapter from these layers, copies and biases; a module left with none is unwrapped."""
     for module in modules:
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_adapters:
-            del module.lora_adapters[adapter_name]
-            module.set_lora_active([(a, f) for a, f in module._lora_active if a in module.lora_adapters.values()])
-            if len(module.lora_adapters) == 0:
-                unwrap(module)
-        if isinstance(module, BiasLayer) and adapter_name in module.lora_biases:
-            del module.lora_biases[adapter_name]
-            module.set_lora_bias_active([(a, w) for a, w in module._lora_bias_active if a in module.lora_biases.values()])
-            if len(module.lora_biases) == 0:
-                unwrap_bias(module)
-        if isinstance(module, SavedCopyLayer) and adapter_name in module.lora_copies:
-            del module.lora_copies[adapter_name]
-            module.set_lora_copy(None)
-            if len(module.lora_copies) == 0:
-                unwrap_saved_copy(module)
+        for kind, container, unwrap_kind in (
+            (LoraLayer, "lora_adapters", unwrap),
+            (SavedCopyLayer, "lora_copies", unwrap_saved_copy),
+            (BiasLayer, "lora_biases", unwrap_bias),
+        ):
+            if not isinstance(module, kind) or adapter_name not in getattr(module, container):
+                continue
+            del getattr(module, container)[adapter_name]
+            if len(getattr(module, container)) == 0:
+                unwrap_kind(module)
+            # The registry's push() refreshes what stays; drop the removed adapter's entries now.
+            elif kind is LoraLayer:
+                module.set_lora_active([(a, f) for a, f in module._lora_active if a in module.lora_adapters.values()])
+            elif kind is BiasLayer:
+                module.set_lora_bias_active([(a, w) for a, w in module._lora_bias_active if a in module.lora_biases.values()])
+            else:
+                module.set_lora_copy(None)

@@ -281,36 +281,40 @@ _MIXINS = {"conv2d": LoraConv2dMixin, "linear": LoraLinearMixin, "conv1d": LoraC
 _wrapped_classes: dict[type, type] = {}
 
 
-def _wrapped_class(base_class: type) -> type:
-    cls = _wrapped_classes.get(base_class)
+def _swap_in(module: nn.Module, mixin: type, cache: dict, prefix: str, container: str, state: dict) -> None:
+    """Make ``module`` an instance of ``(mixin, its class)`` and give it ``container`` plus ``state``."""
+    base_class = type(module)
+    cls = cache.get(base_class)
     if cls is None:
-        mixin = _MIXINS[kind_of(base_class)]
-        cls = type(f"Lora{base_class.__name__}", (mixin, base_class), {"__module__": __name__})
-        _wrapped_classes[base_class] = cls
-    return cls
+        cls = type(f"{prefix}{base_class.__name__}", (mixin, base_class), {"__module__": __name__})
+        cache[base_class] = cls
+    module.__class__ = cls
+    module._lora_base_class = base_class
+    for name, value in state.items():
+        setattr(module, name, value)
+    setattr(module, container, AdapterDict() if container != "lora_copies" else _CopyDict())
+
+
+def _swap_out(module: nn.Module, container: str, state: tuple[str, ...]) -> None:
+    """Undo `_swap_in`: the original class, and none of the attributes it added."""
+    base_class = module._lora_base_class
+    del module._modules[container]
+    for name in ("_lora_base_class", *state):
+        module.__dict__.pop(name, None)
+    module.__class__ = base_class
 
 
 def wrap(module: nn.Module) -> None:
     """Turn ``module`` into a LoRA layer in place (no-op if it already is one)."""
-    if isinstance(module, LoraLayer):
-        return
-    base_class = type(module)
-    module.__class__ = _wrapped_class(base_class)
-    module._lora_base_class = base_class
-    module._lora_active = []
-    module._lora_concat = None
-    module.lora_adapters = AdapterDict()
+    if not isinstance(module, LoraLayer):
+        mixin = _MIXINS[kind_of(type(module))]
+        _swap_in(module, mixin, _wrapped_classes, "Lora", "lora_adapters", {"_lora_active": [], "_lora_concat": None})
 
 
 def unwrap(module: nn.Module) -> None:
     """Restore the module's original class and drop everything `wrap` added."""
-    if not isinstance(module, LoraLayer):
-        return
-    base_class = module._lora_base_class
-    del module._modules["lora_adapters"]
-    for name in ("_lora_base_class", "_lora_active", "_lora_concat"):
-        module.__dict__.pop(name, None)
-    module.__class__ = base_class
+    if isinstance(module, LoraLayer):
+        _swap_out(module, "lora_adapters", ("_lora_active", "_lora_concat"))
 
 
 def adapter_from_delta(delta: LoraDelta, module: nn.Module) -> LoraAdapter:
@@ -370,27 +374,13 @@ _copy_classes: dict[type, type] = {}
 
 
 def wrap_saved_copy(module: nn.Module) -> None:
-    if isinstance(module, SavedCopyLayer):
-        return
-    base_class = type(module)
-    cls = _copy_classes.get(base_class)
-    if cls is None:
-        cls = type(f"Saved{base_class.__name__}", (SavedCopyLayer, base_class), {"__module__": __name__})
-        _copy_classes[base_class] = cls
-    module.__class__ = cls
-    module._lora_base_class = base_class
-    module._lora_copy = None
-    module.lora_copies = _CopyDict()
+    if not isinstance(module, SavedCopyLayer):
+        _swap_in(module, SavedCopyLayer, _copy_classes, "Saved", "lora_copies", {"_lora_copy": None})
 
 
 def unwrap_saved_copy(module: nn.Module) -> None:
-    if not isinstance(module, SavedCopyLayer):
-        return
-    base_class = module._lora_base_class
-    del module._modules["lora_copies"]
-    for name in ("_lora_base_class", "_lora_copy"):
-        module.__dict__.pop(name, None)
-    module.__class__ = base_class
+    if isinstance(module, SavedCopyLayer):
+        _swap_out(module, "lora_copies", ("_lora_copy",))
 
 
 def _drop_copy_keys(module, incompatible_keys) -> None:
@@ -491,27 +481,13 @@ _bias_classes: dict[type, type] = {}
 
 
 def wrap_bias(module: nn.Module) -> None:
-    if isinstance(module, BiasLayer):
-        return
-    base_class = type(module)
-    cls = _bias_classes.get(base_class)
-    if cls is None:
-        cls = type(f"Biased{base_class.__name__}", (BiasLayer, base_class), {"__module__": __name__})
-        _bias_classes[base_class] = cls
-    module.__class__ = cls
-    module._lora_base_class = base_class
-    module._lora_bias_active = []
-    module.lora_biases = AdapterDict()
+    if not isinstance(module, BiasLayer):
+        _swap_in(module, BiasLayer, _bias_classes, "Biased", "lora_biases", {"_lora_bias_active": []})
 
 
 def unwrap_bias(module: nn.Module) -> None:
-    if not isinstance(module, BiasLayer):
-        return
-    base_class = module._lora_base_class
-    del module._modules["lora_biases"]
-    for name in ("_lora_base_class", "_lora_bias_active"):
-        module.__dict__.pop(name, None)
-    module.__class__ = base_class
+    if isinstance(module, BiasLayer):
+        _swap_out(module, "lora_biases", ("_lora_bias_active",))
 
 
 def bias_adapter(module: nn.Module, bias: torch.Tensor) -> BiasAdapter:
