@@ -13,6 +13,7 @@ from torch import nn
 
 from .blocks import BlockWeights
 from .errors import LoraNameError
+from .fuse import show_fused
 from .layers import BiasLayer, LoraLayer, SavedCopyLayer
 
 # Per component: a float, or (for a UNet) block weights.
@@ -41,6 +42,9 @@ class AdapterRegistry:
         self.active: list[str] = []
         self.weights: dict[str, dict[str, ComponentWeight]] = {}  # name -> component -> weight
         self.enabled: bool = True
+        # Fusion: which (adapter, layer) pairs are written into the weights, and the fused layers.
+        self.fused_pairs: set[tuple[str, int]] = set()
+        self.fused_modules: list[tuple[str, nn.Module]] = []  # (component, module)
 
     # -- names ---------------------------------------------------------------
     def check_known(self, names: list[str]) -> None:
@@ -96,12 +100,14 @@ class AdapterRegistry:
             for name in self.active:
                 for component, path, module in self.adapters[name].layers:
                     w = self.weight(name, component, path)
-                    if w != 0.0:
+                    if w != 0.0 and (name, id(module)) not in self.fused_pairs:
                         adapter = module.lora_adapters[name]
                         per_layer[id(module)][1].append((adapter, w * adapter.scale))
         for module, active in per_layer.values():
             if isinstance(module, LoraLayer):
                 module.set_lora_active(active)
+        for _, module in self.fused_modules:
+            show_fused(module, self.enabled)
         # modules_to_save: a module runs the copy of the first active adapter that has one.
         # bias="all": a module without LoRA adds each active adapter's weighted bias delta.
         chosen: dict[int, tuple[nn.Module, nn.Module | None]] = {}

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from . import inject
@@ -19,6 +21,7 @@ from .config import LoraConfig
 from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
 from .hub import read_source
+from .layers import CALL_SCALE
 
 # diffusers' load_lora_weights kwargs that change nothing for us; accepted so diffusers code runs unchanged.
 _IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent", "allow_pickle"}
@@ -230,6 +233,9 @@ class LoraHost:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._lora_existing_registry().check_known(names)
         registry = self._lora_registry
+        fused = sorted({n for n, _ in registry.fused_pairs} & set(names))
+        if fused:
+            raise LoraError(f"adapter(s) {fused} are fused into the weights; call unfuse_lora() before deleting them")
         for name in names:
             record = registry.remove(name)
             inject.remove(name, [module for _, _, module in record.layers + record.copies])
@@ -258,3 +264,118 @@ def warn_unused_component(adapter: str, component: str) -> None:
 
 
 __all__ = ["LoadReport", "LoraHost", "BlockWeights"]
+
+
+class LoraLifecycle:
+    """Fuse, unfuse, unload, per-call scale and device moves: the rest of an adapter's life (both hosts)."""
+
+    def fuse_lora(
+        self,
+        lora_scale: float = 1.0,
+        adapter_names: list[str] | None = None,
+        components: list[str] | None = None,
+        safe_fusing: bool = False,
+        **kwargs,
+    ) -> None:
+        """Write the current blend of ``adapter_names`` (default: the active adapters) into the base weights.
+
+        ``lora_scale`` multiplies this fuse only; the weights `set_adapters` set are
+        unchanged. `unfuse_lora` restores the original weights bit for bit.
+        """
+        from .fuse import fuse_layer
+
+        registry = self._lora_existing_registry()
+        names = list(registry.active) if adapter_names is None else ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        registry.check_known(names)
+        if registry.fused_modules:
+            raise LoraError("adapters are already fused; call unfuse_lora() first")
+        wanted = set(components) if components is not None else None
+        per_module: dict[int, tuple[str, nn.Module, list]] = {}
+        for name in names:
+            for component, path, module in registry.adapters[name].layers:
+                if wanted is not None and component not in wanted:
+                    continue
+                w = registry.weight(name, component, path) * float(lora_scale)
+                entry = per_module.setdefault(id(module), (component, module, []))
+                entry[2].append((name, module.lora_adapters[name], w))
+        if safe_fusing:
+            from .fuse import dense_delta
+
+            for component, module, items in per_module.values():
+                for name, adapter, w in items:
+                    if not torch.isfinite(dense_delta(module, adapter, w)[0]).all():
+                        raise LoraError(f"fusing adapter '{name}' into {component} gives non-finite weights; nothing fused")
+        registry = self._lora_registry
+        for component, module, items in per_module.values():
+            fuse_layer(module, [(adapter, w) for _, adapter, w in items if w != 0.0])
+            registry.fused_modules.append((component, module))
+            registry.fused_pairs.update((name, id(module)) for name, _, _ in items)
+        registry.push()
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        """Restore the weights `fuse_lora` changed, bit for bit; the adapters run unfused again."""
+        from .fuse import unfuse_layer
+
+        registry = self._lora_existing_registry()
+        keep = []
+        for component, module in registry.fused_modules:
+            if components is not None and component not in components:
+                keep.append((component, module))
+                continue
+            unfuse_layer(module)
+            registry.fused_pairs = {(n, i) for n, i in registry.fused_pairs if i != id(module)}
+        registry.fused_modules = keep
+        registry.push()
+
+    def unload_lora_weights(self, *args, **kwargs) -> None:
+        """Remove every adapter and every injected layer: the model is structurally the base model again.
+
+        Weights fused before the unload stay fused (diffusers' "fuse, then unload" way of baking a LoRA in).
+        """
+        from .fuse import keep_fused
+
+        registry = self._lora_existing_registry()
+        for _, module in registry.fused_modules:
+            keep_fused(module)
+        registry.fused_modules, registry.fused_pairs = [], set()
+        for name in list(registry.adapters):
+            record = registry.remove(name)
+            inject.remove(name, [module for _, _, module in record.layers + record.copies])
+        registry.enabled = True
+        self._lora_release_registry_if_empty()
+
+    def set_lora_device(self, adapter_names, device) -> None:
+        """Move these adapters' tensors (e.g. park unused ones on the CPU, bring them back before use)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        registry = self._lora_existing_registry()
+        registry.check_known(names)
+        for name in names:
+            record = registry.adapters[name]
+            for _, _, module in record.layers + record.copies:
+                for container in ("lora_adapters", "lora_copies", "lora_biases"):
+                    holder = module._modules.get(container)
+                    if holder is not None and name in holder:
+                        holder[name].to(device)
+        registry.push()
+
+
+@contextlib.contextmanager
+def call_scale(scale):
+    """Scale every unfused adapter by ``scale`` for the calls inside, without touching stored weights."""
+    if scale is None:
+        yield
+        return
+    token = CALL_SCALE.set(float(scale))
+    try:
+        yield
+    finally:
+        CALL_SCALE.reset(token)
+
+
+def scale_from_kwargs(kwargs: dict):
+    """diffusers' per-call LoRA scale: ``{cross,joint,}attention_kwargs["scale"]`` or ``lora_scale``."""
+    for name in ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs"):
+        value = kwargs.get(name)
+        if isinstance(value, dict) and value.get("scale") is not None:
+            return value["scale"]
+    return kwargs.get("lora_scale")

@@ -34,6 +34,8 @@ from .delta import LoraDelta
 # Per-row adapter names of the batch being computed (mixed-batch inference), or None.
 MIXED_BATCH: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("lora_loader_mixed_batch", default=None)
 BASE = "__base__"
+# A per-call multiplier on every unfused adapter (diffusers' cross_attention_kwargs={"scale": s}), or None.
+CALL_SCALE: contextvars.ContextVar[float | None] = contextvars.ContextVar("lora_loader_call_scale", default=None)
 
 
 class LoraAdapter(nn.Module):
@@ -126,9 +128,11 @@ class LoraLayer:
         if rows is not None:
             return self._lora_mixed_batch(x, out, rows)
         active = self._lora_active
-        if not active:
+        scale = CALL_SCALE.get()
+        if not active or scale == 0:
             return out
-        return out + self._lora_delta(x, out, active).to(out.dtype)
+        delta = self._lora_delta(x, out, active)
+        return out + (delta if scale is None else delta * scale).to(out.dtype)
 
     # -- the delta for a list of (adapter, factor) ------------------------------------------------------
     def _lora_delta(self, x: torch.Tensor, out: torch.Tensor, active) -> torch.Tensor:
@@ -472,8 +476,10 @@ class BiasLayer:
                     shaped = self._lora_shaped(self.lora_biases[name].delta, out).to(out.dtype)
                     out = out.index_add(0, index, shaped.expand_as(out[index]).contiguous())
             return out
+        scale = CALL_SCALE.get()
         for adapter, weight in self._lora_bias_active:
-            out = out + weight * self._lora_shaped(adapter.delta, out).to(out.dtype)
+            w = weight if scale is None else weight * scale
+            out = out + w * self._lora_shaped(adapter.delta, out).to(out.dtype)
         return out
 
 

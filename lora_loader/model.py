@@ -25,7 +25,7 @@ from .config import LoraConfig
 from .delta import LoraDelta
 from .errors import LoraError, LoraNameError
 from .formats import ConvertedLora
-from .host import LoadReport, LoraHost, block_or_number
+from .host import LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
 from .layers import BASE, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, kind_of
 
 MODEL = "model"
@@ -34,7 +34,7 @@ PEFT_PREFIX = "base_model.model."
 _COMMON_LAYERS = ("layers", "h", "block", "blocks", "layer")
 
 
-class LoraModelMixin(LoraHost):
+class LoraModelMixin(LoraHost, LoraLifecycle):
     """LoRA calls for a single model (a transformers ``PreTrainedModel``, a diffusers UNet, any ``nn.Module``).
 
     >>> import torch, lora_loader
@@ -227,10 +227,11 @@ class LoraModelMixin(LoraHost):
 
     # -- mixed batches ----------------------------------------------------------------------------------
     def __call__(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        if adapter_names is None:
-            return super().__call__(*args, **kwargs)
-        with self._lora_mixed_batch(adapter_names, _batch_size(args, kwargs)):
-            return super().__call__(*args, **kwargs)
+        with call_scale(scale_from_kwargs(kwargs)):  # a UNet called with cross_attention_kwargs={"scale": s}
+            if adapter_names is None:
+                return super().__call__(*args, **kwargs)
+            with self._lora_mixed_batch(adapter_names, _batch_size(args, kwargs)):
+                return super().__call__(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         """transformers' ``generate``, with ``adapter_names`` (one per row; ``"__base__"`` for none) if given."""

@@ -6,13 +6,13 @@ from torch import nn
 
 from .adapters import ComponentWeight
 from .errors import LoraError
-from .host import LoraHost, block_or_number, warn_unused_component
+from .host import LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs, warn_unused_component
 
 # Components a LoRA may target, in the order reports list them.
 LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
-class LoraPipelineMixin(LoraHost):
+class LoraPipelineMixin(LoraHost, LoraLifecycle):
     """LoRA calls for any diffusers pipeline with a ``unet`` or ``transformer`` and text encoders.
 
     Use ``lora_loader.attach(pipe)``, or put the mixin first when defining a class:
@@ -22,6 +22,16 @@ class LoraPipelineMixin(LoraHost):
     >>> class MyPipeline(LoraPipelineMixin, StableDiffusionPipeline):
     ...     pass
     """
+
+    def __call__(self, *args, **kwargs):
+        # cross_attention_kwargs={"scale": s} (or joint_/attention_kwargs) scales every unfused adapter
+        # for this call only; the weights set_adapters set are never touched.
+        with call_scale(scale_from_kwargs(kwargs)):
+            return super().__call__(*args, **kwargs)
+
+    def encode_prompt(self, *args, **kwargs):
+        with call_scale(kwargs.get("lora_scale")):
+            return super().encode_prompt(*args, **kwargs)
 
     def _lora_components(self) -> dict[str, nn.Module]:
         return {
