@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -343,6 +344,39 @@ class LoraLifecycle:
             inject.remove(name, [module for _, _, module in record.layers + record.copies])
         registry.enabled = True
         self._lora_release_registry_if_empty()
+
+    def save_lora_weights(self, save_directory, adapter_name: str | None = None, format: str = "diffusers", **kwargs) -> str:
+        """Write one adapter as ``.safetensors`` in the ``diffusers`` or ``kohya`` layout (``peft``: a PEFT folder).
+
+        The real alpha of every module is written (rank/alpha patterns in the
+        diffusers header, ``.alpha`` tensors for Kohya), and the header records
+        the format and base model family. ``save_directory`` is a folder (the
+        file is ``pytorch_lora_weights.safetensors``) or a ``.safetensors`` path.
+        Returns the path written.
+        """
+        from . import save
+
+        registry = self._lora_existing_registry()
+        if adapter_name is None:
+            if len(registry.adapters) != 1:
+                raise LoraError(f"pass adapter_name=: loaded adapters are {sorted(registry.adapters)}")
+            adapter_name = next(iter(registry.adapters))
+        registry.check_known([adapter_name])
+        record = registry.adapters[adapter_name]
+        if format == "peft":
+            if not hasattr(self, "save_adapter"):
+                raise LoraError("format='peft' writes a PEFT folder for one model; use save_adapter on the model")
+            self.save_adapter(os.fspath(save_directory), adapter_name)
+            return os.fspath(save_directory)
+        components = self._lora_components()
+        deltas = save.adapter_deltas(record, components)
+        if format == "diffusers":
+            tensors, metadata = save.to_diffusers(deltas)
+        elif format == "kohya":
+            tensors, metadata = save.to_kohya(deltas, components)
+        else:
+            raise LoraError(f"format={format!r}; expected 'diffusers', 'kohya' or 'peft'")
+        return save.write(os.fspath(save_directory), tensors, metadata, format, save.model_family(components))
 
     def set_lora_device(self, adapter_names, device) -> None:
         """Move these adapters' tensors (e.g. park unused ones on the CPU, bring them back before use)."""

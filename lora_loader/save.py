@@ -1,0 +1,126 @@
+"""Saving an adapter: the canonical deltas back to a file layout (diffusers, Kohya) with the real alpha.
+
+diffusers' own Kohya converter writes ``alpha = rank`` and so changes the
+strength of any adapter whose alpha differs; here every module's alpha is
+written as it is. The safetensors header says what wrote the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import torch
+
+from .errors import LoraError
+from .names import mangle, unet_sgm_prefixes, _sgm_name
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
+
+
+def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
+    """``{component: {module path: LoraDelta}}`` of one loaded adapter."""
+    out: dict[str, dict[str, object]] = {}
+    for component, path, module in record.layers:
+        adapter = module.lora_adapters[record.name]
+        out.setdefault(component, {})[path] = adapter.to_delta(getattr(module, "bias", None))
+    if record.copies:
+        raise LoraError(f"adapter '{record.name}' carries full module copies or biases; save it with save_adapter (PEFT layout)")
+    return out
+
+
+def _config_dict(deltas: dict) -> dict:
+    """The PEFT LoraConfig fields diffusers reads from ``lora_adapter_metadata``: r, lora_alpha and patterns."""
+    ranks = {p: d.rank for p, d in deltas.items()}
+    alphas = {p: float(d.rank if d.alpha is None else d.alpha) for p, d in deltas.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    rslora = {d.use_rslora for d in deltas.values()}
+    if len(rslora) > 1:
+        raise LoraError("an adapter that mixes rsLoRA and plain scaling cannot be written with one config")
+    number = lambda v: int(v) if float(v).is_integer() else v  # noqa: E731
+    return {
+        "r": r,
+        "lora_alpha": number(alpha),
+        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {p: number(v) for p, v in alphas.items() if v != alpha},
+        "target_modules": sorted(deltas),
+        "use_rslora": rslora.pop(),
+        "use_dora": any(d.magnitude is not None for d in deltas.values()),
+        "peft_type": "LORA",
+    }
+
+
+def to_diffusers(deltas: dict) -> tuple[dict, dict]:
+    """``{component}.{path}.lora_A.weight`` keys, rank and alpha in the ``lora_adapter_metadata`` header."""
+    tensors, metadata = {}, {}
+    for component, modules in deltas.items():
+        for path, delta in modules.items():
+            if delta.bias is not None:
+                raise LoraError(f"{component}.{path}: an adapter bias has no diffusers key; save it with save_adapter")
+            tensors[f"{component}.{path}.lora_A.weight"] = delta.down
+            tensors[f"{component}.{path}.lora_B.weight"] = delta.up
+            if delta.magnitude is not None:
+                tensors[f"{component}.{path}.lora_magnitude_vector"] = delta.magnitude
+        metadata.update({f"{component}.{k}": v for k, v in _config_dict(modules).items()})
+    return tensors, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
+
+
+def _kohya_name(component: str, path: str, module_root, sgm: dict) -> str:
+    if component in ("unet", "transformer"):
+        if sgm:  # SDXL: sd-scripts writes Stability's block names
+            path = _sgm_name(path, sgm) or path
+        return KOHYA_PREFIX[component] + mangle(path)
+    if not path.startswith("text_model."):
+        path = "text_model." + path  # Kohya spells CLIP paths with text_model_ whatever transformers does
+    return KOHYA_PREFIX[component] + mangle(path)
+
+
+def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
+    """sd-scripts keys: ``lora_unet_*`` / ``lora_te*_*`` + ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
+    single_te = "text_encoder_2" not in components
+    sdxl_like = not single_te and "unet" in components
+    sgm = unet_sgm_prefixes(components["unet"]) if sdxl_like else {}
+    tensors = {}
+    for component, modules in deltas.items():
+        for path, delta in modules.items():
+            if delta.magnitude is not None or delta.bias is not None:
+                raise LoraError(f"{component}.{path}: DoRA or a bias has no Kohya LoRA key yet; save as 'diffusers' or 'peft'")
+            name = _kohya_name(component, path, components.get(component), sgm)
+            if component == "text_encoder" and single_te:
+                name = "lora_te_" + name[len("lora_te1_"):]
+            down, up = delta.down, delta.up
+            if up.dim() == 2 and down.dim() == 4:
+                up = up[:, :, None, None]
+            tensors[f"{name}.lora_down.weight"] = down
+            tensors[f"{name}.lora_up.weight"] = up
+            tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank if delta.alpha is None else delta.alpha))
+    ranks = Counter(d.rank for m in deltas.values() for d in m.values())
+    return tensors, {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks.most_common(1)[0][0])}
+
+
+def write(path: str, tensors: dict, metadata: dict, fmt: str, family: str) -> str:
+    from safetensors.torch import save_file
+
+    if not path.endswith(".safetensors"):
+        os.makedirs(path, exist_ok=True)
+        path = os.path.join(path, "pytorch_lora_weights.safetensors")
+    from . import __version__
+
+    header = {"format": "pt", "lora_loader.version": __version__, "lora_loader.format": fmt, "lora_loader.base_model": family}
+    header.update(metadata)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=header)
+    return path
+
+
+def model_family(components: dict) -> str:
+    unet = components.get("unet")
+    if unet is not None and getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    if unet is not None:
+        return "sd1/sd2"
+    transformer = components.get("transformer")
+    return type(transformer).__name__ if transformer is not None else "unknown"
+
+
