@@ -17,7 +17,7 @@ from .errors import (
     LoraTargetError,
     LoraWarning,
 )
-from .host import LoadReport
+from .host import LoadReport, prepare_hotswap
 from .model import LoraModelMixin
 from .pipeline import LoraPipelineMixin
 
@@ -28,6 +28,7 @@ __all__ = [
     "AutoLoraModelForCausalLM",
     "LoraConfig",
     "LoadReport",
+    "prepare_hotswap",
     "LoraError",
     "LoraFileError",
     "LoraFormatError",

@@ -102,7 +102,8 @@ class AdapterRegistry:
                     w = self.weight(name, component, path)
                     if w != 0.0 and (name, id(module)) not in self.fused_pairs:
                         adapter = module.lora_adapters[name]
-                        per_layer[id(module)][1].append((adapter, w * adapter.scale))
+                        adapter.factor.fill_(w * adapter.scale)
+                        per_layer[id(module)][1].append((adapter, adapter.factor))
         for module, active in per_layer.values():
             if isinstance(module, LoraLayer):
                 module.set_lora_active(active)

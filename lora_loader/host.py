@@ -131,10 +131,15 @@ class LoraHost:
         unknown = set(kwargs) - _IGNORED_DIFFUSERS_KWARGS
         if unknown:
             raise LoraError(f"load_lora_weights() got unexpected keyword arguments {sorted(unknown)}")
-        if hotswap:
-            raise LoraError("hotswap=True is not supported yet; load under a new adapter_name or delete_adapters() first")
         registry = self._lora_existing_registry()
         name = registry.default_name() if adapter_name is None else adapter_name
+        if hotswap:
+            if name not in registry.adapters:
+                raise LoraNameError(f"hotswap=True replaces a loaded adapter; '{name}' is not loaded ({sorted(registry.adapters)})")
+            return self._lora_hotswap(
+                pretrained_model_name_or_path_or_dict, weight_name, name,
+                dict(subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only),
+            )
         if not isinstance(name, str) or not name or "." in name:
             raise LoraNameError(f"adapter_name must be a non-empty string without '.', got {name!r}")
         if name in registry.adapters:
@@ -173,6 +178,45 @@ class LoraHost:
         counts: dict[str, int] = {}
         for component, _, _ in layers + copies:
             counts[component] = counts.get(component, 0) + 1
+        return LoadReport(name, converted.format, source.name, counts, list(planned.skipped))
+
+    def _lora_hotswap(self, src, weight_name, name: str, source_kwargs: dict) -> LoadReport:
+        """Replace adapter ``name``'s tensors in place with the file's (see hotswap.py); nothing else changes."""
+        from . import hotswap
+
+        source = read_source(src, weight_name, **source_kwargs)
+        converted = convert(source.tensors, source.metadata, source.adapter_config)
+        planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, source.name, source.tensors)
+        registry = self._lora_registry
+        record = registry.adapters[name]
+        if planned.copies or planned.biases:
+            raise LoraError(f"{source.name}: hotswap of full module copies or biases is not supported")
+        loaded = {id(module) for _, _, module in record.layers}
+        extra = [f"{p.component}.{p.path}" for p in planned.modules if id(p.module) not in loaded]
+        if extra:
+            raise LoraError(
+                f"{source.name}: hotswap into '{name}' targets layers the loaded adapter does not ({extra[:5]}); "
+                "a compiled model cannot grow new layers: load first the adapter with the most layers"
+            )
+        for p in planned.modules:  # check every rank before changing anything
+            capacity = p.module.lora_adapters[name].down.shape[0]
+            if p.delta.rank > capacity:
+                raise LoraError(
+                    f"{source.name}: {p.component}.{p.path} has rank {p.delta.rank}, the loaded adapter room for "
+                    f"{capacity}; call lora_loader.prepare_hotswap(model, max_rank={p.delta.rank}) before compiling"
+                )
+        new = {id(p.module): p.delta for p in planned.modules}
+        for _, _, module in record.layers:
+            adapter = module.lora_adapters[name]
+            if id(module) in new:
+                hotswap.swap_in(adapter, new[id(module)])
+            else:
+                hotswap.silence(adapter)
+        record.source, record.format = source.name, converted.format
+        registry.push()
+        counts: dict[str, int] = {}
+        for p in planned.modules:
+            counts[p.component] = counts.get(p.component, 0) + 1
         return LoadReport(name, converted.format, source.name, counts, list(planned.skipped))
 
     # -- blending ----------------------------------------------------------------------
@@ -413,3 +457,24 @@ def scale_from_kwargs(kwargs: dict):
         if isinstance(value, dict) and value.get("scale") is not None:
             return value["scale"]
     return kwargs.get("lora_scale")
+
+
+def prepare_hotswap(host, max_rank: int) -> None:
+    """Zero-pad every loaded adapter of ``host`` (an attached pipeline or model) to ``max_rank``, before
+    ``torch.compile``, so later ``load_lora_weights(..., hotswap=True)`` with any rank up to it never recompiles.
+
+    >>> import torch, lora_loader
+    >>> m = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    >>> _ = m.load_lora_weights({"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}, adapter_name="x")
+    >>> lora_loader.prepare_hotswap(m, max_rank=8); m[0].lora_adapters["x"].down.shape
+    torch.Size([8, 4])
+    """
+    from .hotswap import pad_adapter
+
+    registry = host._lora_existing_registry()
+    for record in registry.adapters.values():
+        for _, _, module in record.layers:
+            adapter = module.lora_adapters[record.name]
+            pad_adapter(adapter, max_rank)
+            module.set_lora_active(list(module._lora_active))
+    registry.push()

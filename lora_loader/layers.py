@@ -63,10 +63,14 @@ class LoraAdapter(nn.Module):
         self.scale = float(scale)
         self.alpha = float(alpha)
         self.use_rslora = use_rslora
+        self.r = int(down.shape[0])  # the adapter's rank; down/up may be zero-padded beyond it for hotswap
+        # weight * scale of the current blend, as a 0-d tensor updated in place, so a torch.compile'd
+        # model sees the same graph when the blend or a hotswapped alpha changes it.
+        self.register_buffer("factor", torch.zeros((), dtype=down.dtype, device=down.device), persistent=False)
 
     @property
     def rank(self) -> int:
-        return int(self.down.shape[0])
+        return self.r
 
     @property
     def dropout_p(self) -> float:
@@ -83,13 +87,11 @@ class LoraAdapter(nn.Module):
 
     def to_delta(self, base_bias: torch.Tensor | None = None) -> LoraDelta:
         magnitude = None if self.magnitude is None else self.magnitude.detach()
+        down, up = self.down.detach()[: self.r], self.up.detach()[:, : self.r]
         bias = None
         if self.bias_delta is not None:
             bias = self.bias_delta.detach() + (0 if base_bias is None else base_bias.detach().to(self.bias_delta.dtype))
-        return LoraDelta(
-            self.down.detach(), self.up.detach(), self.alpha, self.use_rslora,
-            magnitude=magnitude, dropout=self.dropout_p, bias=bias,
-        )
+        return LoraDelta(down, up, self.alpha, self.use_rslora, magnitude=magnitude, dropout=self.dropout_p, bias=bias)
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.magnitude is not None else ""
@@ -166,7 +168,10 @@ class LoraLayer:
     def _concatenated(self, active):
         # Keyed on device, dtype and the tensors' in-place version counters, so a
         # `.to()` or an optimizer step invalidates the cache without any hook.
-        key = tuple((id(a), f, a.down._version, a.up._version, a.down.device, a.down.dtype) for a, f in active)
+        key = tuple(
+            (id(a), getattr(f, "_version", f), a.down._version, a.up._version, a.down.device, a.down.dtype)
+            for a, f in active
+        )
         cached = self._lora_concat
         if cached is None or cached[0] != key:
             with torch.no_grad():

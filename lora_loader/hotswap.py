@@ -1,0 +1,60 @@
+"""Hotswap: replace a loaded adapter's tensors in place, so a torch.compile'd model does not recompile.
+
+`prepare_hotswap` zero-pads every adapter to a declared maximum rank once,
+before compiling. A swap then copies the new factors into the leading rows
+and columns, zeroes the rest (and the layers the new file does not target),
+and updates the scale tensors in place: shapes, tensor identities and the
+graph stay the same. Ranks and per-module alphas may differ between swaps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import LoraError
+from .layers import LoraAdapter
+
+
+def pad_adapter(adapter: LoraAdapter, max_rank: int) -> None:
+    """Zero-pad ``down`` rows and ``up`` columns to ``max_rank`` (the adapter's rank ``r`` is kept)."""
+    rank = adapter.down.shape[0]
+    if rank > max_rank:
+        raise LoraError(f"an adapter has rank {rank}, above max_rank={max_rank}")
+    if rank == max_rank:
+        return
+    with torch.no_grad():
+        down = adapter.down.new_zeros((max_rank, *adapter.down.shape[1:]))
+        up = adapter.up.new_zeros((adapter.up.shape[0], max_rank, *adapter.up.shape[2:]))
+        down[:rank] = adapter.down
+        up[:, :rank] = adapter.up
+    adapter.down = torch.nn.Parameter(down, requires_grad=adapter.down.requires_grad)
+    adapter.up = torch.nn.Parameter(up, requires_grad=adapter.up.requires_grad)
+
+
+def swap_in(adapter: LoraAdapter, delta) -> None:
+    """Copy ``delta`` into ``adapter``'s (possibly padded) tensors in place."""
+    capacity = adapter.down.shape[0]
+    if delta.rank > capacity:
+        raise LoraError(
+            f"the new adapter has rank {delta.rank} where the loaded one has room for {capacity}; "
+            f"call lora_loader.prepare_hotswap(model, max_rank={delta.rank}) before compiling"
+        )
+    if delta.magnitude is not None or adapter.magnitude is not None or delta.bias is not None:
+        raise LoraError("hotswap of DoRA adapters or adapter biases is not supported")
+    down = delta.down.reshape(delta.rank, *adapter.down.shape[1:])
+    up = delta.up.reshape(adapter.up.shape[0], delta.rank, *adapter.up.shape[2:])
+    with torch.no_grad():
+        adapter.down.zero_()
+        adapter.up.zero_()
+        adapter.down[: delta.rank].copy_(down)
+        adapter.up[:, : delta.rank].copy_(up)
+    adapter.r = delta.rank
+    adapter.alpha = float(delta.rank if delta.alpha is None else delta.alpha)
+    adapter.scale = delta.scale
+    adapter.use_rslora = delta.use_rslora
+
+
+def silence(adapter: LoraAdapter) -> None:
+    """A layer the new adapter does not target: keep it, contributing nothing."""
+    with torch.no_grad():
+        adapter.up.zero_()
