@@ -171,7 +171,7 @@ class LoraHost:
             )
         components = self._lora_components()
         planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
-        layers, copies = inject.apply(planned, name)
+        layers, copies = inject.apply(planned, name, copy=not source.owned)
         config = LoraConfig.from_dict(source.adapter_config, source.name) if source.adapter_config else None
         record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped, copies, config)
         self._lora_registry.add(record)

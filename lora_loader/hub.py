@@ -27,6 +27,7 @@ class LoadedSource:
     metadata: dict[str, str]
     adapter_config: dict | None
     name: str  # a path, "repo:file", or "<state dict>", for messages
+    owned: bool = True  # tensors read from a file are ours to keep; a caller's state dict is not
 
 
 def read_source(
@@ -45,7 +46,7 @@ def read_source(
     '<state dict>'
     """
     if isinstance(src, dict):
-        return LoadedSource(_check_tensors(dict(src), "<state dict>"), {}, None, "<state dict>")
+        return LoadedSource(_check_tensors(dict(src), "<state dict>"), {}, None, "<state dict>", owned=False)
     if not isinstance(src, (str, os.PathLike)):
         raise LoraFileError(f"expected a Hub repo id, a folder, a file or a state dict, got {type(src).__name__}")
     src = os.fspath(src)

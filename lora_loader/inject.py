@@ -306,7 +306,7 @@ def _is_zero(tensor) -> bool:
     return tensor is not None and tensor.is_floating_point() and not bool(tensor.any())
 
 
-def apply(planned: Plan, adapter_name: str) -> tuple[list, list]:
+def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, list]:
     """Wrap and assign; on any failure undo every change and re-raise.
 
     Returns the (component, path, module) of the LoRA layers and of the modules_to_save copies.
@@ -316,7 +316,7 @@ def apply(planned: Plan, adapter_name: str) -> tuple[list, list]:
     copied: list[nn.Module] = []
     biased: list[nn.Module] = []
     try:
-        adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module) for p in planned.modules]
+        adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module, copy) for p in planned.modules]
         copies = [make_saved_copy(c.module, c.tensors) for c in planned.copies]
         bias_adapters = [bias_adapter(b.module, b.bias) for b in planned.biases]
         for p, adapter in zip(planned.modules, adapters):

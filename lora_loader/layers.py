@@ -326,8 +326,12 @@ def unwrap(module: nn.Module) -> None:
         _swap_out(module, "lora_adapters", ("_lora_active", "_lora_concat"))
 
 
-def adapter_from_delta(delta: LoraDelta, module: nn.Module) -> LoraAdapter:
-    """Build the adapter for ``module`` on its device and in its dtype (shapes checked by the planner)."""
+def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -> LoraAdapter:
+    """Build the adapter for ``module`` on its device and in its dtype (shapes checked by the planner).
+
+    ``copy=False`` lets the adapter keep the file's tensors when device and dtype already match,
+    so loading a file costs its size once, not twice.
+    """
     weight = module.weight
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     down, up = delta.down, delta.up
@@ -336,8 +340,8 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module) -> LoraAdapter:
         up = up.reshape(up.shape[0], up.shape[1], 1, 1)
     else:
         down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-    down = down.to(device=weight.device, dtype=dtype, copy=True).contiguous()
-    up = up.to(device=weight.device, dtype=dtype, copy=True).contiguous()
+    down = down.to(device=weight.device, dtype=dtype, copy=copy).contiguous()
+    up = up.to(device=weight.device, dtype=dtype, copy=copy).contiguous()
     magnitude = None
     if delta.magnitude is not None:
         magnitude = delta.magnitude.reshape(-1).to(device=weight.device, dtype=dtype, copy=True)

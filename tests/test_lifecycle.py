@@ -181,3 +181,32 @@ def test_set_lora_device_moves_the_named_adapters_and_checks_names():
     assert _equal(outputs(pipe), before)
     with pytest.raises(LoraError, match="'nope'"):
         pipe.set_lora_device(["nope"], "cpu")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+
+
+def test_delete_adapters_gives_the_memory_back():
+    """RSS after delete_adapters returns to where it was before the load, within a tenth of the adapter's size."""
+    import gc
+
+    model = lora_loader.attach(torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]))
+    gc.collect()
+    before = _rss_bytes()
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(8):
+        sd[f"{i}.lora_A.weight"] = torch.randn(512, 1024, generator=g)
+        sd[f"{i}.lora_B.weight"] = torch.randn(1024, 512, generator=g)
+    adapter_bytes = sum(t.numel() * t.element_size() for t in sd.values())  # 32 MiB
+    model.load_lora_weights(sd, adapter_name="big")
+    del sd
+    gc.collect()
+    loaded = _rss_bytes()
+    model.delete_adapters("big")
+    gc.collect()
+    after = _rss_bytes()
+    assert loaded - before > 0.5 * adapter_bytes  # the load really held the adapter
+    assert after - before < 0.1 * adapter_bytes
