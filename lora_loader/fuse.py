@@ -1,7 +1,7 @@
 """Fusing: the current blend written into the base weights, and undone bit for bit.
 
-`fuse` computes each layer's dense delta in fp32 and gives the parameter a
-new tensor ``W + delta``; the original tensor object is kept, not a copy of
+`fuse` computes ``W + delta`` in fp32 with one ``addmm`` per layer and gives
+the parameter that new tensor; the original tensor object is kept, not a copy of
 it, so `unfuse` is an exact, O(1) swap back (diffusers+peft subtract a
 recomputed delta instead, which drifts in fp16/bf16). `disable_lora` on a
 fused model swaps the original tensors in, `enable_lora` the fused ones:
@@ -44,20 +44,40 @@ def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple
 
 
 def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> None:
-    """Write ``sum(w * delta)`` into the module's weight (and bias); keep the original tensors to restore."""
-    weight_delta, bias_delta = None, None
-    for adapter, w in adapters:
-        d, b = dense_delta(module, adapter, w)
-        weight_delta = d if weight_delta is None else weight_delta + d
-        if b is not None:
-            bias_delta = b if bias_delta is None else bias_delta + b
+    """Write ``sum(w * delta)`` into the module's weight (and bias); keep the original tensors to restore.
+
+    The plain LoRA adapters of a layer are fused with one ``addmm`` in fp32 over
+    their concatenated factors (``W + [w_i s_i B_i] @ [A_i]``): one new tensor per
+    layer and no dense delta in between. DoRA adapters add their dense delta.
+    """
     original_weight = module.weight.data
-    fused_weight = (original_weight.float() + weight_delta.to(original_weight.device)).to(original_weight.dtype)
+    kind = supported_kind(module)
+    plain = [(a, w) for a, w in adapters if a.magnitude is None]
+    base = original_weight if original_weight.dtype == torch.float32 else original_weight.float()
+    if plain:
+        up = torch.cat([a.up.detach().flatten(1).float() * (w * a.scale) for a, w in plain], dim=1)
+        down = torch.cat([a.down.detach().flatten(1).float() for a, _ in plain], dim=0)
+        up, down = up.to(base.device), down.to(base.device)
+        if kind in ("conv1d", "embedding"):  # weight stored [in, out]: W + (B A)^T = W + A^T B^T
+            fused = torch.addmm(base, down.T, up.T)
+        else:
+            fused = torch.addmm(base.reshape(base.shape[0], -1), up, down).view(base.shape)
+    else:
+        fused = base.clone()
+    bias_delta = None
+    for adapter, w in adapters:
+        if adapter.magnitude is not None:
+            d, _ = dense_delta(module, adapter, w)
+            fused += d.to(fused.device)
+        if adapter.bias_delta is not None:
+            b = w * adapter.bias_delta.detach().float()
+            bias_delta = b if bias_delta is None else bias_delta + b
+    fused_weight = fused if fused.dtype == original_weight.dtype else fused.to(original_weight.dtype)
     original_bias = fused_bias = None
     if bias_delta is not None:
         original_bias = module.bias.data
         fused_bias = (original_bias.float() + bias_delta.to(original_bias.device)).to(original_bias.dtype)
-    module._lora_fusion = {"base": (original_weight, original_bias), "fused": (fused_weight, fused_bias)}
+    module.__dict__["_lora_fusion"] = {"base": (original_weight, original_bias), "fused": (fused_weight, fused_bias)}
     show_fused(module, True)
 
 
