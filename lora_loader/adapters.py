@@ -14,7 +14,7 @@ from torch import nn
 from .blocks import BlockWeights
 from .errors import LoraNameError
 from .fuse import show_fused
-from .layers import BiasLayer, LoraLayer, SavedCopyLayer
+from .layers import BiasLayer, LoraAdapter, SavedCopyLayer
 
 # Per component: a float, or (for a UNet) block weights.
 ComponentWeight = float | BlockWeights
@@ -29,6 +29,16 @@ class AdapterRecord:
     skipped: list[str] = field(default_factory=list)
     copies: list[tuple[str, str, nn.Module]] = field(default_factory=list)  # PEFT's modules_to_save
     config: object = None  # the LoraConfig it was created or loaded with, for saving
+
+    def by_component(self) -> dict[str, list[tuple[str, nn.Module, LoraAdapter]]]:
+        """``{component: [(path, module, adapter), ...]}``, the adapters looked up once and kept."""
+        cached = self.__dict__.get("_by_component")
+        if cached is None or sum(map(len, cached.values())) != len(self.layers):
+            cached = {}
+            for component, path, module in self.layers:
+                cached.setdefault(component, []).append((path, module, module.lora_adapters[self.name]))
+            self.__dict__["_by_component"] = cached
+        return cached
 
     def components(self) -> list[str]:
         return sorted({component for component, _, _ in self.layers + self.copies})
@@ -45,6 +55,9 @@ class AdapterRegistry:
         # Fusion: which (adapter, layer) pairs are written into the weights, and the fused layers.
         self.fused_pairs: set[tuple[str, int]] = set()
         self.fused_modules: list[tuple[str, nn.Module]] = []  # (component, module)
+        # The layers given a non-empty active list by the last push, to reset them next time.
+        self._pushed: dict[nn.Module, list] = {}
+        self._copies_pushed = False
 
     # -- names ---------------------------------------------------------------
     def check_known(self, names: list[str]) -> None:
@@ -91,24 +104,53 @@ class AdapterRegistry:
         return spec.weight_for(path) if isinstance(spec, BlockWeights) else float(spec)
 
     def push(self) -> None:
-        """Give every wrapped layer its list of (adapter, weight * scale) for the current blend."""
-        per_layer: dict[int, tuple[nn.Module, list]] = {}
-        for record in self.adapters.values():
-            for _, _, module in record.layers:
-                per_layer.setdefault(id(module), (module, []))
+        """Give every wrapped layer its list of (adapter, weight * scale) for the current blend.
+
+        Only the layers of the adapters active now or at the last push are visited,
+        so the cost follows the active set, not the number of adapters loaded; a
+        factor tensor is written only when its value changes.
+        """
+        lists: dict[nn.Module, list] = {}  # modules hash by identity
         if self.enabled:
+            fused = self.fused_pairs
             for name in self.active:
-                for component, path, module in self.adapters[name].layers:
-                    w = self.weight(name, component, path)
-                    if w != 0.0 and (name, id(module)) not in self.fused_pairs:
-                        adapter = module.lora_adapters[name]
-                        adapter.factor.fill_(w * adapter.scale)
-                        per_layer[id(module)][1].append((adapter, adapter.factor))
-        for module, active in per_layer.values():
-            if isinstance(module, LoraLayer):
-                module.set_lora_active(active)
+                given = self.weights.get(name) or {}
+                everywhere = given.get("*", 1.0)
+                for component, entries in self.adapters[name].by_component().items():
+                    spec = given.get(component, everywhere)
+                    blocks = isinstance(spec, BlockWeights)
+                    for path, module, adapter in entries:
+                        w = spec.weight_for(path) if blocks else spec
+                        if w == 0.0 or (fused and (name, id(module)) in fused):
+                            continue
+                        value = w * adapter.scale
+                        factor = adapter._buffers["factor"]
+                        if adapter._factor_value != value:
+                            factor.fill_(value)
+                            adapter.__dict__["_factor_value"] = value
+                        active = lists.get(module)
+                        if active is None:
+                            lists[module] = [(adapter, factor)]
+                        else:
+                            active.append((adapter, factor))
+        for module in self._pushed:
+            if module not in lists:
+                state = module.__dict__
+                if state.get("_lora_active"):  # None once the module was unwrapped
+                    state["_lora_active"] = []
+                    state["_lora_concat"] = None
+        for module, active in lists.items():
+            state = module.__dict__
+            state["_lora_active"] = active
+            if len(active) < 2:  # a concatenation is kept (and checked) only where two or more adapters run
+                state["_lora_concat"] = None
+        self._pushed = lists
         for _, module in self.fused_modules:
             show_fused(module, self.enabled)
+        if self._copies_pushed or any(record.copies for record in self.adapters.values()):
+            self._push_copies()
+
+    def _push_copies(self) -> None:
         # modules_to_save: a module runs the copy of the first active adapter that has one.
         # bias="all": a module without LoRA adds each active adapter's weighted bias delta.
         chosen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
@@ -119,6 +161,7 @@ class AdapterRegistry:
                     chosen.setdefault(id(module), (module, None))
                 elif isinstance(module, BiasLayer):
                     biases.setdefault(id(module), (module, []))
+        self._copies_pushed = bool(chosen or biases)
         if self.enabled:
             for name in self.active:
                 for component, path, module in self.adapters[name].copies:

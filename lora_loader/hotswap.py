@@ -16,7 +16,11 @@ from .layers import LoraAdapter
 
 
 def pad_adapter(adapter: LoraAdapter, max_rank: int) -> None:
-    """Zero-pad ``down`` rows and ``up`` columns to ``max_rank`` (the adapter's rank ``r`` is kept)."""
+    """Zero-pad ``down`` rows and ``up`` columns to ``max_rank`` (the adapter's rank ``r`` is kept).
+
+    The factors are widened to the compute dtype too, so any later file swaps in without rounding.
+    """
+    adapter.widen()
     rank = adapter.down.shape[0]
     if rank > max_rank:
         raise LoraError(f"an adapter has rank {rank}, above max_rank={max_rank}")
@@ -41,6 +45,8 @@ def swap_in(adapter: LoraAdapter, delta) -> None:
         )
     if delta.magnitude is not None or adapter.magnitude is not None or delta.bias is not None:
         raise LoraError("hotswap of DoRA adapters or adapter biases is not supported")
+    if adapter.down.dtype != delta.down.dtype:
+        adapter.widen()  # an fp16-stored adapter would round another dtype's values
     down = delta.down.reshape(delta.rank, *adapter.down.shape[1:])
     up = delta.up.reshape(adapter.up.shape[0], delta.rank, *adapter.up.shape[2:])
     with torch.no_grad():

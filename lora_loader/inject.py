@@ -286,7 +286,7 @@ def _index(indexes: dict, components: dict, component: str | None) -> ModuleInde
     if component is None:
         return None
     if component not in indexes:
-        indexes[component] = ModuleIndex(components[component])
+        indexes[component] = ModuleIndex.cached(components[component])
     return indexes[component]
 
 

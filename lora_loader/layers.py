@@ -51,22 +51,48 @@ class LoraAdapter(nn.Module):
         dropout: float = 0.0,
         use_rslora: bool = False,
         bias_delta: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.down = nn.Parameter(down, requires_grad=False)
-        self.up = nn.Parameter(up, requires_grad=False)
-        self.magnitude = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
+        # Written straight into nn.Module's dicts: a load builds hundreds of adapters, and
+        # nn.Module.__setattr__ costs more than the rest of the construction together.
+        params = self._parameters
+        params["down"] = nn.Parameter(down, requires_grad=False)
+        params["up"] = nn.Parameter(up, requires_grad=False)
+        params["magnitude"] = None if magnitude is None else nn.Parameter(magnitude, requires_grad=False)
         # PEFT's bias="lora_only": the adapter's bias minus the base bias, added with the blend weight,
         # so the base bias itself is never overwritten.
-        self.bias_delta = None if bias_delta is None else nn.Parameter(bias_delta, requires_grad=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.scale = float(scale)
-        self.alpha = float(alpha)
-        self.use_rslora = use_rslora
-        self.r = int(down.shape[0])  # the adapter's rank; down/up may be zero-padded beyond it for hotswap
+        params["bias_delta"] = None if bias_delta is None else nn.Parameter(bias_delta, requires_grad=False)
+        if dropout > 0:
+            self._modules["dropout"] = nn.Dropout(dropout)
+        else:
+            self.__dict__["dropout"] = _no_dropout
+        # down/up may be stored narrower than the layer computes in (an fp16 file in an fp32 model
+        # keeps its fp16 tensors, cast exactly at use): `factor` has the compute dtype.
+        compute_dtype = down.dtype if compute_dtype is None else compute_dtype
+        self.__dict__.update(
+            scale=float(scale),
+            alpha=float(alpha),
+            use_rslora=use_rslora,
+            _factor_value=float("nan"),  # the value in `factor`, to skip writing it when unchanged
+            r=int(down.shape[0]),  # the adapter's rank; down/up may be zero-padded beyond it for hotswap
+        )
         # weight * scale of the current blend, as a 0-d tensor updated in place, so a torch.compile'd
         # model sees the same graph when the blend or a hotswapped alpha changes it.
-        self.register_buffer("factor", torch.zeros((), dtype=down.dtype, device=down.device), persistent=False)
+        self._buffers["factor"] = torch.zeros((), dtype=compute_dtype, device=down.device)
+        self._non_persistent_buffers_set.add("factor")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._buffers["factor"].dtype
+
+    def widen(self) -> None:
+        """Store down/up in the compute dtype (before training them, or copying other tensors into them)."""
+        dtype = self.compute_dtype
+        for name in ("down", "up"):
+            p = self._parameters[name]
+            if p.dtype != dtype:
+                self._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
 
     @property
     def rank(self) -> int:
@@ -96,6 +122,15 @@ class LoraAdapter(nn.Module):
     def extra_repr(self) -> str:
         dora = ", dora" if self.magnitude is not None else ""
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}{dora}"
+
+
+def _no_dropout(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _in(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (a no-op when it already is)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 class AdapterDict(nn.ModuleDict):
@@ -138,16 +173,17 @@ class LoraLayer:
 
     # -- the delta for a list of (adapter, factor) ------------------------------------------------------
     def _lora_delta(self, x: torch.Tensor, out: torch.Tensor, active) -> torch.Tensor:
-        first = active[0][0].down
-        h = x.to(first.dtype) if x.is_floating_point() and x.dtype != first.dtype else x
+        dtype = active[0][0].compute_dtype
+        h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
         plain = [(a, f) for a, f in active if a.magnitude is None]
         delta = None
         if len(plain) > 1 and self._lora_can_concatenate(plain):
-            down, up = self._concatenated(plain)
+            down, up = self._concatenated(plain, dtype)
             delta = self._lora_up(self._lora_down(h, down), up)
         else:
             for adapter, factor in plain:
-                d = self._lora_up(self._lora_down(adapter.dropout(h), adapter.down), adapter.up) * factor
+                down, up = _in(adapter.down, dtype), _in(adapter.up, dtype)
+                d = self._lora_up(self._lora_down(adapter.dropout(h), down), up) * factor
                 delta = d if delta is None else delta + d
         for adapter, factor in active:
             if adapter.magnitude is not None:
@@ -165,26 +201,29 @@ class LoraLayer:
             return False
         return not (torch.is_grad_enabled() and any(a.down.requires_grad or a.up.requires_grad for a, _ in plain))
 
-    def _concatenated(self, active):
-        # Keyed on device, dtype and the tensors' in-place version counters, so a
-        # `.to()` or an optimizer step invalidates the cache without any hook.
+    def _concatenated(self, active, dtype):
+        # Keyed on the adapter and factor objects themselves (compared by identity: no id() reuse
+        # after a delete), their in-place version counters, device and dtype, so a blend change,
+        # a `.to()` or an optimizer step invalidates the cache without any hook.
         key = tuple(
-            (id(a), getattr(f, "_version", f), a.down._version, a.up._version, a.down.device, a.down.dtype)
+            (a, f, getattr(f, "_version", None), a.down._version, a.up._version, a.down.device, a.down.dtype, dtype)
             for a, f in active
         )
         cached = self._lora_concat
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                down = torch.cat([a.down for a, _ in active], dim=0)
-                up = torch.cat([a.up * factor for a, factor in active], dim=1)
+                down = torch.cat([_in(a.down, dtype) for a, _ in active], dim=0)
+                up = torch.cat([_in(a.up, dtype) * factor for a, factor in active], dim=1)
             cached = (key, down, up)
             self._lora_concat = cached
         return cached[1], cached[2]
 
     def _dora_delta(self, h, out, adapter: LoraAdapter, weight: float) -> torch.Tensor:
         """``weight * (dora(x) - base(x))`` with PEFT's DoRA: ``m / ||W + s B A||`` rescales the rows."""
-        base_weight = self._lora_dense_base_weight().to(adapter.down.dtype)
-        lora_weight = adapter.up.flatten(1) @ adapter.down.flatten(1)
+        dtype = adapter.compute_dtype
+        base_weight = self._lora_dense_base_weight().to(dtype)
+        down, up = _in(adapter.down, dtype), _in(adapter.up, dtype)
+        lora_weight = up.flatten(1) @ down.flatten(1)
         norm = torch.linalg.norm(base_weight + adapter.scale * lora_weight, dim=1).detach()
         mag_scale = adapter.magnitude / norm
         x_in = adapter.dropout(h)
@@ -193,7 +232,7 @@ class LoraLayer:
         else:
             bias = getattr(self, "bias", None)
             base_no_bias = out.to(h.dtype) if bias is None else out.to(h.dtype) - bias.to(h.dtype)
-        lora_out = self._lora_up(self._lora_down(x_in, adapter.down), adapter.up)
+        lora_out = self._lora_up(self._lora_down(x_in, down), up)
         return weight * ((mag_scale - 1) * base_no_bias + mag_scale * lora_out * adapter.scale)
 
     # -- mixed batches: a different adapter per row ------------------------------------------------------
@@ -267,23 +306,30 @@ def _conv1d_class():
     return Conv1D
 
 
+_kinds: dict[type, str | None] = {}
+
+
 def kind_of(module_type: type) -> str | None:
     """``"linear"``, ``"conv2d"``, ``"conv1d"``, ``"embedding"`` or None for classes we cannot adapt."""
+    if module_type in _kinds:
+        return _kinds[module_type]
     conv1d = _conv1d_class()
+    kind = None
     if issubclass(module_type, nn.Conv2d):
-        return "conv2d"
-    if issubclass(module_type, nn.Linear):
-        return "linear"
-    if conv1d is not None and issubclass(module_type, conv1d):
-        return "conv1d"
-    if issubclass(module_type, nn.Embedding):
-        return "embedding"
-    return None
+        kind = "conv2d"
+    elif issubclass(module_type, nn.Linear):
+        kind = "linear"
+    elif conv1d is not None and issubclass(module_type, conv1d):
+        kind = "conv1d"
+    elif issubclass(module_type, nn.Embedding):
+        kind = "embedding"
+    _kinds[module_type] = kind
+    return kind
 
 
 def supported_kind(module: nn.Module) -> str | None:
     """The LoRA kind of a (possibly wrapped) module, or None for modules we cannot adapt."""
-    return kind_of(module._lora_base_class if isinstance(module, LoraLayer) else type(module))
+    return kind_of(module.__dict__.get("_lora_base_class") or type(module))
 
 
 _MIXINS = {"conv2d": LoraConv2dMixin, "linear": LoraLinearMixin, "conv1d": LoraConv1DMixin, "embedding": LoraEmbeddingMixin}
@@ -298,10 +344,10 @@ def _swap_in(module: nn.Module, mixin: type, cache: dict, prefix: str, container
         cls = type(f"{prefix}{base_class.__name__}", (mixin, base_class), {"__module__": __name__})
         cache[base_class] = cls
     module.__class__ = cls
-    module._lora_base_class = base_class
-    for name, value in state.items():
-        setattr(module, name, value)
-    setattr(module, container, AdapterDict() if container != "lora_copies" else _CopyDict())
+    # Plain attributes and a submodule, written without nn.Module.__setattr__'s checks (a load wraps hundreds).
+    module.__dict__["_lora_base_class"] = base_class
+    module.__dict__.update(state)
+    module._modules[container] = AdapterDict() if container != "lora_copies" else _CopyDict()
 
 
 def _swap_out(module: nn.Module, container: str, state: tuple[str, ...]) -> None:
@@ -326,22 +372,48 @@ def unwrap(module: nn.Module) -> None:
         _swap_out(module, "lora_adapters", ("_lora_active", "_lora_concat"))
 
 
-def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -> LoraAdapter:
-    """Build the adapter for ``module`` on its device and in its dtype (shapes checked by the planner).
+# Narrower float dtypes whose every value the wider one holds exactly: factors stored in them
+# compute exactly as if they had been converted at load, at a fraction of the memory.
+_EXACT_IN = {torch.float32: (torch.float16, torch.bfloat16)}
 
-    ``copy=False`` lets the adapter keep the file's tensors when device and dtype already match,
-    so loading a file costs its size once, not twice.
+
+def storage_dtype(file_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter keeps a file's factors in: the file's own when it converts exactly."""
+    return file_dtype if file_dtype in _EXACT_IN.get(compute_dtype, ()) else compute_dtype
+
+
+def _placed(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype, copy: bool) -> torch.Tensor:
+    """``tensor`` contiguous on ``device`` in ``dtype``; the same tensor when it already is and ``copy`` is False."""
+    if not copy and tensor.dtype == dtype and tensor.device == device and tensor.is_contiguous():
+        return tensor
+    return tensor.to(device=device, dtype=dtype, copy=copy).contiguous()
+
+
+def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -> LoraAdapter:
+    """Build the adapter for ``module`` on its device (shapes checked by the planner).
+
+    The factors stay in the file's dtype when the layer's dtype holds it exactly
+    (an fp16 file in an fp32 model: the outputs are those of converting at load,
+    the memory half). ``copy=False`` lets the adapter keep the file's tensors
+    when nothing needs converting, so loading a file costs its size once, not twice.
     """
     weight = module.weight
+    kind = supported_kind(module)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     down, up = delta.down, delta.up
-    if supported_kind(module) == "conv2d":
-        down = down.reshape(down.shape[0], -1, *module.kernel_size) if down.dim() == 2 else down
-        up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+    if kind == "conv2d":
+        if down.dim() == 2:
+            down = down.reshape(down.shape[0], -1, *module.kernel_size)
+        if up.dim() == 2:
+            up = up.reshape(up.shape[0], up.shape[1], 1, 1)
     else:
-        down, up = down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1)
-    down = down.to(device=weight.device, dtype=dtype, copy=copy).contiguous()
-    up = up.to(device=weight.device, dtype=dtype, copy=copy).contiguous()
+        if down.dim() != 2:
+            down = down.reshape(down.shape[0], -1)
+        if up.dim() != 2:
+            up = up.reshape(up.shape[0], -1)
+    kept = storage_dtype(down.dtype, dtype) if down.dtype == up.dtype else dtype
+    device = weight.device
+    down, up = _placed(down, device, kept, copy), _placed(up, device, kept, copy)
     magnitude = None
     if delta.magnitude is not None:
         magnitude = delta.magnitude.reshape(-1).to(device=weight.device, dtype=dtype, copy=True)
@@ -349,9 +421,13 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     bias_delta = None
     if delta.bias is not None:
         bias_delta = (delta.bias.to(device=weight.device, dtype=torch.float32) - module.bias.detach().float()).to(dtype)
-    dropout = 0.0 if supported_kind(module) == "embedding" else delta.dropout  # token ids take no dropout, as in PEFT
-    adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta)
-    return adapter.train(module.training)  # dropout follows the model's train/eval mode from the start
+    dropout = 0.0 if kind == "embedding" else delta.dropout  # token ids take no dropout, as in PEFT
+    adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta, dtype)
+    if not module.training:  # dropout follows the model's train/eval mode from the start (new modules train)
+        adapter.__dict__["training"] = False
+        if "dropout" in adapter._modules:
+            adapter._modules["dropout"].training = False
+    return adapter
 
 
 class SavedCopyLayer:

@@ -406,7 +406,10 @@ def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelt
 
 def _set_trainable(record: AdapterRecord, trainable: bool) -> None:
     for _, _, module in record.layers:
-        for p in module.lora_adapters[record.name].parameters():
+        adapter = module.lora_adapters[record.name]
+        if trainable:
+            adapter.widen()  # an fp16 file in an fp32 model trains in fp32
+        for p in adapter.parameters():
             p.requires_grad_(trainable)
     for _, _, module in record.copies:
         extras = module.lora_biases if isinstance(module, BiasLayer) else module.lora_copies

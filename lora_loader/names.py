@@ -11,6 +11,8 @@ one's aliases, and look names up in that dict (as ComfyUI and A1111 do).
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 # diffusers ResnetBlock2D child -> Stability (LDM/SGM) name
@@ -93,8 +95,35 @@ def _sgm_name(name: str, prefixes: dict[str, str]) -> str | None:
     return None
 
 
+# Containers our wrapping adds to a module: adapters, never targets of a file.
+_OUR_CONTAINERS = frozenset({"lora_adapters", "lora_copies", "lora_biases"})
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _walk(root: nn.Module):
+    """``named_modules()`` without the adapters our wrapping holds (a model with ten adapters
+    loaded has ten times as many adapter modules as layers; none of them is a target)."""
+    stack = [("", root)]
+    seen = set()
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        wrapped = "_lora_base_class" in module.__dict__
+        for child_name, child in reversed(module._modules.items()):
+            if child is None or (wrapped and child_name in _OUR_CONTAINERS):
+                continue
+            stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+
 class ModuleIndex:
-    """Every alias of every module of one component, built with a single ``named_modules()`` walk.
+    """Every alias of every module of one component, built with a single walk of its modules.
+
+    `cached` keeps the index of a component between loads; every lookup checks
+    that the module found is still at its path, and rebuilds the index once if
+    not (or if the name is unknown), so a model changed in between is seen as it is now.
 
     >>> index = ModuleIndex(nn.Sequential(nn.Linear(2, 2)))
     >>> index.lookup("0") is index.lookup("0")
@@ -102,16 +131,39 @@ class ModuleIndex:
     """
 
     def __init__(self, root: nn.Module):
+        self._root = weakref.ref(root)
+        self._fresh = True
+        self._build(root)
+
+    @classmethod
+    def cached(cls, root: nn.Module) -> ModuleIndex:
+        """The index built for ``root`` by an earlier load, if any, to be checked as it is used."""
+        index = _cache.get(root)
+        if index is None:
+            index = cls(root)
+            _cache[root] = index
+        else:
+            index._fresh = False
+        return index
+
+    def _build(self, root: nn.Module) -> None:
         self.modules: dict[str, nn.Module] = {}
         self._aliases: dict[str, str] = {}
         self._ambiguous: set[str] = set()
         sgm = unet_sgm_prefixes(root)
-        for name, module in root.named_modules():
+        for name, module in _walk(root):
             if not name:
                 continue
             self.modules[name] = module
             for alias in self._aliases_of(name, sgm):
                 self._add(alias, name)
+
+    def _current(self, path: str) -> bool:
+        """Is ``self.modules[path]`` still the module at ``path``?"""
+        module = self._root()
+        for part in path.split("."):
+            module = None if module is None else module._modules.get(part)
+        return module is not None and module is self.modules.get(path)
 
     @staticmethod
     def _aliases_of(name: str, sgm: dict[str, str]) -> list[str]:
@@ -139,8 +191,19 @@ class ModuleIndex:
             elif alias != owner:
                 self._ambiguous.add(alias)
 
-    def lookup(self, alias: str) -> str | None:
-        """The live module path ``alias`` refers to, or None."""
+    def _find(self, alias: str) -> str | None:
         if alias in self._ambiguous:
             return None
         return self._aliases.get(alias)
+
+    def lookup(self, alias: str) -> str | None:
+        """The live module path ``alias`` refers to, or None."""
+        path = self._find(alias)
+        if self._fresh or (path is not None and self._current(path)):
+            return path
+        root = self._root()
+        if root is None:
+            return None
+        self._build(root)  # the model changed since the index was built
+        self._fresh = True
+        return self._find(alias)

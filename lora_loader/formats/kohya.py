@@ -56,7 +56,7 @@ def _split(key: str) -> tuple[str, str, str]:
 
 
 def alpha_value(tensor: torch.Tensor) -> float:
-    return float(tensor.detach().float().reshape(-1)[0])
+    return float(tensor.item() if tensor.numel() == 1 else tensor.detach().float().reshape(-1)[0])
 
 
 def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":  # noqa: F821
