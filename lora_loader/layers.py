@@ -168,8 +168,33 @@ class LoraLayer:
         scale = CALL_SCALE.get()
         if not active or scale == 0:
             return out
+        if not out.requires_grad and out.dtype == active[0][0].compute_dtype and out.is_contiguous():
+            if self._lora_add_into(x, out, active, scale):
+                return out
         delta = self._lora_delta(x, out, active)
         return out + (delta if scale is None else delta * scale).to(out.dtype)
+
+    def _lora_add_into(self, x: torch.Tensor, out: torch.Tensor, active, scale: float | None) -> bool:
+        """Add plain LoRA adapters into ``out`` in place (no autograd graph holds it): the factor
+        scales the rank-r intermediate, and the up-projection accumulates straight into the
+        output, so no output-sized delta is allocated. False (nothing done) for DoRA or biases."""
+        for adapter, _ in active:
+            if adapter.magnitude is not None or adapter.bias_delta is not None:
+                return False
+        dtype = out.dtype
+        h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        if len(active) > 1 and self._lora_can_concatenate(active):
+            down, up = self._concatenated(active, dtype)
+            mid = self._lora_down(h, down)
+            self._lora_up_into(mid if scale is None else mid * scale, up, out)
+            return True
+        for adapter, factor in active:
+            mid = self._lora_down(adapter.dropout(h), _in(adapter.down, dtype))
+            self._lora_up_into(mid * (factor if scale is None else factor * scale), _in(adapter.up, dtype), out)
+        return True
+
+    def _lora_up_into(self, mid: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
+        out.add_(self._lora_up(mid, up))
 
     # -- the delta for a list of (adapter, factor) ------------------------------------------------------
     def _lora_delta(self, x: torch.Tensor, out: torch.Tensor, active) -> torch.Tensor:
@@ -263,6 +288,9 @@ class LoraLinearMixin(LoraLayer):
     def _lora_dense_base_weight(self):
         return self.weight
 
+    def _lora_up_into(self, mid, up, out):
+        out.view(-1, out.shape[-1]).addmm_(mid.reshape(-1, mid.shape[-1]), up.T)
+
 
 class LoraConv1DMixin(LoraLinearMixin):
     """transformers' Conv1D (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]`` (PEFT's fan_in_fan_out)."""
@@ -292,6 +320,9 @@ class LoraEmbeddingMixin(LoraLayer):
 
     def _lora_up(self, h, up):
         return F.linear(h, up)
+
+    def _lora_up_into(self, mid, up, out):
+        out.view(-1, out.shape[-1]).addmm_(mid.reshape(-1, mid.shape[-1]), up.T)
 
     def _lora_dense_base_weight(self):
         # DoRA on an embedding normalises per embedding dimension, as PEFT's DoraEmbeddingLayer (fan_in_fan_out).

@@ -231,3 +231,47 @@ def test_fuse_equals_the_dense_update_for_linear_conv_and_gpt2_conv1d(dtype):
     model.unfuse_lora()
     for name, module in model.items():
         assert torch.equal(module.weight, base[name])
+
+
+@pytest.mark.parametrize("call_scale", [None, 0.5])
+@pytest.mark.parametrize("names", [["a"], ["a", "b"]])
+def test_inference_adds_in_place_and_equals_the_dense_blend_for_every_layer_kind(names, call_scale):
+    """Under no_grad the up-projection accumulates straight into the base output; it must give
+    the dense ``W + scale * sum_i w_i B_i A_i`` result for Linear, Conv2d, GPT-2 Conv1D and Embedding."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lora_loader.host import call_scale as scaled
+
+    torch.manual_seed(0)
+    model = lora_loader.attach(nn.ModuleDict({
+        "lin": nn.Linear(8, 6), "conv": nn.Conv2d(4, 6, 3, padding=1), "c1d": Conv1D(6, 8), "emb": nn.Embedding(10, 6),
+    }))  # fmt: skip
+    shapes = {"lin": ((2, 8), (6, 2)), "conv": ((2, 4, 3, 3), (6, 2, 1, 1)), "c1d": ((2, 8), (6, 2)), "emb": ((2, 10), (6, 2))}
+    files = {}
+    for seed, name in enumerate(["a", "b"]):
+        g = torch.Generator().manual_seed(seed + 1)
+        files[name] = {f"{m}.lora_{ab}.weight": torch.randn(*shape, generator=g) for m, pair in shapes.items() for ab, shape in zip("AB", pair)}
+        model.load_lora_weights(files[name], adapter_name=name)
+    weights = {"a": 0.7, "b": -0.4}
+    model.set_adapters(names, [weights[n] for n in names])
+    factor = 1.0 if call_scale is None else call_scale
+
+    def dense(m: str) -> torch.Tensor:
+        w = model[m].weight.detach().clone()
+        for n in names:
+            delta = files[n][f"{m}.lora_B.weight"].flatten(1) @ files[n][f"{m}.lora_A.weight"].flatten(1)
+            delta = delta.T if m in ("c1d", "emb") else delta.view(w.shape)
+            w += factor * weights[n] * delta
+        return w
+
+    x_lin, x_conv, ids = torch.randn(3, 5, 8), torch.randn(2, 4, 5, 5), torch.tensor([[1, 4, 9], [0, 0, 3]])
+    with torch.no_grad(), scaled(call_scale):
+        got = {"lin": model["lin"](x_lin), "conv": model["conv"](x_conv), "c1d": model["c1d"](x_lin), "emb": model["emb"](ids)}
+    expected = {
+        "lin": nn.functional.linear(x_lin, dense("lin"), model["lin"].bias),
+        "conv": nn.functional.conv2d(x_conv, dense("conv"), model["conv"].bias, padding=1),
+        "c1d": x_lin @ dense("c1d") + model["c1d"].bias,
+        "emb": nn.functional.embedding(ids, dense("emb")),
+    }
+    for m in got:
+        torch.testing.assert_close(got[m], expected[m], rtol=1e-5, atol=1e-5)
