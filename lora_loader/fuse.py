@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LoraAdapter, LoraLayer, supported_kind
+from .kinds import dora_weight
+from .layers import LoraAdapter, LoraLayer, WeightDeltaAdapter, supported_kind
 
 
 def _base_dense(module: nn.Module) -> torch.Tensor:
@@ -25,6 +26,8 @@ def _base_dense(module: nn.Module) -> torch.Tensor:
 def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight delta in the base layout, bias delta or None)`` of one adapter at blend weight ``weight``, in fp32."""
     kind = supported_kind(module)
+    if isinstance(adapter, WeightDeltaAdapter):
+        return _weight_kind_delta(module, adapter, weight)
     up, down = adapter.up.detach().float(), adapter.down.detach().float()
     if kind == "conv2d":
         product = torch.einsum("or,rihw->oihw", up.flatten(1), down)
@@ -43,6 +46,22 @@ def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple
     return delta, bias
 
 
+def _weight_kind_delta(module: nn.Module, adapter: WeightDeltaAdapter, weight: float):
+    """A LyCORIS kind's ``weight * scale * dense`` (or its DoRA ``weight * (W_dora - W)``), base layout, fp32."""
+    with torch.no_grad():
+        dense = adapter.dense(torch.float32)
+        if adapter.dora_scale is None:
+            delta = None if dense is None else weight * adapter.scale * dense
+        else:
+            base = _base_dense(module)
+            combined = base if dense is None else base + adapter.scale * dense
+            delta = weight * (dora_weight(combined, adapter.dora_scale.float()) - base)
+        if delta is not None and supported_kind(module) in ("conv1d", "embedding"):
+            delta = delta.T
+        bias = None if adapter.bias_delta is None else weight * adapter.bias_delta.detach().float()
+    return delta, bias
+
+
 def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> None:
     """Write ``sum(w * delta)`` into the module's weight (and bias); keep the original tensors to restore.
 
@@ -52,7 +71,7 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
     """
     original_weight = module.weight.data
     kind = supported_kind(module)
-    plain = [(a, w) for a, w in adapters if a.magnitude is None]
+    plain = [(a, w) for a, w in adapters if type(a) is LoraAdapter and a.magnitude is None]
     base = original_weight if original_weight.dtype == torch.float32 else original_weight.float()
     if plain:
         up = torch.cat([a.up.detach().flatten(1).float() * (w * a.scale) for a, w in plain], dim=1)
@@ -66,9 +85,10 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
         fused = base.clone()
     bias_delta = None
     for adapter, w in adapters:
-        if adapter.magnitude is not None:
+        if type(adapter) is WeightDeltaAdapter or adapter.magnitude is not None:
             d, _ = dense_delta(module, adapter, w)
-            fused += d.to(fused.device)
+            if d is not None:
+                fused += d.to(fused.device).view(fused.shape)
         if adapter.bias_delta is not None:
             b = w * adapter.bias_delta.detach().float()
             bias_delta = b if bias_delta is None else bias_delta + b

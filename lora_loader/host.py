@@ -198,14 +198,17 @@ class LoraHost:
                 f"{source.name}: hotswap into '{name}' targets layers the loaded adapter does not ({extra[:5]}); "
                 "a compiled model cannot grow new layers: load first the adapter with the most layers"
             )
-        for p in planned.modules:  # check every rank before changing anything
-            capacity = p.module.lora_adapters[name].down.shape[0]
+        new = {id(p.module): p.delta for p in planned.modules}
+        for _, _, module in record.layers:  # check every kind and rank before changing anything
+            hotswap.check(module.lora_adapters[name], new.get(id(module)), source.name)
+        for p in planned.modules:
+            loaded = p.module.lora_adapters[name]
+            capacity = loaded.down.shape[0] if hasattr(loaded, "down") else p.delta.rank
             if p.delta.rank > capacity:
                 raise LoraError(
                     f"{source.name}: {p.component}.{p.path} has rank {p.delta.rank}, the loaded adapter room for "
                     f"{capacity}; call lora_loader.prepare_hotswap(model, max_rank={p.delta.rank}) before compiling"
                 )
-        new = {id(p.module): p.delta for p in planned.modules}
         for _, _, module in record.layers:
             adapter = module.lora_adapters[name]
             if id(module) in new:
@@ -475,6 +478,7 @@ def prepare_hotswap(host, max_rank: int) -> None:
     for record in registry.adapters.values():
         for _, _, module in record.layers:
             adapter = module.lora_adapters[record.name]
-            pad_adapter(adapter, max_rank)
+            if hasattr(adapter, "down"):  # LyCORIS kinds swap only into factors of the same shapes
+                pad_adapter(adapter, max_rank)
             module.set_lora_active(list(module._lora_active))
     registry.push()

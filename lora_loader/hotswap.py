@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .errors import LoraError
-from .layers import LoraAdapter
+from .kinds import WeightDelta
+from .layers import LoraAdapter, WeightDeltaAdapter
 
 
 def pad_adapter(adapter: LoraAdapter, max_rank: int) -> None:
@@ -35,8 +36,47 @@ def pad_adapter(adapter: LoraAdapter, max_rank: int) -> None:
     adapter.up = torch.nn.Parameter(up, requires_grad=adapter.up.requires_grad)
 
 
+def check(adapter, delta, source_name: str) -> None:
+    """Raise before anything changes when ``delta`` (None: the layer is not in the new file) cannot swap in."""
+    if not isinstance(adapter, WeightDeltaAdapter):
+        if isinstance(delta, WeightDelta):
+            raise LoraError(f"{source_name}: hotswap of a LoRA adapter needs a LoRA file (got {delta.kind})")
+        return
+    if delta is None:
+        raise LoraError(f"{source_name}: hotswap of a {adapter.kind} adapter must target the same layers as the loaded one")
+    have = adapter.factors()
+    new = dict(delta.factors) if isinstance(delta, WeightDelta) else {}
+    if not isinstance(delta, WeightDelta) or delta.kind != adapter.kind or set(new) != set(have) or any(
+        tuple(new[k].shape) != tuple(have[k].shape) for k in have
+    ) or (delta.dora_scale is None) != (adapter.dora_scale is None):
+        got = delta.kind if isinstance(delta, WeightDelta) else "lora"
+        raise LoraError(
+            f"{source_name}: hotswap of a {adapter.kind} adapter needs a {adapter.kind} file with the same factor "
+            f"shapes (got {got}: {sorted((k, list(v.shape)) for k, v in new.items())})"
+        )
+
+
+def swap_in_kind(adapter: WeightDeltaAdapter, delta) -> None:
+    """A LyCORIS kind: copy the new factors (same names and shapes, see `check`) in place."""
+    check(adapter, delta, "hotswap")
+    have = adapter.factors()
+    new = delta.factors
+    with torch.no_grad():
+        for k, tensor in have.items():
+            tensor.copy_(new[k])
+        if adapter.dora_scale is not None:
+            adapter.dora_scale.copy_(delta.dora_scale)
+    adapter.r = delta.rank
+    adapter.alpha = float(delta.rank if delta.alpha in (None, 0) else delta.alpha)
+    adapter.scale = delta.scale
+
+
 def swap_in(adapter: LoraAdapter, delta) -> None:
     """Copy ``delta`` into ``adapter``'s (possibly padded) tensors in place."""
+    if isinstance(adapter, WeightDeltaAdapter):
+        return swap_in_kind(adapter, delta)
+    if isinstance(delta, WeightDelta):
+        raise LoraError(f"hotswap of a LoRA adapter needs a LoRA file (got {delta.kind})")
     capacity = adapter.down.shape[0]
     if delta.rank > capacity:
         raise LoraError(
@@ -62,5 +102,7 @@ def swap_in(adapter: LoraAdapter, delta) -> None:
 
 def silence(adapter: LoraAdapter) -> None:
     """A layer the new adapter does not target: keep it, contributing nothing."""
+    if isinstance(adapter, WeightDeltaAdapter):
+        raise LoraError("hotswap of a LyCORIS-kind adapter must target the same layers as the loaded one")
     with torch.no_grad():
         adapter.up.zero_()

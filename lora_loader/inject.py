@@ -26,6 +26,7 @@ from .layers import (
     SavedCopyLayer,
     adapter_from_delta,
     bias_adapter,
+    dense_weight_shape,
     make_saved_copy,
     supported_kind,
     unwrap,
@@ -74,8 +75,40 @@ def _shape(t) -> list[int]:
     return list(t.shape)
 
 
+def weight_delta_problem(delta, module: nn.Module) -> str | None:
+    """Why a LyCORIS-kind delta cannot apply to ``module``: its dense shape must be the weight's."""
+    import math
+
+    from .kinds import NAMES, dora_problem
+
+    weight_shape = dense_weight_shape(module)
+    what = f"{type(module).__name__} with weight [out, in, ...] = {list(weight_shape)}"
+    if supported_kind(module) == "conv2d" and module.groups != 1:
+        return f"Conv2d with groups={module.groups}; {NAMES[delta.kind]} supports groups=1 only"
+    shape = delta.dense_shape()
+    if shape is None and (delta.kind != "full" or "diff" in delta.factors):
+        factors = ", ".join(f"{k} {_shape(v)}" for k, v in delta.factors.items())
+        return f"the {NAMES[delta.kind]} factors do not chain ({factors})"
+    if shape is not None:
+        same = tuple(shape) == weight_shape if len(shape) > 2 else (
+            shape[0] == weight_shape[0] and shape[1] == math.prod(weight_shape[1:])
+        )
+        if not same:
+            return f"module is {what}: the {NAMES[delta.kind]} delta is {list(shape)}"
+    bias = delta.factors.get("diff_b")
+    if bias is not None:
+        base_bias = getattr(module, "bias", None)
+        if base_bias is None or tuple(base_bias.shape) != tuple(bias.shape):
+            return f"module is {what}: diff_b is {_shape(bias)}, the module's bias is {None if base_bias is None else _shape(base_bias)}"
+    if delta.dora_scale is not None:
+        return dora_problem(delta.dora_scale, weight_shape)
+    return None
+
+
 def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
     """Why ``delta`` cannot apply to ``module``, or None if it fits."""
+    if not isinstance(delta, LoraDelta):
+        return weight_delta_problem(delta, module)
     down, up = delta.down, delta.up
     kind = supported_kind(module)
     weight = module.weight

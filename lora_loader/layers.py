@@ -128,6 +128,95 @@ def _no_dropout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class WeightDeltaAdapter(nn.Module):
+    """One adapter of a LyCORIS kind (LoCon-Tucker, LoHa, LoKr, full diff) or a Kohya DoRA, on one layer.
+
+    The factors are kept as the file has them (parameters named after their keys,
+    ``.`` as ``_``); `dense` rebuilds the unscaled delta in the base weight's
+    ``[out, in, ...]`` layout. ``factor`` (blend weight * scale) is pushed in by
+    the registry exactly as for `LoraAdapter`.
+    """
+
+    magnitude = None  # PEFT's DoRA vector: `LoraAdapter` only; this kind's DoRA is `dora_scale`
+
+    def __init__(self, delta, weight_shape: torch.Size, compute_dtype: torch.dtype, device):
+        super().__init__()
+        from . import kinds
+
+        params = self._parameters
+        names = {}
+        for suffix, tensor in delta.factors.items():
+            if suffix == "diff_b":
+                continue
+            name = suffix.replace(".", "_")
+            params[name] = nn.Parameter(tensor.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
+            names[suffix] = name
+        bias = delta.factors.get("diff_b")
+        params["bias_delta"] = None if bias is None else nn.Parameter(bias.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
+        params["dora_scale"] = None if delta.dora_scale is None else nn.Parameter(
+            delta.dora_scale.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False
+        )
+        self.__dict__.update(
+            kind=delta.kind,
+            _names=names,
+            weight_shape=tuple(weight_shape),
+            scale=float(delta.scale),
+            alpha=float(delta.rank if delta.alpha in (None, 0) else delta.alpha),
+            r=delta.rank,
+            use_rslora=False,
+            dropout=_no_dropout,
+            dropout_p=0.0,
+            _factor_value=float("nan"),
+        )
+        self._buffers["factor"] = torch.zeros((), dtype=compute_dtype, device=device)
+        self._non_persistent_buffers_set.add("factor")
+        del kinds
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._buffers["factor"].dtype
+
+    @property
+    def rank(self) -> int:
+        return self.r
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """``{file suffix: tensor}`` (``diff_b`` included)."""
+        out = {suffix: self._parameters[name] for suffix, name in self._names.items()}
+        if self.bias_delta is not None:
+            out["diff_b"] = self.bias_delta
+        return out
+
+    def widen(self) -> None:
+        return  # factors are stored in the compute dtype already
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The unscaled delta in the base weight's ``[out, in, ...]`` layout (None for a bias-only diff)."""
+        from .kinds import dense
+
+        factors = {s: _in(self._parameters[n], dtype) for s, n in self._names.items()}
+        delta = dense(self.kind, factors)
+        return None if delta is None else delta.reshape(self.weight_shape)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        return
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        return
+
+    def to_delta(self, base_bias: torch.Tensor | None = None):
+        from .kinds import WeightDelta
+
+        factors = {s: t.detach() for s, t in self.factors().items()}
+        dora = None if self.dora_scale is None else self.dora_scale.detach()
+        alpha = None if self.kind == "full" else self.alpha
+        return WeightDelta(self.kind, factors, alpha, dora_scale=dora)
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.dora_scale is not None else ""
+        return f"kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}{dora}"
+
+
 def _in(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` in ``dtype`` (a no-op when it already is)."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
@@ -179,7 +268,7 @@ class LoraLayer:
         scales the rank-r intermediate, and the up-projection accumulates straight into the
         output, so no output-sized delta is allocated. False (nothing done) for DoRA or biases."""
         for adapter, _ in active:
-            if adapter.magnitude is not None or adapter.bias_delta is not None:
+            if type(adapter) is not LoraAdapter or adapter.magnitude is not None or adapter.bias_delta is not None:
                 return False
         dtype = out.dtype
         h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
@@ -200,7 +289,7 @@ class LoraLayer:
     def _lora_delta(self, x: torch.Tensor, out: torch.Tensor, active) -> torch.Tensor:
         dtype = active[0][0].compute_dtype
         h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-        plain = [(a, f) for a, f in active if a.magnitude is None]
+        plain = [(a, f) for a, f in active if type(a) is LoraAdapter and a.magnitude is None]
         delta = None
         if len(plain) > 1 and self._lora_can_concatenate(plain):
             down, up = self._concatenated(plain, dtype)
@@ -211,7 +300,10 @@ class LoraLayer:
                 d = self._lora_up(self._lora_down(adapter.dropout(h), down), up) * factor
                 delta = d if delta is None else delta + d
         for adapter, factor in active:
-            if adapter.magnitude is not None:
+            if type(adapter) is WeightDeltaAdapter:
+                d = self._weight_delta_out(h, out, adapter, factor)
+                delta = d if delta is None else delta + d
+            elif adapter.magnitude is not None:
                 d = self._dora_delta(h, out, adapter, factor / adapter.scale)
                 delta = d if delta is None else delta + d
             if adapter.bias_delta is not None:
@@ -259,6 +351,25 @@ class LoraLayer:
             base_no_bias = out.to(h.dtype) if bias is None else out.to(h.dtype) - bias.to(h.dtype)
         lora_out = self._lora_up(self._lora_down(x_in, down), up)
         return weight * ((mag_scale - 1) * base_no_bias + mag_scale * lora_out * adapter.scale)
+
+    def _weight_delta_out(self, h, out, adapter: WeightDeltaAdapter, factor) -> torch.Tensor:
+        """The output change of a LyCORIS kind: ``factor * op(x, dense)``, or with ``dora_scale``
+        ``w * op(x, W_dora - W)`` (blend weight ``w = factor / scale``). Its bias is added by the caller."""
+        dtype = adapter.compute_dtype
+        dense = adapter.dense(dtype)
+        if adapter.dora_scale is None:
+            if dense is None:
+                return torch.zeros((), dtype=dtype, device=out.device)
+            return self._dense_op(h, dense) * factor
+        from .kinds import dora_weight
+
+        base = self._lora_dense_base_weight().to(dtype)
+        combined = base if dense is None else base + adapter.scale * dense
+        change = dora_weight(combined, adapter.dora_scale) - base
+        return self._dense_op(h, change) * (factor / adapter.scale)
+
+    def _dense_op(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight.flatten(1))
 
     # -- mixed batches: a different adapter per row ------------------------------------------------------
     def _lora_mixed_batch(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -310,6 +421,12 @@ class LoraConv2dMixin(LoraLayer):
     def _lora_bias_shape(self, bias):
         return bias.view(-1, 1, 1)
 
+    def _dense_op(self, h, weight):
+        return self._conv_forward(h, weight, None)
+
+    def _lora_dense_base_weight(self):
+        return self.weight
+
 
 class LoraEmbeddingMixin(LoraLayer):
     """``nn.Embedding``: down ``[r, num_embeddings]`` is looked up by token id, up ``[dim, r]`` maps to the embedding."""
@@ -323,6 +440,10 @@ class LoraEmbeddingMixin(LoraLayer):
 
     def _lora_up_into(self, mid, up, out):
         out.view(-1, out.shape[-1]).addmm_(mid.reshape(-1, mid.shape[-1]), up.T)
+
+    def _dense_op(self, h, weight):
+        return F.embedding(h, weight.T, padding_idx=None, max_norm=self.max_norm, norm_type=self.norm_type,
+                           scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
 
     def _lora_dense_base_weight(self):
         # DoRA on an embedding normalises per embedding dimension, as PEFT's DoraEmbeddingLayer (fan_in_fan_out).
@@ -431,6 +552,8 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     weight = module.weight
     kind = supported_kind(module)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    if not isinstance(delta, LoraDelta):  # a LyCORIS kind or a Kohya DoRA
+        return _with_mode(WeightDeltaAdapter(delta, dense_weight_shape(module), dtype, weight.device), module)
     down, up = delta.down, delta.up
     if kind == "conv2d":
         if down.dim() == 2:
@@ -454,6 +577,16 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
         bias_delta = (delta.bias.to(device=weight.device, dtype=torch.float32) - module.bias.detach().float()).to(dtype)
     dropout = 0.0 if kind == "embedding" else delta.dropout  # token ids take no dropout, as in PEFT
     adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta, dtype)
+    return _with_mode(adapter, module)
+
+
+def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
+    """The module's weight shape as ``[out, in, ...]`` (Conv1D and Embedding store theirs transposed)."""
+    shape = tuple(module.weight.shape)
+    return (shape[1], shape[0]) if supported_kind(module) in ("conv1d", "embedding") else shape
+
+
+def _with_mode(adapter: nn.Module, module: nn.Module) -> nn.Module:
     if not module.training:  # dropout follows the model's train/eval mode from the start (new modules train)
         adapter.__dict__["training"] = False
         if "dropout" in adapter._modules:

@@ -173,6 +173,11 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         out: dict[str, torch.Tensor] = {}
         for _, path, module in record.layers:
             adapter = module.lora_adapters[record.name]
+            if not hasattr(adapter, "down"):
+                raise LoraError(
+                    f"adapter '{record.name}' is a {adapter.kind} adapter on {path}, which PEFT's LoRA keys cannot "
+                    "hold; save it with save_lora_weights(..., format='kohya')"
+                )
             if kind_of(module._lora_base_class) == "embedding":
                 out[f"{path}.lora_embedding_A"] = adapter.down.detach()
                 out[f"{path}.lora_embedding_B"] = adapter.up.detach()

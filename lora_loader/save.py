@@ -14,9 +14,10 @@ from collections import Counter
 import torch
 
 from .errors import LoraError
+from .kinds import NAMES, WeightDelta
 from .names import mangle, unet_sgm_prefixes, _sgm_name
 
-KOHYA_PREFIX = {"unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
+KOHYA_PREFIX = {"model": "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
 
 
 def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
@@ -57,6 +58,11 @@ def to_diffusers(deltas: dict) -> tuple[dict, dict]:
     tensors, metadata = {}, {}
     for component, modules in deltas.items():
         for path, delta in modules.items():
+            if isinstance(delta, WeightDelta):
+                raise LoraError(
+                    f"{component}.{path}: a {NAMES[delta.kind]} adapter{' with dora_scale' if delta.dora_scale is not None else ''} "
+                    "has no diffusers/PEFT keys; save it with format='kohya' (LyCORIS' naming)"
+                )
             if delta.bias is not None:
                 raise LoraError(f"{component}.{path}: an adapter bias has no diffusers key; save it with save_adapter")
             tensors[f"{component}.{path}.lora_A.weight"] = delta.down
@@ -85,6 +91,17 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
     tensors = {}
     for component, modules in deltas.items():
         for path, delta in modules.items():
+            if isinstance(delta, WeightDelta):
+                name = _kohya_name(component, path, components.get(component), sgm)
+                if component == "text_encoder" and single_te:
+                    name = "lora_te_" + name[len("lora_te1_"):]
+                for suffix, tensor in delta.factors.items():
+                    tensors[f"{name}.{suffix}"] = tensor
+                if delta.dora_scale is not None:
+                    tensors[f"{name}.dora_scale"] = delta.dora_scale
+                if delta.kind != "full":
+                    tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank if delta.alpha is None else delta.alpha))
+                continue
             if delta.magnitude is not None or delta.bias is not None:
                 raise LoraError(f"{component}.{path}: DoRA or a bias has no Kohya LoRA key yet; save as 'diffusers' or 'peft'")
             name = _kohya_name(component, path, components.get(component), sgm)

@@ -251,11 +251,18 @@ def case_half_pair(pipe, tmp):
     return (path,), {}, LoraError, [path, key]
 
 
-def case_loha_keys_beside_a_lora(pipe, tmp):
+def case_loha_of_the_wrong_shape_beside_a_lora(pipe, tmp):
     prefix = kohya_key("unet", TO_K)
-    loha = {f"{prefix}.hada_{w}": torch.randn(*s) for w, s in (("w1_a", (8, 2)), ("w1_b", (2, 8)), ("w2_a", (8, 2)), ("w2_b", (2, 8)))}
+    loha = {f"{prefix}.hada_{w}": torch.randn(*s) for w, s in (("w1_a", (5, 2)), ("w1_b", (2, 8)), ("w2_a", (5, 2)), ("w2_b", (2, 8)))}
     path = save({**valid_lora(pipe), **loha}, tmp / "loha_mixed.safetensors")
-    return (path,), {}, LoraError, [path, f"{prefix}.hada_w1_a", "LoHa"]
+    return (path,), {}, LoraError, [path, f"{prefix}.hada_w", "LoHa"]
+
+
+def case_lora_and_loha_factors_on_one_module(pipe, tmp):
+    prefix = kohya_key("unet", TO_Q)  # valid_lora's own module
+    loha = {f"{prefix}.hada_{w}": torch.randn(*s) for w, s in (("w1_a", (8, 2)), ("w1_b", (2, 8)), ("w2_a", (8, 2)), ("w2_b", (2, 8)))}
+    path = save({**valid_lora(pipe), **loha}, tmp / "loha_on_lora.safetensors")
+    return (path,), {}, LoraError, [path, f"{prefix}.hada_w1_a", "LoHa", "LoRA"]
 
 
 def case_unknown_suffix(pipe, tmp):
@@ -523,7 +530,7 @@ def test_half_a_pair_is_an_error_naming_the_key(layout, key):
     assert_unchanged(before, fingerprint(pipe))
 
 
-# -- 5: unknown suffixes and LyCORIS kinds not supported yet ----------------------------------------------
+# -- 5: unknown suffixes, incomplete LyCORIS modules and kinds not supported yet ----------------------------------------------
 
 
 def _loha(prefix):
@@ -532,19 +539,28 @@ def _loha(prefix):
     }
 
 
-def _lokr(prefix):
-    return {f"{prefix}.lokr_w1": torch.randn(2, 2), f"{prefix}.lokr_w2": torch.randn(4, 4), f"{prefix}.alpha": torch.tensor(2.0)}
+def _norm_diff(prefix):
+    return {f"{prefix}.w_norm": torch.randn(8), f"{prefix}.b_norm": torch.randn(8)}
+
+
+def _oft(prefix):
+    return {f"{prefix}.oft_blocks": torch.randn(2, 4, 4), f"{prefix}.alpha": torch.tensor(2.0)}
+
+
+def _loha_missing_a_factor(prefix):
+    return {k: v for k, v in _loha(prefix).items() if not k.endswith("w2_b")}
 
 
 @pytest.mark.parametrize("beside_a_lora", [False, True], ids=["alone", "beside_a_lora"])
 @pytest.mark.parametrize(
     "keys, named_key, what",
     [
-        (_loha, "hada_w1_a", "LoHa"),
-        (_lokr, "lokr_w1", "LoKr"),
+        (_norm_diff, "w_norm", "norm"),
+        (_oft, "oft_blocks", "OFT"),
+        (_loha_missing_a_factor, "hada_w1_a", "hada_w2_b"),
         (lambda p: {f"{p}.lora_middle.weight": torch.randn(2, 2)}, "lora_middle.weight", "lora_down"),
     ],
-    ids=["loha", "lokr", "unknown_suffix"],
+    ids=["norm_diff", "oft", "loha_missing_a_factor", "unknown_suffix"],
 )
 def test_keys_of_unsupported_kinds_are_an_error_naming_the_key_and_what_it_is(keys, named_key, what, beside_a_lora):
     pipe = fresh_pipeline()

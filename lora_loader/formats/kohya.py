@@ -14,7 +14,11 @@ underscore-mangled module path:
 Suffixes: ``.lora_down.weight`` ([r, in] or [r, in, kh, kw]),
 ``.lora_up.weight`` ([out, r] or [out, r, 1, 1]) and an optional scalar
 ``.alpha`` of any dtype (scale = alpha / r; absent or 0 means alpha = r, as
-sd-scripts' ``LoRAModule`` defines it).
+sd-scripts' ``LoRAModule`` defines it). LyCORIS writes its other algorithms in
+the same naming (and as ``lycoris_<path>``): ``lora_mid`` (LoCon Tucker),
+``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff``/``diff_b`` (full) and
+``dora_scale`` (DoRA) become `kinds.WeightDelta`; a plain pair stays a
+`LoraDelta` with its fast paths.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..delta import LoraDelta
+from ..kinds import FACTORS, NAMES, WeightDelta, kind_of_suffixes, missing_factors
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -29,17 +34,17 @@ PREFIXES = (
     ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "text_encoder_3"),
     ("lora_te_", "text_encoder"),
+    ("lycoris_", "denoiser"),  # LyCORIS' own wrapper (SimpleTuner): lycoris_<mangled path>
 )
 
 # Keys of other algorithms in the same naming: recognised so the error says what they are.
 _NOT_YET = {
-    "lora_mid.weight": "LoCon Tucker factor (lora_mid) is not supported yet",
-    "dora_scale": "DoRA magnitude (dora_scale) is not supported yet",
-    "diff": "full weight diff is not supported yet",
-    "diff_b": "full bias diff is not supported yet",
-    "w_norm": "norm weight diff is not supported yet",
-    "b_norm": "norm bias diff is not supported yet",
+    "w_norm": "norm weight diff (w_norm) is not supported yet",
+    "b_norm": "norm bias diff (b_norm) is not supported yet",
+    "lokr_t1": "LoKr lokr_t1 is not used by LyCORIS either",
+    "oft_blocks": "OFT / BOFT (oft_blocks) is not supported",
 }
+_SUFFIXES = {s for kind in FACTORS.values() for s in kind} | {"alpha", "dora_scale"}
 
 
 def claims(key: str) -> bool:
@@ -66,32 +71,49 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
     modules: dict[tuple[str, str], dict[str, str]] = {}
     for key in tensors:
         component, module, suffix = _split(key)
-        if suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+        if suffix in _SUFFIXES:
             modules.setdefault((component, module), {})[suffix] = key
         elif suffix in _NOT_YET:
             result.unknown[key] = _NOT_YET[suffix]
-        elif suffix.startswith("hada_"):
-            result.unknown[key] = "LyCORIS LoHa (hada_*) is not supported yet"
-        elif suffix.startswith("lokr_"):
-            result.unknown[key] = "LyCORIS LoKr (lokr_*) is not supported yet"
         else:
-            result.unknown[key] = "expected .lora_down.weight, .lora_up.weight or .alpha after the module name"
+            result.unknown[key] = (
+                "expected .lora_down.weight, .lora_up.weight, .alpha, or a LyCORIS factor "
+                "(lora_mid, hada_*, lokr_*, diff, dora_scale) after the module name"
+            )
     for (component, module), keys in modules.items():
-        down_key, up_key = keys.get("lora_down.weight"), keys.get("lora_up.weight")
         alpha_key = keys.get("alpha")
-        if down_key is None and up_key is None:
-            result.ignored.append(alpha_key)  # an alpha with no pair changes nothing
+        factor_keys = {s: k for s, k in keys.items() if s not in ("alpha", "dora_scale")}
+        dora_key = keys.get("dora_scale")
+        if not factor_keys:
+            if alpha_key:
+                result.ignored.append(alpha_key)  # an alpha with no pair changes nothing
+            if dora_key:
+                result.unknown[dora_key] = "a dora_scale with no LoRA factors beside it"
             continue
-        if down_key is None or up_key is None:
-            present = down_key or up_key
-            missing = "lora_up.weight" if up_key is None else "lora_down.weight"
-            result.unknown[present] = f"its pair {present.split('.')[0]}.{missing} is missing"
+        kind = kind_of_suffixes(set(keys))
+        if kind is None:
+            algorithms = ", ".join(sorted({NAMES[k] for s in factor_keys for k, fs in FACTORS.items() if s in fs and k != "locon"}))
+            for k in factor_keys.values():
+                result.unknown[k] = f"mixes the factors of several algorithms on one module ({algorithms}: {sorted(factor_keys)})"
+            continue
+        missing = missing_factors(kind, factor_keys)
+        if missing:
+            for k in factor_keys.values():
+                result.unknown[k] = f"its {NAMES[kind]} factor(s) {', '.join(missing)} are missing"
             if alpha_key:
                 result.ignored.append(alpha_key)
+            if dora_key:
+                result.unknown[dora_key] = f"its {NAMES[kind]} factor(s) {', '.join(missing)} are missing"
             continue
         alpha = alpha_value(tensors[alpha_key]) if alpha_key else None
         if alpha == 0:
-            alpha = None  # sd-scripts: alpha 0 or None means alpha = rank
-        used = tuple(k for k in (down_key, up_key, alpha_key) if k)
-        result.deltas[(component, module)] = LoraDelta(tensors[down_key], tensors[up_key], alpha, keys=used)
+            alpha = None  # sd-scripts and LyCORIS: alpha 0 or None means alpha = rank
+        used = tuple(factor_keys.values()) + tuple(k for k in (alpha_key, dora_key) if k)
+        if kind == "lora" and dora_key is None:
+            down, up = tensors[factor_keys["lora_down.weight"]], tensors[factor_keys["lora_up.weight"]]
+            result.deltas[(component, module)] = LoraDelta(down, up, alpha, keys=used)
+            continue
+        factors = {s: tensors[k] for s, k in factor_keys.items()}
+        dora = tensors[dora_key] if dora_key else None
+        result.deltas[(component, module)] = WeightDelta(kind, factors, alpha, keys=used, dora_scale=dora)
     return result
