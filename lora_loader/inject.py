@@ -20,6 +20,7 @@ from .delta import LoraDelta
 from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
 from .formats import ConvertedLora
 from .layers import (
+    LORA_KINDS,
     BiasLayer,
     LoraAdapter,
     LoraLayer,
@@ -83,6 +84,11 @@ def weight_delta_problem(delta, module: nn.Module) -> str | None:
 
     weight_shape = dense_weight_shape(module)
     what = f"{type(module).__name__} with weight [out, in, ...] = {list(weight_shape)}"
+    is_norm = supported_kind(module) in ("layernorm", "groupnorm")
+    if is_norm and delta.kind not in ("norm", "full"):
+        return f"module is a {type(module).__name__}: only norm (w_norm/b_norm) and full (diff/diff_b) diffs apply to norms"
+    if is_norm and delta.dora_scale is not None:
+        return f"module is a {type(module).__name__}: dora_scale applies to weight matrices, not norms"
     if supported_kind(module) == "conv2d" and module.groups != 1:
         return f"Conv2d with groups={module.groups}; {NAMES[delta.kind]} supports groups=1 only"
     shape = delta.dense_shape()
@@ -90,7 +96,7 @@ def weight_delta_problem(delta, module: nn.Module) -> str | None:
         factors = ", ".join(f"{k} {_shape(v)}" for k, v in delta.factors.items())
         return f"the {NAMES[delta.kind]} factors do not chain ({factors})"
     if shape is not None:
-        same = tuple(shape) == weight_shape if len(shape) > 2 else (
+        same = tuple(shape) == weight_shape if len(shape) != 2 or len(weight_shape) < 2 else (
             shape[0] == weight_shape[0] and shape[1] == math.prod(weight_shape[1:])
         )
         if not same:
@@ -109,6 +115,8 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
     """Why ``delta`` cannot apply to ``module``, or None if it fits."""
     if not isinstance(delta, LoraDelta):
         return weight_delta_problem(delta, module)
+    if supported_kind(module) not in LORA_KINDS:
+        return f"module is a {type(module).__name__}: LoRA factors apply to Linear, Conv2d, Conv1D and Embedding"
     down, up = delta.down, delta.up
     kind = supported_kind(module)
     weight = module.weight

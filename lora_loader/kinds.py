@@ -14,10 +14,13 @@ kind           factors (the file's suffixes)                                dens
 ``lokr``       ``lokr_w1`` or ``lokr_w1_a``/``_b``, ``lokr_w2`` or          ``kron(w1, w2)``
                ``lokr_w2_a``/``_b`` (Tucker: ``lokr_t2``)
 ``full``       ``diff`` (and ``diff_b`` for the bias)                       ``diff``
+``norm``       ``w_norm``, ``b_norm`` on a LayerNorm / GroupNorm            ``w_norm``
 =============  ==========================================================  =========================
 
 Scale is ``alpha / rank`` (alpha absent or 0 means rank); LoKr with both halves
-stored whole and full diffs have scale 1, as LyCORIS defines them. A
+stored whole, full and norm diffs have scale 1, as LyCORIS defines them. A norm
+diff changes the affine part of a norm: ``normalize(x) * w_norm + b_norm`` is
+added to the output. A
 ``dora_scale`` beside any kind makes it DoRA: the merged weight's rows (or
 columns, when ``dora_scale`` is ``[1, in, ...]``) are rescaled to
 ``dora_scale``, and blend weight ``m`` gives ``W + m * (W_dora - W)``, so
@@ -42,8 +45,11 @@ FACTORS = {
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
     "full": ("diff", "diff_b"),
+    "norm": ("w_norm", "b_norm"),
 }
-NAMES = {"lora": "LoRA", "locon": "LoCon (Tucker)", "loha": "LoHa", "lokr": "LoKr", "full": "full diff"}
+NAMES = {"lora": "LoRA", "locon": "LoCon (Tucker)", "loha": "LoHa", "lokr": "LoKr", "full": "full diff", "norm": "norm diff"}
+# The factor that is a bias change, added to the module's output (not part of the dense weight delta).
+BIAS_FACTOR = {"full": "diff_b", "norm": "b_norm"}
 
 
 def kind_of_suffixes(suffixes: set[str]) -> str | None:
@@ -59,6 +65,8 @@ def kind_of_suffixes(suffixes: set[str]) -> str | None:
         kind = "lokr"
     elif factors & {"diff", "diff_b"}:
         kind = "full"
+    elif factors & {"w_norm", "b_norm"}:
+        kind = "norm"
     else:
         return None
     if not factors <= set(FACTORS[kind]):
@@ -81,8 +89,8 @@ def missing_factors(kind: str, factors: dict) -> list[str]:
             need |= {"lokr_w1_a", "lokr_w1_b"}
         if "lokr_w2" not in have:
             need |= {"lokr_w2_a", "lokr_w2_b"}
-    else:
-        need = {"diff"} if "diff_b" not in have else set()
+    else:  # full and norm diffs: the weight part, the bias part or both
+        need = set()
     return sorted(need - have)
 
 
@@ -112,7 +120,7 @@ class WeightDelta:
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.factors.get("diff_b")
+        return self.factors.get(BIAS_FACTOR.get(self.kind, ""))
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.factors.values()) + ([self.dora_scale] if self.dora_scale is not None else [])
@@ -145,7 +153,7 @@ def factor_rank(kind: str, f: dict) -> int:
 
 
 def kind_scale(kind: str, f: dict, alpha: float | None) -> float:
-    if kind == "full" or (kind == "lokr" and "lokr_w1" in f and "lokr_w2" in f):
+    if kind in ("full", "norm") or (kind == "lokr" and "lokr_w1" in f and "lokr_w2" in f):
         return 1.0  # LyCORIS: nothing low-rank to normalise
     rank = factor_rank(kind, f)
     return float(rank if alpha in (None, 0) else alpha) / rank
@@ -184,6 +192,8 @@ def dense(kind: str, f: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return torch.kron(w1.contiguous(), w2.flatten(1).contiguous())
     if kind == "full":
         return f.get("diff")
+    if kind == "norm":
+        return f.get("w_norm")
     raise AssertionError(kind)
 
 
@@ -236,6 +246,8 @@ def dense_shape(kind: str, s: dict[str, tuple]) -> tuple[int, ...] | None:
             return (w1[0] * w2[0], w1[1] * w2[1])
         if kind == "full":
             return s.get("diff")
+        if kind == "norm":
+            return s.get("w_norm")
     except (KeyError, IndexError):
         return None
     raise AssertionError(kind)

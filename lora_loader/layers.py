@@ -145,13 +145,16 @@ class WeightDeltaAdapter(nn.Module):
 
         params = self._parameters
         names = {}
+        from .kinds import BIAS_FACTOR
+
+        bias_factor = BIAS_FACTOR.get(delta.kind)
         for suffix, tensor in delta.factors.items():
-            if suffix == "diff_b":
+            if suffix == bias_factor:
                 continue
             name = suffix.replace(".", "_")
             params[name] = nn.Parameter(tensor.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
             names[suffix] = name
-        bias = delta.factors.get("diff_b")
+        bias = delta.factors.get(bias_factor) if bias_factor else None
         params["bias_delta"] = None if bias is None else nn.Parameter(bias.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
         params["dora_scale"] = None if delta.dora_scale is None else nn.Parameter(
             delta.dora_scale.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False
@@ -181,10 +184,12 @@ class WeightDeltaAdapter(nn.Module):
         return self.r
 
     def factors(self) -> dict[str, torch.Tensor]:
-        """``{file suffix: tensor}`` (``diff_b`` included)."""
+        """``{file suffix: tensor}`` (the bias factor ``diff_b`` / ``b_norm`` included)."""
+        from .kinds import BIAS_FACTOR
+
         out = {suffix: self._parameters[name] for suffix, name in self._names.items()}
         if self.bias_delta is not None:
-            out["diff_b"] = self.bias_delta
+            out[BIAS_FACTOR[self.kind]] = self.bias_delta
         return out
 
     def widen(self) -> None:
@@ -209,7 +214,7 @@ class WeightDeltaAdapter(nn.Module):
 
         factors = {s: t.detach() for s, t in self.factors().items()}
         dora = None if self.dora_scale is None else self.dora_scale.detach()
-        alpha = None if self.kind == "full" else self.alpha
+        alpha = None if self.kind in ("full", "norm") else self.alpha
         return WeightDelta(self.kind, factors, alpha, dora_scale=dora)
 
     def extra_repr(self) -> str:
@@ -428,6 +433,22 @@ class LoraConv2dMixin(LoraLayer):
         return self.weight
 
 
+class LoraNormMixin(LoraLayer):
+    """LayerNorm / GroupNorm: only norm and full diffs apply; their change is ``normalize(x) * dw + db``."""
+
+    def _dense_op(self, h, weight):
+        if isinstance(self, nn.GroupNorm):
+            normalized = F.group_norm(h, self.num_groups, None, None, self.eps)
+            return normalized * weight.view(-1, *[1] * (h.dim() - 2))
+        return F.layer_norm(h, self.normalized_shape, None, None, self.eps) * weight
+
+    def _lora_bias_shape(self, bias):
+        return bias.view(-1, 1, 1) if isinstance(self, nn.GroupNorm) else bias
+
+    def _lora_dense_base_weight(self):
+        return self.weight
+
+
 class LoraEmbeddingMixin(LoraLayer):
     """``nn.Embedding``: down ``[r, num_embeddings]`` is looked up by token id, up ``[dim, r]`` maps to the embedding."""
 
@@ -462,7 +483,7 @@ _kinds: dict[type, str | None] = {}
 
 
 def kind_of(module_type: type) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"conv1d"``, ``"embedding"`` or None for classes we cannot adapt."""
+    """``"linear"``, ``"conv2d"``, ``"conv1d"``, ``"embedding"``, ``"layernorm"``, ``"groupnorm"``, or None."""
     if module_type in _kinds:
         return _kinds[module_type]
     conv1d = _conv1d_class()
@@ -475,16 +496,28 @@ def kind_of(module_type: type) -> str | None:
         kind = "conv1d"
     elif issubclass(module_type, nn.Embedding):
         kind = "embedding"
+    elif issubclass(module_type, nn.LayerNorm):
+        kind = "layernorm"
+    elif issubclass(module_type, nn.GroupNorm):
+        kind = "groupnorm"
     _kinds[module_type] = kind
     return kind
 
 
 def supported_kind(module: nn.Module) -> str | None:
     """The LoRA kind of a (possibly wrapped) module, or None for modules we cannot adapt."""
-    return kind_of(module.__dict__.get("_lora_base_class") or type(module))
+    kind = kind_of(module.__dict__.get("_lora_base_class") or type(module))
+    if kind in ("layernorm", "groupnorm") and getattr(module, "weight", None) is None:
+        return None  # a norm without affine parameters has nothing a diff could change
+    return kind
 
 
-_MIXINS = {"conv2d": LoraConv2dMixin, "linear": LoraLinearMixin, "conv1d": LoraConv1DMixin, "embedding": LoraEmbeddingMixin}
+_MIXINS = {
+    "conv2d": LoraConv2dMixin, "linear": LoraLinearMixin, "conv1d": LoraConv1DMixin, "embedding": LoraEmbeddingMixin,
+    "layernorm": LoraNormMixin, "groupnorm": LoraNormMixin,
+}  # fmt: skip
+# Kinds that take LoRA factors; norms take only norm and full diffs.
+LORA_KINDS = ("linear", "conv2d", "conv1d", "embedding")
 _wrapped_classes: dict[type, type] = {}
 
 

@@ -26,7 +26,7 @@ from .delta import LoraDelta
 from .errors import LoraError, LoraNameError
 from .formats import ConvertedLora
 from .host import LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
-from .layers import BASE, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, kind_of
+from .layers import BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, kind_of
 
 MODEL = "model"
 PEFT_PREFIX = "base_model.model."
@@ -341,7 +341,7 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
             continue
         if config.exclude_modules and _matches(config.exclude_modules, name):
             continue
-        if kind_of(type(module) if not isinstance(module, LoraLayer) else module._lora_base_class) is None:
+        if kind_of(type(module) if not isinstance(module, LoraLayer) else module._lora_base_class) not in LORA_KINDS:
             raise LoraError(
                 f"target_modules matches {name}, a {type(module).__name__}; LoRA applies to Linear, Conv2d, "
                 "Conv1D and Embedding"

@@ -63,11 +63,34 @@ CASES = [
 ]
 
 
-def produce(kwargs: dict, path, seed: int, model_seed: int = 0) -> tuple[str, torch.Tensor]:
+class NormNet(Net):
+    """Net with a GroupNorm after the conv and a LayerNorm before the projection (LyCORIS' train_norm)."""
+
+    def __init__(self):
+        super().__init__()
+        self.group = nn.GroupNorm(4, 32)
+        self.layer = nn.LayerNorm(32)
+
+    def forward(self, x):
+        h = self.point(torch.relu(self.group(self.conv(x))))
+        return self.proj(self.layer(h.mean(dim=(2, 3))))
+
+
+def norm_net(seed: int = 0) -> NormNet:
+    torch.manual_seed(seed)
+    net = NormNet().eval()
+    with torch.no_grad():  # affine parameters away from (1, 0), so a wrong formula shows
+        for norm in (net.group, net.layer):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def produce(kwargs: dict, path, seed: int, model_seed: int = 0, factory=None) -> tuple[str, torch.Tensor]:
     """Write a LyCORIS file for ``base_net(model_seed)``; return its path and the producer's forward output."""
     kwargs = dict(kwargs)
     dim = kwargs.pop("linear_dim", 4)
-    model = base_net(model_seed)
+    model = (factory or base_net)(model_seed)
     net = lycoris.create_lycoris(model, 1.0, linear_dim=dim, linear_alpha=2.0, **kwargs)
     net.apply_to()
     g = torch.Generator().manual_seed(seed)
@@ -273,3 +296,52 @@ def test_kohya_named_loha_on_a_tiny_sd_pipeline_matches_lycoris(tmp_path):
         pipe.disable_lora()  # and the adapter really moved both components
         assert (pipe.unet(**inputs).sample - expected).abs().max() > 1e-3
         assert (pipe.text_encoder(ids)[0] - producer.text_encoder(ids)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha"])
+def test_norm_diffs_on_layer_norm_and_group_norm_match_lycoris(algo, tmp_path):
+    path_a, out_a = produce(dict(algo=algo, train_norm=True), tmp_path / "a.safetensors", seed=1, factory=norm_net)
+    path_b, out_b = produce(dict(algo=algo, train_norm=True), tmp_path / "b.safetensors", seed=2, factory=norm_net)
+    written = load_file(path_a)
+    assert {"lycoris_group.w_norm", "lycoris_group.b_norm", "lycoris_layer.w_norm", "lycoris_layer.b_norm"} <= set(written)
+    model = lora_loader.attach(norm_net())
+    originals = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        base = model(INPUT)
+    model.load_lora_weights(path_a, adapter_name="a")
+    model.load_lora_weights(path_b, adapter_name="b")
+    assert "a" in model.layer.lora_adapters and "a" in model.group.lora_adapters
+    model.set_adapters(["a"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(INPUT), out_a, rtol=1e-4, atol=1e-4)
+    # The norms alone: normalize(x) * (w + 0.7 dw_a + 0.3 dw_b) + (b + 0.7 db_a + 0.3 db_b).
+    b_file = load_file(path_b)
+    model.set_adapters(["a", "b"], [0.7, 0.3])
+    x = torch.randn(3, 32)
+    mixed_w = model.layer.weight + 0.7 * written["lycoris_layer.w_norm"] + 0.3 * b_file["lycoris_layer.w_norm"]
+    mixed_b = model.layer.bias + 0.7 * written["lycoris_layer.b_norm"] + 0.3 * b_file["lycoris_layer.b_norm"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.layer(x), nn.functional.layer_norm(x, (32,), mixed_w, mixed_b), rtol=1e-5, atol=1e-5)
+        blended = model(INPUT)
+    model.fuse_lora()
+    with torch.no_grad():
+        torch.testing.assert_close(model(INPUT), blended, rtol=1e-4, atol=1e-4)
+    model.unfuse_lora()
+    model.disable_lora()
+    with torch.no_grad():
+        assert torch.equal(model(INPUT), base)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, originals[key]), key
+    saved = model.save_lora_weights(str(tmp_path / "saved.safetensors"), adapter_name="b", format="kohya")
+    again = lora_loader.attach(norm_net())
+    again.load_lora_weights(saved, adapter_name="b")
+    with torch.no_grad():
+        torch.testing.assert_close(again(INPUT), out_b, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_factors_aimed_at_a_norm_are_refused_by_key():
+    model = lora_loader.attach(norm_net())
+    sd = {"lora_unet_layer.lora_down.weight": torch.randn(2, 32), "lora_unet_layer.lora_up.weight": torch.randn(32, 2)}
+    with pytest.raises(LoraError, match="lora_unet_layer.lora_down.weight"):
+        model.load_lora_weights(sd, adapter_name="x")
+    assert not hasattr(model.layer, "lora_adapters")

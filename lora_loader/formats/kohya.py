@@ -39,8 +39,6 @@ PREFIXES = (
 
 # Keys of other algorithms in the same naming: recognised so the error says what they are.
 _NOT_YET = {
-    "w_norm": "norm weight diff (w_norm) is not supported yet",
-    "b_norm": "norm bias diff (b_norm) is not supported yet",
     "lokr_t1": "LoKr lokr_t1 is not used by LyCORIS either",
     "oft_blocks": "OFT / BOFT (oft_blocks) is not supported",
 }
@@ -78,7 +76,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
         else:
             result.unknown[key] = (
                 "expected .lora_down.weight, .lora_up.weight, .alpha, or a LyCORIS factor "
-                "(lora_mid, hada_*, lokr_*, diff, dora_scale) after the module name"
+                "(lora_mid, hada_*, lokr_*, diff, w_norm, dora_scale) after the module name"
             )
     for (component, module), keys in modules.items():
         alpha_key = keys.get("alpha")
