@@ -27,6 +27,7 @@ import torch
 
 from ..delta import LoraDelta
 from ..kinds import FACTORS, NAMES, WeightDelta, kind_of_suffixes, missing_factors
+from . import flux as flux_format
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -78,6 +79,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
                 "expected .lora_down.weight, .lora_up.weight, .alpha, or a LyCORIS factor "
                 "(lora_mid, hada_*, lokr_*, diff, w_norm, dora_scale) after the module name"
             )
+    flux = flux_format.is_flux({m for c, m in modules if c == "denoiser"})
     for (component, module), keys in modules.items():
         alpha_key = keys.get("alpha")
         factor_keys = {s: k for s, k in keys.items() if s not in ("alpha", "dora_scale")}
@@ -109,9 +111,32 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
         used = tuple(factor_keys.values()) + tuple(k for k in (alpha_key, dora_key) if k)
         if kind == "lora" and dora_key is None:
             down, up = tensors[factor_keys["lora_down.weight"]], tensors[factor_keys["lora_up.weight"]]
-            result.deltas[(component, module)] = LoraDelta(down, up, alpha, keys=used)
-            continue
-        factors = {s: tensors[k] for s, k in factor_keys.items()}
-        dora = tensors[dora_key] if dora_key else None
-        result.deltas[(component, module)] = WeightDelta(kind, factors, alpha, keys=used, dora_scale=dora)
+            delta = LoraDelta(down, up, alpha, keys=used)
+        else:
+            factors = {s: tensors[k] for s, k in factor_keys.items()}
+            dora = tensors[dora_key] if dora_key else None
+            delta = WeightDelta(kind, factors, alpha, keys=used, dora_scale=dora)
+        if flux and component == "denoiser":
+            _add_flux(result, module, delta)
+        else:
+            result.deltas[(component, module)] = delta
     return result
+
+
+def _add_flux(result, module: str, delta) -> None:
+    """A BFL-named Flux module: renamed to diffusers' path, a fused projection split by rows."""
+    if isinstance(delta, LoraDelta):
+        parts, why = flux_format.convert_module(module, delta)
+    else:
+        target = flux_format.targets(module)
+        parts, why = ([(target, delta)], None) if isinstance(target, str) else ([], None)
+        if target is None:
+            why = f"'{module}' is no Flux module lora_loader knows"
+        elif not parts:
+            why = f"{NAMES[delta.kind]} on Flux's fused projection '{module}' is not supported yet (LoRA is)"
+    if why is not None:
+        for key in delta.keys:
+            result.unknown[key] = why
+        return
+    for path, part in parts:
+        result.deltas[("denoiser", path)] = part
