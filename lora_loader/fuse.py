@@ -18,9 +18,8 @@ from .layers import LoraAdapter, LoraLayer, WeightDeltaAdapter, supported_kind
 
 
 def _base_dense(module: nn.Module) -> torch.Tensor:
-    """The base weight as ``[out, in...]`` (Conv1D and Embedding store it transposed)."""
-    weight = module.weight.detach().float()
-    return weight.T if supported_kind(module) in ("conv1d", "embedding") else weight
+    """The base weight as ``[out, in...]`` in fp32."""
+    return module._lora_dense_base_weight().detach().float()
 
 
 def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:

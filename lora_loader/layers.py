@@ -141,8 +141,6 @@ class WeightDeltaAdapter(nn.Module):
 
     def __init__(self, delta, weight_shape: torch.Size, compute_dtype: torch.dtype, device):
         super().__init__()
-        from . import kinds
-
         params = self._parameters
         names = {}
         from .kinds import BIAS_FACTOR
@@ -173,7 +171,6 @@ class WeightDeltaAdapter(nn.Module):
         )
         self._buffers["factor"] = torch.zeros((), dtype=compute_dtype, device=device)
         self._non_persistent_buffers_set.add("factor")
-        del kinds
 
     @property
     def compute_dtype(self) -> torch.dtype:
