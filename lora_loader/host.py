@@ -393,7 +393,11 @@ class LoraLifecycle:
         self._lora_release_registry_if_empty()
 
     def save_lora_weights(self, save_directory, adapter_name: str | None = None, format: str = "diffusers", **kwargs) -> str:
-        """Write one adapter as ``.safetensors`` in the ``diffusers`` or ``kohya`` layout (``peft``: a PEFT folder).
+        """Write one adapter as ``.safetensors`` in the ``diffusers``, ``kohya`` or ``peft`` layout.
+
+        ``peft`` on a model given a folder writes PEFT's folder (``adapter_config.json`` too);
+        otherwise it is one file with PEFT's ``base_model.model.*`` keys (a pipeline's text
+        encoders prefixed with their component).
 
         The real alpha of every module is written (rank/alpha patterns in the
         diffusers header, ``.alpha`` tensors for Kohya), and the header records
@@ -410,14 +414,14 @@ class LoraLifecycle:
             adapter_name = next(iter(registry.adapters))
         registry.check_known([adapter_name])
         record = registry.adapters[adapter_name]
-        if format == "peft":
-            if not hasattr(self, "save_adapter"):
-                raise LoraError("format='peft' writes a PEFT folder for one model; use save_adapter on the model")
-            self.save_adapter(os.fspath(save_directory), adapter_name)
+        if format == "peft" and hasattr(self, "save_adapter") and not os.fspath(save_directory).endswith(".safetensors"):
+            self.save_adapter(os.fspath(save_directory), adapter_name)  # a model: PEFT's folder, config included
             return os.fspath(save_directory)
         components = self._lora_components()
         deltas = save.adapter_deltas(record, components)
-        if format == "diffusers":
+        if format == "peft":
+            tensors, metadata = save.to_peft(deltas)
+        elif format == "diffusers":
             tensors, metadata = save.to_diffusers(deltas)
         elif format == "kohya":
             tensors, metadata = save.to_kohya(deltas, components)

@@ -73,6 +73,26 @@ def to_diffusers(deltas: dict) -> tuple[dict, dict]:
     return tensors, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
 
 
+DENOISERS = ("unet", "transformer", "model")
+
+
+def to_peft(deltas: dict) -> tuple[dict, dict]:
+    """PEFT's own keys, ``base_model.model.{path}.lora_A.weight``; a text encoder's carry its component
+    first (``text_encoder.base_model.model.*``). Rank and alpha ride in ``lora_adapter_metadata``."""
+    tensors, header = to_diffusers(deltas)
+    renamed = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        prefix = "" if component in DENOISERS else f"{component}."
+        renamed[f"{prefix}base_model.model.{rest}"] = tensor
+    flat = json.loads(header["lora_adapter_metadata"])
+    config = {}
+    for key, value in flat.items():
+        component, _, field_name = key.partition(".")
+        config[field_name if component in DENOISERS else key] = value
+    return renamed, {"lora_adapter_metadata": json.dumps(config, sort_keys=True)}
+
+
 def _kohya_name(component: str, path: str, module_root, sgm: dict) -> str:
     if component in ("unet", "transformer"):
         if sgm:  # SDXL: sd-scripts writes Stability's block names

@@ -31,7 +31,7 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya", "peft"])
 def test_a_saved_adapter_loads_back_with_identical_outputs(kind, fmt, tmp_path):
     factory, sd = _file_with_varied_alphas(kind)
     pipe = lora_loader.attach(factory(0))
@@ -87,3 +87,28 @@ def test_save_names_an_adapter_when_several_are_loaded_and_rejects_unknown_forma
         pipe.save_lora_weights(tmp_path)
     with pytest.raises(LoraError, match="format"):
         pipe.save_lora_weights(tmp_path, "a", format="ckpt")
+
+
+def test_the_peft_file_of_a_unet_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
+    """The UNet part of a format="peft" file is PEFT's own state dict: peft's set_peft_model_state_dict takes it."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    from tiny import unet_inputs
+
+    factory, sd = _file_with_varied_alphas("sd")
+    sd = {k: v for k, v in sd.items() if k.startswith("lora_unet_")}
+    pipe = lora_loader.attach(factory(0))
+    pipe.load_lora_weights(sd, adapter_name="x")
+    path = pipe.save_lora_weights(tmp_path / "p.safetensors", "x", format="peft")
+    with safe_open(path, "pt") as f:
+        config = json.loads(f.metadata()["lora_adapter_metadata"])
+    written = load_file(path)
+    assert all(k.startswith("base_model.model.") for k in written)
+    oracle = factory(0).unet
+    fields = {k: config[k] for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules")}
+    inject_adapter_in_model(LoraConfig(**fields), oracle)
+    result = set_peft_model_state_dict(oracle, {k[len("base_model.model."):]: v for k, v in written.items()})
+    assert not result.unexpected_keys
+    inputs = unet_inputs(pipe)
+    with torch.no_grad():
+        torch.testing.assert_close(oracle(**inputs).sample, pipe.unet(**inputs).sample, rtol=1e-4, atol=1e-4)
