@@ -153,3 +153,17 @@ def test_a_fused_up_that_does_not_split_is_refused_by_key(tmp_path):
     with pytest.raises(LoraError, match="double_blocks_0_img_attn_qkv"):
         model.load_lora_weights(sd, adapter_name="k")
     assert not any(hasattr(m, "lora_adapters") for m in model.modules())
+
+
+@pytest.mark.parametrize("module", ["double_blocks_0_img_attn_qkv", "final_layer_adaLN_modulation_1"])
+def test_a_loha_on_fused_or_reordered_flux_rows_is_refused_by_key(module):
+    model = lora_loader.attach(tiny_flux())
+    rows = {"double_blocks_0_img_attn_qkv": 96, "final_layer_adaLN_modulation_1": 64}[module]
+    g = torch.Generator().manual_seed(0)
+    sd = {f"lora_unet_{module}.hada_{w}": torch.randn(*s, generator=g) for w, s in
+          (("w1_a", (rows, 2)), ("w1_b", (2, 32)), ("w2_a", (rows, 2)), ("w2_b", (2, 32)))}  # fmt: skip
+    sd["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"] = torch.randn(2, 32, generator=g)
+    sd["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.randn(32, 2, generator=g)
+    with pytest.raises(LoraError, match=f"lora_unet_{module}.hada_w1_a"):
+        model.load_lora_weights(sd, adapter_name="k")
+    assert not any(hasattr(m, "lora_adapters") for m in model.modules())

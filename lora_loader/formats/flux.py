@@ -82,11 +82,19 @@ def split_rows(name: str, rows: int, parts: int) -> list[int] | None:
     return [rows // parts] * parts
 
 
-def convert_module(name: str, delta: LoraDelta) -> tuple[list[tuple[str, LoraDelta]], str | None]:
-    """``([(diffusers path, delta)], None)`` for one BFL-named LoRA module, or ``([], why)``."""
+def convert_module(name: str, delta) -> tuple[list[tuple[str, object]], str | None]:
+    """``([(diffusers path, delta)], None)`` for one BFL-named module, or ``([], why)``.
+
+    LyCORIS kinds are renamed where the module maps one to one; on a fused
+    projection or the reordered final modulation they are refused (LoRA is split).
+    """
     target = targets(name)
     if target is None:
         return [], f"'{name}' is no Flux module lora_loader knows (double_blocks_*, single_blocks_*, img_in, ...)"
+    if not isinstance(delta, LoraDelta):
+        if isinstance(target, str) and name != "final_layer_adaLN_modulation_1":
+            return [(target, delta)], None
+        return [], f"a {delta.kind} delta on Flux's '{name}' (fused or reordered rows) is not supported yet; LoRA is"
     up = delta.up
     if name == "final_layer_adaLN_modulation_1":
         shift, scale = up.chunk(2, dim=0)

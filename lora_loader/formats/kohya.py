@@ -125,15 +125,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
 
 def _add_flux(result, module: str, delta) -> None:
     """A BFL-named Flux module: renamed to diffusers' path, a fused projection split by rows."""
-    if isinstance(delta, LoraDelta):
-        parts, why = flux_format.convert_module(module, delta)
-    else:
-        target = flux_format.targets(module)
-        parts, why = ([(target, delta)], None) if isinstance(target, str) else ([], None)
-        if target is None:
-            why = f"'{module}' is no Flux module lora_loader knows"
-        elif not parts:
-            why = f"{NAMES[delta.kind]} on Flux's fused projection '{module}' is not supported yet (LoRA is)"
+    parts, why = flux_format.convert_module(module, delta)
     if why is not None:
         for key in delta.keys:
             result.unknown[key] = why
