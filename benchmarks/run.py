@@ -332,6 +332,17 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - t0, result
 
 
+def time_each(calls: dict) -> dict[str, float]:
+    """Seconds per call, run in order, after one gc.collect() so no collection lands inside them."""
+    gc.collect()
+    out = {}
+    for name, call in calls.items():
+        t0 = time.perf_counter()
+        call()
+        out[name] = time.perf_counter() - t0
+    return out
+
+
 def read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
 
@@ -669,17 +680,10 @@ class SDBench:
                     pipe = self.pipes[lib]
                     for i in range(inner):
                         w = 0.5 if i % 2 else 1.0
-                        gc.collect()
-                        t0 = time.perf_counter()
-                        pipe.set_adapters(["s0"], [w])
-                        t1 = time.perf_counter()
-                        pipe.disable_lora()
-                        t2 = time.perf_counter()
-                        pipe.enable_lora()
-                        t3 = time.perf_counter()
-                        samples[lib]["set_adapters"].append(t1 - t0)
-                        samples[lib]["disable_lora"].append(t2 - t1)
-                        samples[lib]["enable_lora"].append(t3 - t2)
+                        times = time_each({"set_adapters": lambda: pipe.set_adapters(["s0"], [w]),
+                                           "disable_lora": pipe.disable_lora, "enable_lora": pipe.enable_lora})
+                        for name, dt in times.items():
+                            samples[lib][name].append(dt)
             results[loaded] = samples
 
         measure(1)
@@ -1022,17 +1026,11 @@ def fig_lm(size: Size, args, report: Report, workdir: Path) -> None:
         for lib in order:
             model = models[lib]
             for i in range(10):
-                gc.collect()
-                t0 = time.perf_counter()
-                model.set_adapter("x" if i % 2 else "y")
-                t1 = time.perf_counter()
-                model.disable_adapters()
-                t2 = time.perf_counter()
-                model.enable_adapters()
-                t3 = time.perf_counter()
-                samples[lib]["set_adapter"].append(t1 - t0)
-                samples[lib]["disable_adapters"].append(t2 - t1)
-                samples[lib]["enable_adapters"].append(t3 - t2)
+                name = "x" if i % 2 else "y"
+                times = time_each({"set_adapter": lambda: model.set_adapter(name),
+                                   "disable_adapters": model.disable_adapters, "enable_adapters": model.enable_adapters})
+                for what, dt in times.items():
+                    samples[lib][what].append(dt)
     lm_profiles = {
         "set_adapter": profile(lambda: ll.set_adapter("x"), calls=10),
         "disable_adapters": profile(lambda: ll.disable_adapters(), calls=10),

@@ -106,6 +106,15 @@ def produce(kwargs: dict, path, seed: int, model_seed: int = 0, factory=None) ->
     return str(path), expected
 
 
+def assert_kohya_round_trip(model, adapter: str, factory, expected: torch.Tensor, tmp_path) -> None:
+    """Saved in Kohya layout and loaded into a fresh model, the adapter gives the producer's output."""
+    saved = model.save_lora_weights(str(tmp_path / "saved.safetensors"), adapter_name=adapter, format="kohya")
+    again = lora_loader.attach(factory())
+    again.load_lora_weights(saved, adapter_name=adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(again(INPUT), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(params=CASES, ids=[c[0] for c in CASES])
 def case(request):
     return request.param[:2]
@@ -182,12 +191,7 @@ def test_blend_disable_fuse_unfuse_and_save_for_every_kind(case, tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, originals[key]), key
 
-    # Kohya layout round trip: the same factors, the same outputs.
-    saved = model.save_lora_weights(str(tmp_path / "saved.safetensors"), adapter_name="a", format="kohya")
-    again = lora_loader.attach(base_net())
-    again.load_lora_weights(saved, adapter_name="a")
-    with torch.no_grad():
-        torch.testing.assert_close(again(INPUT), out_a, rtol=1e-4, atol=1e-4)
+    assert_kohya_round_trip(model, "a", base_net, out_a, tmp_path)
     model.unload_lora_weights()
     with torch.no_grad():
         assert torch.equal(model(INPUT), base)
@@ -332,11 +336,7 @@ def test_norm_diffs_on_layer_norm_and_group_norm_match_lycoris(algo, tmp_path):
         assert torch.equal(model(INPUT), base)
     for key, value in model.state_dict().items():
         assert torch.equal(value, originals[key]), key
-    saved = model.save_lora_weights(str(tmp_path / "saved.safetensors"), adapter_name="b", format="kohya")
-    again = lora_loader.attach(norm_net())
-    again.load_lora_weights(saved, adapter_name="b")
-    with torch.no_grad():
-        torch.testing.assert_close(again(INPUT), out_b, rtol=1e-4, atol=1e-4)
+    assert_kohya_round_trip(model, "b", norm_net, out_b, tmp_path)
 
 
 def test_lora_factors_aimed_at_a_norm_are_refused_by_key():
