@@ -8,6 +8,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 # No test may reach the network: the Hub is only ever a local cache here.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The models here are tiny: a second thread buys nothing and, on a shared 2-core machine,
+# makes every small op wait for a busy core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
