@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .blocks import BlockWeights
+from .blocks import BlockWeights, PathWeights
 from .errors import LoraNameError
 from .fuse import show_fused
 from .layers import BiasLayer, LoraAdapter, SavedCopyLayer
 
 # Per component: a float, or (for a UNet) block weights.
-ComponentWeight = float | BlockWeights
+ComponentWeight = float | BlockWeights | PathWeights
+_BY_PATH = (BlockWeights, PathWeights)  # weights that differ from layer to layer
 
 
 @dataclass
@@ -101,7 +102,7 @@ class AdapterRegistry:
     def weight(self, name: str, component: str, path: str) -> float:
         given = self.weights.get(name, {})
         spec = given.get(component, given.get("*", 1.0))  # "*": one number for every component
-        return spec.weight_for(path) if isinstance(spec, BlockWeights) else float(spec)
+        return spec.weight_for(path) if isinstance(spec, _BY_PATH) else float(spec)
 
     def push(self) -> None:
         """Give every wrapped layer its list of (adapter, weight * scale) for the current blend.
@@ -118,7 +119,7 @@ class AdapterRegistry:
                 everywhere = given.get("*", 1.0)
                 for component, entries in self.adapters[name].by_component().items():
                     spec = given.get(component, everywhere)
-                    blocks = isinstance(spec, BlockWeights)
+                    blocks = isinstance(spec, _BY_PATH)
                     for path, module, adapter in entries:
                         w = spec.weight_for(path) if blocks else spec
                         if w == 0.0 or (fused and (name, id(module)) in fused):

@@ -1,4 +1,4 @@
-"""UNet block weights, as diffusers defines them.
+"""Block weights: UNet blocks as diffusers defines them, DiT blocks by exact module path.
 
 ``{"down": 0.2, "mid": 1.0, "up": {"block_1": [0.0, 1.0, 0.5]}}`` is expanded,
 like diffusers' ``_maybe_expand_lora_scales``, into one weight per transformer
@@ -12,6 +12,13 @@ the transformer it lives in, else ``{p0}.{p1}.attentions.{p3}`` of its path (so
 resnet j and the samplers of a block follow that block's transformer j / 0),
 else 1.0. Unlike diffusers, layers outside any block (``conv_in``,
 ``time_embedding.*``) get 1.0 instead of an IndexError.
+
+A DiT transformer (SD3, Flux) has no down/mid/up blocks; its dict names module
+paths, ``{"transformer_blocks.1": 0.25, "single_transformer_blocks": 0.5}``.
+diffusers matches those keys as substrings, so ``transformer_blocks.1`` also
+hits ``single_transformer_blocks.1`` and ``transformer_blocks.10``; here a key
+covers a layer only when it is the layer's path or a dotted prefix of it, the
+longest such key wins, and a key that names no module is an error.
 """
 
 from __future__ import annotations
@@ -91,3 +98,39 @@ def expand_block_weights(unet: nn.Module, spec: dict) -> BlockWeights:
     per_transformer["mid_block.attentions.0"] = _number(mid, "mid")
     order = sorted(per_transformer, key=lambda k: (not k.startswith("down"), not k.startswith("mid"), k))
     return BlockWeights({k: per_transformer[k] for k in order})
+
+
+@dataclass(frozen=True)
+class PathWeights:
+    """One adapter's weights by module path (DiT blocks): the longest dotted prefix of a layer's path wins."""
+
+    per_path: dict[str, float]
+
+    def weight_for(self, path: str) -> float:
+        while path:
+            if path in self.per_path:
+                return self.per_path[path]
+            path = path.rpartition(".")[0]
+        return 1.0
+
+
+def expand_path_weights(model: nn.Module, spec: dict) -> PathWeights:
+    """Check a ``{module path: weight}`` dict against a DiT's modules.
+
+    >>> from torch import nn
+    >>> dit = nn.Module()
+    >>> dit.transformer_blocks = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+    >>> dit.single_transformer_blocks = nn.ModuleList([nn.Linear(2, 2) for _ in range(2)])
+    >>> w = expand_path_weights(dit, {"transformer_blocks.1": 0.25, "single_transformer_blocks": 0.5})
+    >>> w.weight_for("transformer_blocks.1"), w.weight_for("single_transformer_blocks.1"), w.weight_for("transformer_blocks.0")
+    (0.25, 0.5, 1.0)
+    """
+    names = {name for name, _ in model.named_modules() if name}
+    unknown = [key for key in spec if key not in names]
+    if unknown:
+        blocks = sorted({name.rsplit(".", 1)[0] + ".N" for name in names if name.count(".") == 1 and name.split(".")[1].isdigit()})
+        raise LoraError(
+            f"block weights name {unknown}, which are not module paths of this {type(model).__name__}; "
+            f"use paths such as {blocks[:4]} with N a block index (a whole group by its name, e.g. 'transformer_blocks')"
+        )
+    return PathWeights({key: _number(value, repr(key)) for key, value in spec.items()})

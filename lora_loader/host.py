@@ -17,7 +17,7 @@ from torch import nn
 
 from . import inject
 from .adapters import AdapterRecord, AdapterRegistry, ComponentWeight
-from .blocks import BlockWeights, expand_block_weights
+from .blocks import BlockWeights, expand_block_weights, expand_path_weights
 from .config import LoraConfig
 from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
@@ -292,14 +292,14 @@ class LoraHost:
 
 
 def block_or_number(component: str, value, module: nn.Module, adapter: str) -> ComponentWeight:
-    """A component's weight: a number, or for a UNet a block dict expanded as diffusers does."""
+    """A component's weight: a number, a UNet block dict expanded as diffusers does, or DiT weights by path."""
     if isinstance(value, dict):
-        if not hasattr(module, "down_blocks"):
-            raise LoraError(
-                f"adapter '{adapter}': block weights for '{component}' need a UNet (down/mid/up blocks); "
-                f"{type(module).__name__} takes a number"
-            )
-        return expand_block_weights(module, value)
+        if hasattr(module, "down_blocks") and hasattr(module, "up_blocks"):
+            return expand_block_weights(module, value)
+        try:
+            return expand_path_weights(module, value)
+        except LoraError as err:
+            raise LoraError(f"adapter '{adapter}', '{component}': {err}") from None
     return _number(value, f"weight of adapter '{adapter}' for '{component}'")
 
 

@@ -181,3 +181,39 @@ def test_sd3_without_t5_refuses_a_file_for_the_t5_encoder_and_changes_nothing(tm
         pipe.load_lora_weights(path, adapter_name="t5")
     assert pipe.get_list_adapters() == {}
     assert torch.equal(run(pipe), before)
+
+
+def test_dit_block_weights_match_block_indices_exactly(tmp_path):
+    """``transformer_blocks.1`` is that block only: not ``single_transformer_blocks.1`` (diffusers' substring rule)."""
+    _, mine = both("flux")
+    mine.load_lora_weights(diffusers_file("flux", tmp_path), adapter_name="a")
+    mine.set_adapters("a", {"transformer": {"transformer_blocks.1": 0.25, "single_transformer_blocks": 0.5}})
+    got = run(mine)
+    # The same blend built by hand: the LoRA's B scaled per block in a second copy of the file.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "flux-1.safetensors")
+    for key in tensors:
+        if ".lora_B." in key and key.startswith("transformer.transformer_blocks.1."):
+            tensors[key] = tensors[key] * 0.25
+        elif ".lora_B." in key and key.startswith("transformer.single_transformer_blocks."):
+            tensors[key] = tensors[key] * 0.5
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "flux-1.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(tmp_path / "by-hand.safetensors"), metadata=metadata)
+    ref, _ = both("flux")
+    base = run(ref)
+    ref.load_lora_weights(str(tmp_path / "by-hand.safetensors"), adapter_name="a")
+    assert_close(got, run(ref), base)
+
+
+def test_dit_block_weights_that_name_no_module_are_refused_and_change_nothing(tmp_path):
+    _, mine = both("sd3")
+    mine.load_lora_weights(diffusers_file("sd3", tmp_path), adapter_name="a")
+    mine.set_adapters("a", 0.5)
+    before = run(mine)
+    with pytest.raises(LoraError, match="transformer_blocks.7"):
+        mine.set_adapters("a", {"transformer": {"transformer_blocks.7": 0.0}})
+    assert torch.equal(run(mine), before)
