@@ -625,6 +625,9 @@ def _convert(src: str, dst: str, to: str, model: str | None, dtype: str, timings
         source = read_source(src)
         converted = convert(source.tensors, source.metadata, source.adapter_config)
         family, _ = detect_family(converted.deltas, source.metadata, source.adapter_config)
+    if not converted.deltas and not converted.module_copies:
+        sample = sorted(source.tensors)[:3]
+        raise LoraError(f"{source.name}: not a LoRA file: no LoRA module among its {len(source.tensors)} keys (first: {sample})")
     if model is None and family == "causal-lm":
         model = (source.adapter_config or {}).get("base_model_name_or_path")
         if not model:
