@@ -44,6 +44,8 @@ class LoraPipelineMixin(LoraHost, LoraLifecycle):
         components = self._lora_components()
         if symbolic == "denoiser":
             return "unet" if "unet" in components else ("transformer" if "transformer" in components else None)
+        if symbolic == "t5":  # the T5 encoder, whichever slot the pipeline gives it
+            return next((n for n in ("text_encoder_3", "text_encoder_2") if "T5" in type(components.get(n)).__name__), None)
         return symbolic if symbolic in components else None
 
     def _lora_component_weights(self, name: str, weights: dict) -> dict[str, ComponentWeight]:

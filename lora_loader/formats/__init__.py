@@ -1,7 +1,7 @@
 """Formats: pure functions from a file's raw keys to the canonical form.
 
 ``convert(tensors, metadata, adapter_config)`` splits the keys between the
-converters that recognise them (Kohya / sd-scripts, diffusers / PEFT) and
+converters that recognise them (Kohya / sd-scripts, XLabs, ComfyUI, diffusers / PEFT) and
 returns one `ConvertedLora`. A new format is one new module here and one
 entry in `_CONVERTERS`; nothing else changes.
 """
@@ -15,12 +15,15 @@ import torch
 
 from ..delta import LoraDelta
 from ..errors import LoraFormatError
+from . import comfyui as comfyui_format
 from . import diffusers as diffusers_format
 from . import kohya as kohya_format
+from . import xlabs as xlabs_format
 
 # Symbolic component names a converter may emit. "denoiser" is whichever of
 # unet / transformer the host has (or the whole model for a plain nn.Module).
-COMPONENTS = ("denoiser", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# "t5" is the T5 encoder wherever the pipeline has it (text_encoder_3 in SD3, text_encoder_2 in Flux).
+COMPONENTS = ("denoiser", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "t5")
 
 
 @dataclass
@@ -51,9 +54,12 @@ class ConvertedLora:
         return "+".join(self.formats) if self.formats else "unknown"
 
 
-# (name, claims(key) -> bool, convert(tensors, configs) -> ConvertedLora), tried in order.
+# (name, claims(key) -> bool, convert(tensors, configs) -> ConvertedLora), tried in order: XLabs and
+# ComfyUI before diffusers, whose suffix rules would claim their lora_A / _lora.down keys too.
 _CONVERTERS = (
     ("kohya", kohya_format.claims, kohya_format.convert),
+    ("xlabs", xlabs_format.claims, xlabs_format.convert),
+    ("comfyui", comfyui_format.claims, comfyui_format.convert),
     ("diffusers", diffusers_format.claims, diffusers_format.convert),
 )
 

@@ -8,7 +8,7 @@ underscore-mangled module path:
 ``lora_te_``       ``text_encoder`` (SD 1.x / 2.x)
 ``lora_te1_``      ``text_encoder`` (SDXL CLIP-L)
 ``lora_te2_``      ``text_encoder_2`` (SDXL CLIP-G)
-``lora_te3_``      ``text_encoder_3``
+``lora_te3_``      the T5 encoder (``text_encoder_3`` in SD3, ``text_encoder_2`` in Flux)
 =================  ================
 
 Suffixes: ``.lora_down.weight`` ([r, in] or [r, in, kh, kw]),
@@ -33,7 +33,7 @@ PREFIXES = (
     ("lora_unet_", "denoiser"),
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
-    ("lora_te3_", "text_encoder_3"),
+    ("lora_te3_", "t5"),  # sd-scripts' SD3 and Flux networks both call T5-XXL te3
     ("lora_te_", "text_encoder"),
     ("lycoris_", "denoiser"),  # LyCORIS' own wrapper (SimpleTuner): lycoris_<mangled path>
 )
