@@ -1,17 +1,19 @@
 """The ``lora-loader`` command: inspect, convert, generate, demo.
 
-    lora-loader inspect FILE [--json]
+    lora-loader inspect FILE [--json [--compact]]
     lora-loader convert IN OUT --to kohya|diffusers|peft [--model MODEL] [--dtype keep|fp16|bf16|fp32] [--force]
-    lora-loader generate --model REPO_OR_FOLDER --lora FILE[:WEIGHT] ... --prompt TEXT [--negative-prompt TEXT]
-                         [--steps N] [--seed N] [--width W] [--height H] [--guidance-scale G] [--out PATH]
-    lora-loader demo [--llm] [--out gallery/] [--steps N] [--seed N]
+    lora-loader generate --model REPO_OR_FOLDER --prompt TEXT [--lora FILE[:WEIGHT]]... [--negative-prompt TEXT]
+                         [--steps N] [--seed N] [--width W] [--height H] [--guidance-scale G] [--num-images N]
+                         [--out PATH] [--device DEV] [--dtype fp16|bf16|fp32]
+    lora-loader demo [--out gallery/] [--steps N] [--seed N]
+    lora-loader demo --llm [--max-new-tokens N] [--threads N] [--out DIR]
 
 Every command also takes ``--debug`` (show the traceback of an error). Errors
 are one line on stderr, ``lora-loader: error: ...``, and a non-zero exit code.
+``python -m lora_loader`` is the same command.
 
-Only the standard library is imported here at start-up; torch, diffusers and
-transformers are imported by the command that needs them, so ``--help`` and
-argument errors are instant.
+diffusers, transformers and accelerate are imported only by the command that
+needs them (the lora_loader package itself brings torch).
 """
 
 from __future__ import annotations
@@ -148,9 +150,10 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     if family is None and (unet or "text_encoder" in components):
         family = "sd1/sd2"
         evidence.append("UNet / CLIP text encoder names")
-    if family in (None, "sd1/sd2") and hinted:
+    # The header decides only what names and widths leave open: nothing found, or "some SD UNet".
+    if hinted and (family is None or (family == "sd1/sd2" and hinted in ("sd1", "sd2", "sdxl"))):
         evidence.append(f"header metadata names {FAMILY_LABELS[hinted]}")
-        family = hinted if family is None or hinted in ("sd1", "sd2", "sd1/sd2") else family
+        family = hinted
     if family is None:
         return "unknown", evidence or ["no known block names"]
     return family, evidence
@@ -188,10 +191,6 @@ def _truncate(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[:limit] + f"... ({len(value)} chars)"
 
 
-def _resolve_weights_path(name: str) -> str | None:
-    return name if os.path.isfile(name) else None
-
-
 def inspect_lora(src: str, metadata_chars: int = 200) -> dict[str, Any]:
     """Everything `lora-loader inspect` reports about a LoRA file or PEFT folder, as a JSON-ready dict.
 
@@ -206,7 +205,7 @@ def inspect_lora(src: str, metadata_chars: int = 200) -> dict[str, Any]:
     converted = convert(source.tensors, source.metadata, source.adapter_config)
     family, evidence = detect_family(converted.deltas, source.metadata, source.adapter_config)
     denoiser = _DENOISER_NAME.get(family, "model")
-    weights_path = _resolve_weights_path(source.name)
+    weights_path = source.name if os.path.isfile(source.name) else None  # None: a Hub file
     size = os.path.getsize(weights_path) if weights_path else sum(t.numel() * t.element_size() for t in source.tensors.values())
     config_path = os.path.join(os.path.dirname(weights_path), "adapter_config.json") if weights_path else None
     if source.adapter_config is not None and config_path and os.path.isfile(config_path):
