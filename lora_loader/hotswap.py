@@ -48,7 +48,7 @@ def check(adapter, delta, source_name: str) -> None:
     new = dict(delta.factors) if isinstance(delta, WeightDelta) else {}
     if not isinstance(delta, WeightDelta) or delta.kind != adapter.kind or set(new) != set(have) or any(
         tuple(new[k].shape) != tuple(have[k].shape) for k in have
-    ) or (delta.dora_scale is None) != (adapter.dora_scale is None):
+    ) or (delta.dora_scale is None) != (adapter.dora_scale is None) or delta.rows != adapter.rows:
         got = delta.kind if isinstance(delta, WeightDelta) else "lora"
         raise LoraError(
             f"{source_name}: hotswap of a {adapter.kind} adapter needs a {adapter.kind} file with the same factor "

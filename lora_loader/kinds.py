@@ -109,6 +109,10 @@ class WeightDelta:
     alpha: float | None = None
     keys: tuple[str, ...] = field(default_factory=tuple)
     dora_scale: torch.Tensor | None = None
+    # Row ranges [start, stop) of the factors' dense product, concatenated: one part of a fused
+    # projection (Flux's qkv, linear1) whose factors are shared with the other parts, as a fused
+    # LoRA shares its A, or rows in another order (Flux's final modulation, (shift, scale) swapped).
+    rows: tuple[tuple[int, int], ...] | None = None
 
     @property
     def rank(self) -> int:
@@ -131,11 +135,25 @@ class WeightDelta:
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """The unscaled dense weight delta (None for a bias-only full diff)."""
-        return dense(self.kind, {k: v.to(dtype) for k, v in self.factors.items()})
+        return take_rows(dense(self.kind, {k: v.to(dtype) for k, v in self.factors.items()}), self.rows)
 
     def dense_shape(self) -> tuple[int, ...] | None:
         """The dense delta's shape, from the factor shapes alone (None when they do not chain)."""
-        return dense_shape(self.kind, {k: tuple(v.shape) for k, v in self.factors.items()})
+        shape = dense_shape(self.kind, {k: tuple(v.shape) for k, v in self.factors.items()})
+        if self.rows is None or shape is None:
+            return shape
+        if not all(0 <= start < stop <= shape[0] for start, stop in self.rows):
+            return None
+        return (sum(stop - start for start, stop in self.rows), *shape[1:])
+
+
+def take_rows(tensor: torch.Tensor | None, rows: tuple[tuple[int, int], ...] | None) -> torch.Tensor | None:
+    """``tensor``'s row ranges, concatenated (all of it when ``rows`` is None)."""
+    if tensor is None or rows is None:
+        return tensor
+    if len(rows) == 1:
+        return tensor[rows[0][0] : rows[0][1]]
+    return torch.cat([tensor[start:stop] for start, stop in rows])
 
 
 def factor_rank(kind: str, f: dict) -> int:

@@ -168,6 +168,7 @@ class WeightDeltaAdapter(nn.Module):
             dropout=_no_dropout,
             dropout_p=0.0,
             _factor_value=float("nan"),
+            rows=delta.rows,
         )
         self._buffers["factor"] = torch.zeros((), dtype=compute_dtype, device=device)
         self._non_persistent_buffers_set.add("factor")
@@ -194,10 +195,10 @@ class WeightDeltaAdapter(nn.Module):
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The unscaled delta in the base weight's ``[out, in, ...]`` layout (None for a bias-only diff)."""
-        from .kinds import dense
+        from .kinds import dense, take_rows
 
         factors = {s: _in(self._parameters[n], dtype) for s, n in self._names.items()}
-        delta = dense(self.kind, factors)
+        delta = take_rows(dense(self.kind, factors), self.rows)
         return None if delta is None else delta.reshape(self.weight_shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -212,7 +213,7 @@ class WeightDeltaAdapter(nn.Module):
         factors = {s: t.detach() for s, t in self.factors().items()}
         dora = None if self.dora_scale is None else self.dora_scale.detach()
         alpha = None if self.kind in ("full", "norm") else self.alpha
-        return WeightDelta(self.kind, factors, alpha, dora_scale=dora)
+        return WeightDelta(self.kind, factors, alpha, dora_scale=dora, rows=self.rows)
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.dora_scale is not None else ""

@@ -98,9 +98,21 @@ def _kohya_name(component: str, path: str, module_root, sgm: dict) -> str:
         if sgm:  # SDXL: sd-scripts writes Stability's block names
             path = _sgm_name(path, sgm) or path
         return KOHYA_PREFIX[component] + mangle(path)
-    if not path.startswith("text_model."):
+    if "T5" in type(module_root).__name__:
+        return "lora_te3_" + mangle(path)  # sd-scripts calls T5-XXL te3 in SD3 and in Flux alike
+    if component != "model" and not path.startswith("text_model."):
         path = "text_model." + path  # Kohya spells CLIP paths with text_model_ whatever transformers does
     return KOHYA_PREFIX[component] + mangle(path)
+
+
+def _as_full_diff(delta: WeightDelta) -> WeightDelta:
+    """A part of a fused LyCORIS module (its rows of shared factors) as the full diff it amounts to.
+
+    The part alone is no LoHa / LoKr (its factors belong to the whole fused projection),
+    so Kohya layout gets its dense change, which loads back to the same outputs.
+    """
+    diff = (delta.dense(torch.float32) * delta.scale).to(next(iter(delta.factors.values())).dtype)
+    return WeightDelta("full", {"diff": diff}, None, dora_scale=delta.dora_scale)
 
 
 def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
@@ -112,6 +124,8 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
     for component, modules in deltas.items():
         for path, delta in modules.items():
             if isinstance(delta, WeightDelta):
+                if delta.rows is not None:
+                    delta = _as_full_diff(delta)
                 name = _kohya_name(component, path, components.get(component), sgm)
                 if component == "text_encoder" and single_te:
                     name = "lora_te_" + name[len("lora_te1_"):]

@@ -155,15 +155,110 @@ def test_a_fused_up_that_does_not_split_is_refused_by_key(tmp_path):
     assert not any(hasattr(m, "lora_adapters") for m in model.modules())
 
 
-@pytest.mark.parametrize("module", ["double_blocks_0_img_attn_qkv", "final_layer_adaLN_modulation_1"])
-def test_a_loha_on_fused_or_reordered_flux_rows_is_refused_by_key(module):
+def lycoris_flux_file() -> tuple[dict, dict]:
+    """LyCORIS kinds on fused and reordered Flux rows, and the dense change each diffusers weight must get.
+
+    The dense products come from lycoris-lora's own functional ``diff_weight`` (the scale
+    alpha / rank applied once), so lora_loader's rebuild is not its own reference.
+    """
+    from lycoris.functional import loha, lokr
+
+    g = torch.Generator().manual_seed(7)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    sd, changes = {}, {}
+    # LoHa on the image qkv of double block 0: rows [q | k | v].
+    w = {"hada_w1_a": rand(96, 2), "hada_w1_b": rand(2, 32), "hada_w2_a": rand(96, 2), "hada_w2_b": rand(2, 32)}
+    sd |= {f"lora_unet_double_blocks_0_img_attn_qkv.{k}": v for k, v in w.items()}
+    sd["lora_unet_double_blocks_0_img_attn_qkv.alpha"] = torch.tensor(1.0)
+    d = loha.diff_weight(w["hada_w1_b"], w["hada_w1_a"], w["hada_w2_b"], w["hada_w2_a"], None, None, gamma=1.0) * 0.5
+    for part, rows in zip(("to_q", "to_k", "to_v"), d.chunk(3)):
+        changes[f"transformer_blocks.0.attn.{part}.weight"] = rows
+    # LoKr on single block 0's linear1: rows [q | k | v | mlp] = [32, 32, 32, 128]; the kron's 28-row
+    # tiles do not line up with the parts' boundaries.
+    w = {"lokr_w1": rand(8, 4), "lokr_w2_a": rand(28, 2), "lokr_w2_b": rand(2, 8)}
+    sd |= {f"lora_unet_single_blocks_0_linear1.{k}": v for k, v in w.items()}
+    sd["lora_unet_single_blocks_0_linear1.alpha"] = torch.tensor(3.0)
+    # functional.lokr takes gamma = alpha and divides by the rank itself: alpha 3 / rank 2.
+    d = lokr.diff_weight(w["lokr_w1"], None, None, None, w["lokr_w2_a"], w["lokr_w2_b"], None, gamma=3.0)
+    for part, rows in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), d.split([32, 32, 32, 128])):
+        changes[f"single_transformer_blocks.0.{part}.weight"] = rows
+    # A full diff (weight and bias) on the text qkv of double block 1.
+    diff, diff_b = rand(96, 32), rand(96)
+    sd["lora_unet_double_blocks_1_txt_attn_qkv.diff"], sd["lora_unet_double_blocks_1_txt_attn_qkv.diff_b"] = diff, diff_b
+    for part, rows, bias in zip(("add_q_proj", "add_k_proj", "add_v_proj"), diff.chunk(3), diff_b.chunk(3)):
+        changes[f"transformer_blocks.1.attn.{part}.weight"] = rows
+        changes[f"transformer_blocks.1.attn.{part}.bias"] = bias
+    # LoHa on the final modulation: BFL's rows are (shift, scale), diffusers' (scale, shift).
+    w = {"hada_w1_a": rand(64, 2), "hada_w1_b": rand(2, 32), "hada_w2_a": rand(64, 2), "hada_w2_b": rand(2, 32)}
+    sd |= {f"lora_unet_final_layer_adaLN_modulation_1.{k}": v for k, v in w.items()}
+    d = loha.diff_weight(w["hada_w1_b"], w["hada_w1_a"], w["hada_w2_b"], w["hada_w2_a"], None, None, gamma=1.0)
+    shift, scale = d.chunk(2)
+    changes["norm_out.linear.weight"] = torch.cat([scale, shift])
+    return sd, changes
+
+
+def patched_output(changes: dict, weight: float = 1.0) -> torch.Tensor:
+    model = tiny_flux()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, change in changes.items():
+            params[name].add_(weight * change)
+        return model(**inputs()).sample
+
+
+def test_lycoris_kinds_on_fused_and_reordered_flux_rows_match_lycoris_dense_weights(tmp_path):
+    sd, changes = lycoris_flux_file()
     model = lora_loader.attach(tiny_flux())
-    rows = {"double_blocks_0_img_attn_qkv": 96, "final_layer_adaLN_modulation_1": 64}[module]
+    with torch.no_grad():
+        base = model(**inputs()).sample
+    model.load_lora_weights(sd, adapter_name="ly")
+    expected = patched_output(changes)
+    assert (expected - base).abs().max() > 1e-2
+
+    def out():
+        with torch.no_grad():
+            return model(**inputs()).sample
+
+    torch.testing.assert_close(out(), expected, rtol=1e-4, atol=1e-4)
+    model.set_adapters("ly", 0.5)
+    torch.testing.assert_close(out(), patched_output(changes, 0.5), rtol=1e-4, atol=1e-4)
+    model.set_adapters("ly", 1.0)
+    model.disable_lora()
+    assert torch.equal(out(), base)
+    model.enable_lora()
+    model.fuse_lora()
+    torch.testing.assert_close(out(), expected, rtol=1e-4, atol=1e-4)
+    model.unfuse_lora()
+    torch.testing.assert_close(out(), expected, rtol=1e-4, atol=1e-4)
+    model.disable_lora()
+    assert torch.equal(out(), base), "unfuse gives the base weights back exactly"
+    model.enable_lora()
+    path = model.save_lora_weights(tmp_path / "ly.safetensors", "ly", format="kohya")
+    again = lora_loader.attach(tiny_flux())
+    again.load_lora_weights(path, adapter_name="ly")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs()).sample, out(), rtol=0, atol=1e-6)
+    model.unload_lora_weights()
+    assert torch.equal(out(), base)
+
+
+def test_the_parts_of_a_fused_lycoris_module_share_its_factors():
+    sd, _ = lycoris_flux_file()
+    model = lora_loader.attach(tiny_flux())
+    model.load_lora_weights(sd, adapter_name="ly")
+    block = model.single_transformer_blocks[0]
+    parts = [block.attn.to_q, block.attn.to_k, block.attn.to_v, block.proj_mlp]
+    assert [tuple(m.lora_adapters["ly"].dense(torch.float32).shape) for m in parts] == [(32, 32)] * 3 + [(128, 32)]
+
+
+def test_a_fused_lycoris_module_whose_rows_do_not_split_is_refused_by_key():
+    model = lora_loader.attach(tiny_flux())
     g = torch.Generator().manual_seed(0)
-    sd = {f"lora_unet_{module}.hada_{w}": torch.randn(*s, generator=g) for w, s in
-          (("w1_a", (rows, 2)), ("w1_b", (2, 32)), ("w2_a", (rows, 2)), ("w2_b", (2, 32)))}  # fmt: skip
-    sd["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"] = torch.randn(2, 32, generator=g)
-    sd["lora_unet_double_blocks_0_img_attn_proj.lora_up.weight"] = torch.randn(32, 2, generator=g)
-    with pytest.raises(LoraError, match=f"lora_unet_{module}.hada_w1_a"):
+    sd = {f"lora_unet_double_blocks_0_img_attn_qkv.hada_{w}": torch.randn(*s, generator=g) for w, s in
+          (("w1_a", (95, 2)), ("w1_b", (2, 32)), ("w2_a", (95, 2)), ("w2_b", (2, 32)))}  # fmt: skip
+    with pytest.raises(LoraError, match="lora_unet_double_blocks_0_img_attn_qkv.hada_w1_a"):
         model.load_lora_weights(sd, adapter_name="k")
     assert not any(hasattr(m, "lora_adapters") for m in model.modules())

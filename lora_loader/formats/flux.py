@@ -6,18 +6,22 @@ rows, and ``single_blocks_{i}_linear1`` is ``to_q``/``to_k``/``to_v``/``proj_mlp
 (``[d, d, d, 4d]``, Flux's MLP ratio 4). A LoRA on a fused projection is one
 product ``B @ A`` over the fused output rows; here each diffusers module gets the
 same ``A`` tensor (shared, not copied) and its own slice of ``B``'s rows, which
-is that product restricted to its rows. The final layer's adaLN modulation is
+is that product restricted to its rows; a LyCORIS kind keeps its factors whole
+and each part takes its rows of their dense product. The final layer's adaLN modulation is
 ``(shift, scale)`` in BFL's order and ``(scale, shift)`` in diffusers', so its
 ``B`` rows are swapped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import re
 
 import torch
 
 from ..delta import LoraDelta
+from ..kinds import dora_on_output, take_rows
 
 _DOUBLE = {
     "img_attn_proj": "attn.to_out.0",
@@ -85,18 +89,48 @@ def split_rows(name: str, rows: int, parts: int) -> list[int] | None:
 def convert_module(name: str, delta) -> tuple[list[tuple[str, object]], str | None]:
     """``([(diffusers path, delta)], None)`` for one BFL-named module, or ``([], why)``.
 
-    LyCORIS kinds are renamed where the module maps one to one; on a fused
-    projection or the reordered final modulation they are refused (LoRA is split).
+    A LoRA on a fused projection is split by rows of ``up`` (``down`` shared); any
+    other kind keeps its factors whole, shared by the parts, and each part takes
+    its row range of their dense product (a full diff is simply cut by rows, a
+    DoRA scale by output rows). The final modulation's rows are swapped.
     """
     target = targets(name)
     if target is None:
         return [], f"'{name}' is no Flux module lora_loader knows (double_blocks_*, single_blocks_*, img_in, ...)"
-    if not isinstance(delta, LoraDelta):
-        if isinstance(target, str) and name != "final_layer_adaLN_modulation_1":
-            return [(target, delta)], None
-        return [], f"a {delta.kind} delta on Flux's '{name}' (fused or reordered rows) is not supported yet; LoRA is"
+    swap = name == "final_layer_adaLN_modulation_1"
+    if isinstance(delta, LoraDelta):
+        return _split_lora(name, target, delta, swap)
+    if isinstance(target, str) and not swap:
+        return [(target, delta)], None
+    shape = delta.dense_shape()
+    if shape is None:
+        return [], f"its {delta.kind} factors do not multiply out to one weight"
+    total = shape[0]
+    if swap:
+        paths, ranges = (target,), [((total // 2, total), (0, total // 2))]
+    else:
+        sizes = split_rows(name, total, len(target))
+        if sizes is None:
+            return [], f"its weight has {total} rows, which do not split into Flux's {len(target)} fused projections"
+        bounds = [0] + list(itertools.accumulate(sizes))
+        paths, ranges = target, [((a, b),) for a, b in zip(bounds, bounds[1:])]
+    dora = delta.dora_scale
+    if dora is not None and not dora_on_output(dora, shape):
+        return [], "a DoRA scale on the input axis of a fused projection spans all its parts and cannot be split"
+    out = []
+    for path, rows in zip(paths, ranges):
+        part_dora = take_rows(dora, rows)
+        if delta.kind == "full":  # diff and diff_b are row-indexed already: cut them, nothing to share
+            factors = {k: take_rows(v, rows) for k, v in delta.factors.items()}
+            out.append((path, dataclasses.replace(delta, factors=factors, dora_scale=part_dora)))
+        else:
+            out.append((path, dataclasses.replace(delta, rows=rows, dora_scale=part_dora)))
+    return out, None
+
+
+def _split_lora(name: str, target, delta: LoraDelta, swap: bool):
     up = delta.up
-    if name == "final_layer_adaLN_modulation_1":
+    if swap:
         shift, scale = up.chunk(2, dim=0)
         up = torch.cat([scale, shift], dim=0)
     if isinstance(target, str):
