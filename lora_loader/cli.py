@@ -102,55 +102,63 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     metadata = metadata or {}
     evidence: list[str] = []
     components = {c for c, _ in deltas}
-    names = {c: [m.replace(".", "_") for cc, m in deltas if cc == c] for c in components}
-    denoiser = names.get("denoiser", [])
-    hinted = _family_from_metadata(metadata)
+    # A converter files a prefixed key under "unet"/"transformer" and an unprefixed one under "denoiser".
+    denoiser = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c in ("denoiser", "unet", "transformer")]
+    text_encoder = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c == "text_encoder"]
+    names = [n for n, _ in denoiser]
+    unet = [n for n in names if any(marker in n for marker in _UNET_MARKERS)]
 
-    def width_family(pattern: str, table: dict, component: str) -> tuple[str | None, int | None]:
-        for (c, m), delta in deltas.items():
-            if c == component and re.search(pattern, m.replace(".", "_")):
-                width = _in_features(delta)
-                return table.get(width), width
-        return None, None
+    def first(items, pattern: str):
+        """The first delta whose module name matches ``pattern``, or None."""
+        return next((d for n, d in items if re.search(pattern, n)), None)
 
     if (adapter_config or {}).get("task_type") == "CAUSAL_LM":
         return "causal-lm", ["adapter_config.json says task_type CAUSAL_LM"]
-    if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in denoiser):
+    if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
-    unet = [n for n in denoiser if any(marker in n for marker in _UNET_MARKERS)]
     if "text_encoder_3" in components:
         return "sd3", ["keys for a third text encoder (lora_te3_ / text_encoder_3)"]
-    if not unet and any("transformer_blocks_" in n for n in denoiser):
-        family, width = width_family(r"transformer_blocks_\d+_attn_to_q$", {3072: "flux"}, "denoiser")
-        if family == "flux":
+    if not unet and any("transformer_blocks_" in n for n in names):
+        to_q = first(denoiser, r"transformer_blocks_\d+_attn_to_q$")
+        width = _in_features(to_q) if to_q is not None else None
+        if width == 3072:
             return "flux", ["DiT transformer_blocks with attention width 3072 (Flux)"]
-        return "sd3", [f"DiT transformer_blocks (joint attention) with attention width {width} (SD3)"]
-    if not unet and any(p.search(n) for p in _LM_PATTERNS for n in denoiser) and not any("encoder_layers_" in n for n in denoiser):
+        return "sd3", [f"DiT transformer_blocks (joint attention), attention width {width} (SD3)"]
+    if not unet and any(p.search(n) for p in _LM_PATTERNS for n in names) and not any("encoder_layers_" in n for n in names):
         return "causal-lm", ["decoder layer names (layers.N.self_attn / mlp)"]
 
     family = None
     if "text_encoder_2" in components:
         family = "sdxl"
         evidence.append("keys for a second text encoder (lora_te2_ / text_encoder_2)")
-    cross, width = width_family(r"attn2_to_[kv]$", _CROSS_ATTENTION_WIDTH, "denoiser")
+    cross = first(denoiser, r"attn2_to_[kv]$")
+    width = _in_features(cross) if cross is not None else None
     if width is not None:
-        evidence.append(f"cross-attention input width {width}" + ("" if cross else " (not a known SD size)"))
-        family = family or cross
+        known = _CROSS_ATTENTION_WIDTH.get(width)
+        evidence.append(f"cross-attention input width {width}" + ("" if known else " (not a known SD size)"))
+        family = family or known
     if family is None and any(n.startswith(("input_blocks_", "output_blocks_", "middle_block_")) or "add_embedding_" in n or "label_emb_" in n for n in unet):
         family = "sdxl"
         evidence.append("Stability UNet block names / add_embedding (SDXL's layout in sd-scripts)")
     if family is None and any(re.search(r"transformer_blocks_[2-9]_", n) for n in unet):
         family = "sdxl"
         evidence.append("more than 2 transformer blocks per attention (SDXL depth 2/10)")
-    if family is None and "text_encoder" in components:
-        te, te_width = width_family(r"self_attn_q_proj$", _TEXT_ENCODER_WIDTH, "text_encoder")
-        if te_width is not None:
-            evidence.append(f"text encoder width {te_width}")
-            family = te
-    if family is None and (unet or "text_encoder" in components):
+    proj = first(denoiser, r"attentions_\d+_proj_(in|out)$")
+    if family is None and getattr(proj, "down", None) is not None:
+        # SD 1.x's proj_in/proj_out are 1x1 convs (a 4-D lora_down); SD 2.x and SDXL use linear projections.
+        conv = proj.down.dim() == 4
+        family = "sd1" if conv else "sd2"
+        evidence.append(f"{'1x1 conv' if conv else 'linear'} proj_in/proj_out")
+    q_proj = first(text_encoder, r"self_attn_q_proj$")
+    te_width = _in_features(q_proj) if q_proj is not None else None
+    if family is None and te_width is not None:
+        evidence.append(f"text encoder width {te_width}" + ("" if te_width in _TEXT_ENCODER_WIDTH else " (not a known CLIP size)"))
+        family = _TEXT_ENCODER_WIDTH.get(te_width)
+    if family is None and (unet or text_encoder):
         family = "sd1/sd2"
         evidence.append("UNet / CLIP text encoder names")
     # The header decides only what names and widths leave open: nothing found, or "some SD UNet".
+    hinted = _family_from_metadata(metadata)
     if hinted and (family is None or (family == "sd1/sd2" and hinted in ("sd1", "sd2", "sdxl"))):
         evidence.append(f"header metadata names {FAMILY_LABELS[hinted]}")
         family = hinted
@@ -381,7 +389,6 @@ SKELETONS: dict[str, dict[str, Any]] = {
         }),
     },
 }  # fmt: skip
-SKELETONS["sd1/sd2"] = SKELETONS["sd1"]  # width unknown (no cross-attention key): SD 1.5's shapes are the common case
 
 
 def _materialize(module):
@@ -435,14 +442,36 @@ def build_skeleton(family: str):
     return _skeleton_class()(components)
 
 
+def _load_on_builtin(src: str, family: str):
+    """``(host, description, report)``: ``src`` loaded on the built-in skeleton of ``family``.
+
+    A file whose widths did not tell SD 1.x from 2.x ("sd1/sd2") is tried on SD 1.5, then on
+    SD 2.1 (their module names agree; shapes such as SD 2's linear ``proj_in`` do not).
+    """
+    from .errors import LoraError
+
+    first = None
+    for candidate in ("sd1", "sd2") if family == "sd1/sd2" else (family,):
+        host = build_skeleton(candidate)
+        name = f"built-in {SKELETONS[candidate]['repo']} skeleton"
+        try:
+            return host, name, host.load_lora_weights(src, adapter_name="source")
+        except LoraError as err:
+            first = first or LoraError(f"{err} [converting against the {name}; pass --model if the file is for another model]")
+    raise first
+
+
 def _hub_file(model: str, filename: str) -> str | None:
     """A file of a local folder or of a Hub repo (downloaded, or from the cache when offline); None if absent."""
     if os.path.isdir(model):
         path = os.path.join(model, filename)
         return path if os.path.isfile(path) else None
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+        cached = try_to_load_from_cache(model, filename)  # no network: a cached config is all we need
+        if isinstance(cached, str):
+            return cached
         return hf_hub_download(model, filename)
     except Exception:  # not found, offline and not cached, not a repo id: the caller says what was tried
         return None
@@ -575,6 +604,17 @@ def _same_adapter(a, b, exact: bool) -> str | None:
     return None
 
 
+def _down_shapes(deltas: dict) -> Counter:
+    """How many modules have each ``lora_down`` shape (LyCORIS kinds: each factor's shape); layout-independent."""
+    shapes: Counter = Counter()
+    for delta in deltas.values():
+        if hasattr(delta, "factors"):
+            shapes.update((name, tuple(t.shape)) for name, t in delta.factors.items())
+        else:
+            shapes[("down", tuple(delta.down.shape))] += 1
+    return shapes
+
+
 def _remove_written(path: str) -> None:
     """Delete a conversion's output (a file, or the files save_adapter wrote into a folder)."""
     if os.path.isdir(path):
@@ -604,7 +644,7 @@ def convert_lora(src: str, dst: str, to: str, model: str | None = None, dtype: s
     if os.path.exists(dst) and not force and not (os.path.isdir(dst) and not os.listdir(dst)):
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
     timings: dict[str, float] = {}
-    bar = _progress_bar(5, "convert") if progress else None
+    bar = _progress_bar(4, "convert") if progress else None
     try:
         return _convert(src, dst, to, model, dtype, timings, lambda name: _step(bar, name, timings))
     finally:
@@ -613,7 +653,7 @@ def convert_lora(src: str, dst: str, to: str, model: str | None = None, dtype: s
 
 
 def _convert(src: str, dst: str, to: str, model: str | None, dtype: str, timings: dict[str, float], step) -> dict[str, Any]:
-    """`convert_lora`'s work, one timed ``step`` each: read, build the model, load, save, verify."""
+    """`convert_lora`'s work, one timed ``step`` each: read, build the model and load, save, verify."""
     import torch
 
     from .errors import LoraError
@@ -631,20 +671,13 @@ def _convert(src: str, dst: str, to: str, model: str | None, dtype: str, timings
         model = (source.adapter_config or {}).get("base_model_name_or_path")
         if not model:
             raise ValueError(f"{src} is a causal-LM adapter without base_model_name_or_path; pass --model (a model folder or repo id)")
-    with step("build model"):
+    with step("build model + load"):
         if model is not None:
             host = skeleton_from_pretrained(model, with_weights=bool(converted.base_weights))
             model_name = f"model {model}"
-        else:
-            host = build_skeleton(family)
-            model_name = f"built-in {SKELETONS[family]['repo']} skeleton"
-    with step("load"):
-        try:
             report = host.load_lora_weights(src, adapter_name="source")
-        except Exception as err:
-            if model is None and isinstance(err, LoraError):
-                raise LoraError(f"{err} [converting against the {model_name}; pass --model if the file is for another model]") from None
-            raise
+        else:
+            host, model_name, report = _load_on_builtin(src, family)
     with step("save"):
         written = host.save_lora_weights(dst, adapter_name="source", format=to)
         weights = _weights_file(written)
@@ -664,6 +697,16 @@ def _convert(src: str, dst: str, to: str, model: str | None, dtype: str, timings
                 f"lora_loader wrote {written} as {to!r} but cannot load it back, so it was removed "
                 f"(a lora_loader bug; try another --to): {' '.join(str(err).split())[:300]}"
             ) from err
+        # Module kinds of the model must be the file's: a Linear LoRA written for a 1x1 Conv2d model (or back)
+        # would load in lora_loader but not in diffusers/peft. The down factors are the same in every layout.
+        reread = read_source(written)
+        written_deltas = convert(reread.tensors, reread.metadata, reread.adapter_config).deltas
+        if _down_shapes(written_deltas) != _down_shapes(converted.deltas):
+            _remove_written(written)
+            raise LoraError(
+                f"the {model_name} has other module kinds than {src} was made for (Linear vs Conv2d factor shapes "
+                "changed); removed the output; pass --model with the file's base model"
+            )
         registry = host._lora_existing_registry()
         first, second = registry.adapters["source"], registry.adapters["written"]
         paths_a = {(c, p) for c, p, _ in first.layers}

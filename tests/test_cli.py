@@ -160,7 +160,9 @@ def test_inspect_sd_scripts_sdxl_file_reports_what_was_written(capsys, tmp_path)
 def test_inspect_diffusers_file_reads_rank_and_alpha_from_the_header(capsys, tmp_path):
     path, state_dicts = diffusers_file("sd", tmp_path)
     info = inspect_json(capsys, path)
-    assert info["format"] == "diffusers" and info["family"] == "sd1/sd2"  # tiny widths: SD 1.x or 2.x by its names
+    # Tiny widths say nothing, but proj_in is a 1x1 conv as in SD 1.x (SD 2.x and SDXL use linear projections).
+    assert info["format"] == "diffusers" and info["family"] == "sd1"
+    assert "1x1 conv proj_in/proj_out" in info["family_evidence"]
     unet_keys = [k for k in state_dicts["unet"] if k.endswith("lora_A.weight")]
     te_keys = [k for k in state_dicts["text_encoder"] if k.endswith("lora_A.weight")]
     n_to_k = sum(".to_k." in k for k in unet_keys)
@@ -207,6 +209,34 @@ def test_inspect_tells_families_apart_by_real_widths(capsys, tmp_path, family):
     assert any(f"cross-attention input width {width}" in e for e in info["family_evidence"])
 
 
+def _pair(stem: str, down: tuple, up: tuple, kohya: bool) -> dict[str, torch.Tensor]:
+    a, b = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
+    return {stem + a: torch.ones(down), stem + b: torch.ones(up)}
+
+
+ATTN1_Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+FAMILY_CASES = {
+    "flux-kohya": (_pair("lora_unet_double_blocks_0_img_attn_qkv", (4, 3072), (9216, 4), True), {}, "flux"),
+    "flux-diffusers": (_pair("transformer.single_transformer_blocks.0.attn.to_q", (4, 3072), (3072, 4), False), {}, "flux"),
+    "sd3": (_pair("transformer.transformer_blocks.0.attn.to_q", (4, 1536), (1536, 4), False), {}, "sd3"),
+    "causal-lm": (_pair("base_model.model.model.layers.0.self_attn.q_proj", (4, 64), (64, 4), False), {}, "causal-lm"),
+    "sd2-te": (_pair("lora_te_text_model_encoder_layers_0_self_attn_q_proj", (4, 1024), (1024, 4), True), {}, "sd2"),
+    "unet-ambiguous": (_pair(ATTN1_Q, (4, 640), (640, 4), False), {}, "sd1/sd2"),
+    "unet-header": (_pair(ATTN1_Q, (4, 640), (640, 4), False), {"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
+    "unknown": (_pair("encoder.block.0.dense", (4, 8), (8, 4), False), {}, "unknown"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_CASES))
+def test_inspect_family_from_names_widths_and_header(capsys, tmp_path, case):
+    sd, metadata, family = FAMILY_CASES[case]
+    path = tmp_path / f"{case}.safetensors"
+    save_file(sd, os.fspath(path), metadata=metadata or None)
+    info = inspect_json(capsys, path)
+    assert info["family"] == family, info["family_evidence"]
+    assert info["unknown_keys"] == {}
+
+
 def test_inspect_lists_unknown_keys_with_reasons_and_human_output(capsys, tmp_path):
     sd = producers.sd_scripts_sd15_lora(tiny_sd_pipeline(0), seed=1)
     sd["lora_unet_conv_in.oft_blocks"] = torch.ones(2, 2)
@@ -218,7 +248,7 @@ def test_inspect_lists_unknown_keys_with_reasons_and_human_output(capsys, tmp_pa
     assert "OFT" in info["unknown_keys"]["lora_unet_conv_in.oft_blocks"]
     code, out, err = run(capsys, "inspect", path)
     assert code == 0 and err == ""
-    assert "format      kohya" in out and "base model  SD 1.x/2.x" in out
+    assert "format      kohya" in out and "base model  SD 1.x  (" in out
     assert "unknown keys (2)" in out and "something_else.weight: not a key of any LoRA format" in out
     assert "ss_tag_frequency: " + "x" * 200 + "... (5000 chars)" in out
 
@@ -332,6 +362,18 @@ def test_convert_with_model_folder_gives_the_same_outputs(capsys, tmp_path, tiny
         for name, tensor in expected.items():
             torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6)
             assert not torch.allclose(tensor, base[name])  # the LoRA changes every output checked
+
+
+def test_convert_refuses_to_change_a_linear_lora_into_a_conv_one(capsys, tmp_path, tiny_folders):
+    """lora_loader loads a 2-D (Linear) LoRA onto a 1x1 Conv2d; written back it would be 4-D, which diffusers and
+    peft cannot load on the Linear the file was made for. convert says so and writes nothing."""
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"  # a 1x1 Conv2d(8, 8) in the tiny SD 1.5 UNet
+    sd = {f"{name}.lora_down.weight": torch.randn(2, 8, generator=g), f"{name}.lora_up.weight": torch.randn(8, 2, generator=g)}
+    path = producers.save_state_dict(sd, tmp_path / "linear.safetensors")
+    code, _, err = run(capsys, "convert", path, tmp_path / "o.safetensors", "--to", "diffusers", "--model", tiny_folders["sd"])
+    assert_one_line_error(code, err, "Linear vs Conv2d")
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_convert_causal_lm_with_model_folder(capsys, tmp_path):
