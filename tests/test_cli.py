@@ -436,3 +436,6 @@ def test_demo_calls_the_image_demo_lazily(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "demo", "--out", tmp_path / "g", "--steps", "3", "--seed", "5")
     assert code == 0, err
     assert calls == [{"out": tmp_path / "g", "steps": 3, "seed": 5}]
+    code, _, err = run(capsys, "demo")
+    assert code == 0, err
+    assert calls[-1] == {"out": Path("gallery"), "seed": 0}  # the demo's own default step count

