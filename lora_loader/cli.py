@@ -31,6 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+from .pipeline import LoraPipelineMixin  # no diffusers import: that happens in the commands that need it
+
 PROG = "lora-loader"
 
 # -- families -------------------------------------------------------------------------------------------------
@@ -404,18 +406,16 @@ def _materialize(module):
     return module.to_empty(device="cpu")
 
 
-def _skeleton_class():
-    """The host class of a skeleton, made on first use so that importing this module needs no torch."""
-    from .pipeline import LoraPipelineMixin
+class SkeletonPipeline(LoraPipelineMixin):
+    """Just the LoRA components of a pipeline (UNet / transformer, text encoders): what a conversion needs.
 
-    class Skeleton(LoraPipelineMixin):
-        """The LoRA components of a pipeline (UNet / transformer, text encoders) and nothing else."""
+    A real ``DiffusionPipeline`` would also want a VAE, tokenizers and a scheduler;
+    lora_loader's pipeline calls only look at these components.
+    """
 
-        def __init__(self, components: dict):
-            for name, module in components.items():
-                setattr(self, name, module)
-
-    return Skeleton
+    def __init__(self, components: dict):
+        for name, module in components.items():
+            setattr(self, name, module)
 
 
 def build_skeleton(family: str):
@@ -439,7 +439,7 @@ def build_skeleton(family: str):
                 components[name] = getattr(transformers, class_name)(transformers.CLIPTextConfig(**config))
     for module in components.values():
         _materialize(module)
-    return _skeleton_class()(components)
+    return SkeletonPipeline(components)
 
 
 def _load_on_builtin(src: str, family: str):
@@ -538,7 +538,7 @@ def _pipeline_skeleton(model: str, index_path: str):
         _materialize(components[name])
     if not components:
         raise ValueError(f"--model {model}: model_index.json names no UNet, transformer or text encoder")
-    return _skeleton_class()(components)
+    return SkeletonPipeline(components)
 
 
 # -- convert -------------------------------------------------------------------------------------------------------
