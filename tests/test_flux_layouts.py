@@ -204,3 +204,77 @@ def test_a_comfyui_sdxl_file_gives_what_diffusers_gives_for_the_sd_scripts_file(
     for name in want:
         assert (want[name] - base[name]).abs().max() > 1e-3, name
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4)
+
+
+# -- SD3 in Stability's original (MMDiT) names: sd-scripts (underscored) and ComfyUI (dotted) -------
+
+def sd3_table(layers: int = 2) -> dict[str, tuple[list[str], bool]]:
+    """Stability's dotted name -> (the diffusers modules it fuses, whether its (shift, scale) halves swap)."""
+    table = {
+        "x_embedder.proj": (["pos_embed.proj"], False),
+        "context_embedder": (["context_embedder"], False),
+        "t_embedder.mlp.0": (["time_text_embed.timestep_embedder.linear_1"], False),
+        "y_embedder.mlp.2": (["time_text_embed.text_embedder.linear_2"], False),
+        "final_layer.linear": (["proj_out"], False),
+        "final_layer.adaLN_modulation.1": (["norm_out.linear"], True),
+    }
+    for i in range(layers):
+        last = i == layers - 1  # the last block's context stream is "pre-only": no out proj, no MLP, 2 halves
+        b = f"transformer_blocks.{i}."
+        table |= {
+            f"joint_blocks.{i}.x_block.attn.qkv": ([b + "attn.to_q", b + "attn.to_k", b + "attn.to_v"], False),
+            f"joint_blocks.{i}.x_block.attn.proj": ([b + "attn.to_out.0"], False),
+            f"joint_blocks.{i}.x_block.mlp.fc1": ([b + "ff.net.0.proj"], False),
+            f"joint_blocks.{i}.x_block.adaLN_modulation.1": ([b + "norm1.linear"], False),
+            f"joint_blocks.{i}.context_block.attn.qkv": ([b + "attn.add_q_proj", b + "attn.add_k_proj", b + "attn.add_v_proj"], False),
+            f"joint_blocks.{i}.context_block.adaLN_modulation.1": ([b + "norm1_context.linear"], last),
+        }
+        if not last:
+            table[f"joint_blocks.{i}.context_block.attn.proj"] = ([b + "attn.to_add_out"], False)
+            table[f"joint_blocks.{i}.context_block.mlp.fc2"] = ([b + "ff_context.net.2"], False)
+    return table
+
+
+def sd3_peft_output(factors: dict, model) -> torch.Tensor:
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=sorted(factors)), model)
+    sd = {f"{p}.lora_A.weight": a for p, (a, _) in factors.items()} | {f"{p}.lora_B.weight": b for p, (_, b) in factors.items()}
+    assert not set_peft_model_state_dict(model, sd).unexpected_keys
+    return sd3_output(model)
+
+
+def sd3_output(transformer) -> torch.Tensor:
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(1, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+            pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([500]),
+        ).sample  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["kohya", "comfyui"])
+def test_an_sd3_file_in_stabilitys_names_gives_the_output_of_the_same_lora_in_peft(layout):
+    table = sd3_table()
+    modules = dict(tiny_sd3_pipeline().transformer.named_modules())
+    g = torch.Generator().manual_seed(9)
+    factors, sd = {}, {}
+    for name, (parts, swap) in table.items():
+        for p in parts:
+            w = modules[p].weight  # Linear [out, in], or the patch embedding's Conv2d [out, in, k, k]
+            factors[p] = (torch.randn(RANK, *w.shape[1:], generator=g) * 0.3, torch.randn(w.shape[0], RANK, *[1] * (w.dim() - 2), generator=g) * 0.3)
+        down = torch.cat([factors[p][0] for p in parts])
+        up = torch.block_diag(*[factors[p][1] for p in parts]) if len(parts) > 1 else factors[parts[0]][1]
+        if swap:  # diffusers (scale, shift) -> Stability (shift, scale)
+            scale, shift = up.chunk(2)
+            up = torch.cat([shift, scale])
+        key = "lora_unet_" + name.replace(".", "_") if layout == "kohya" else "diffusion_model." + name
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+        sd[f"{key}.alpha"] = torch.tensor(ALPHA * len(parts))  # the same alpha / rank as peft's
+    expected = sd3_peft_output(factors, tiny_sd3_pipeline().transformer)
+    pipe = lora_loader.attach(tiny_sd3_pipeline())
+    base = sd3_output(pipe.transformer)
+    report = pipe.load_lora_weights(sd, adapter_name="s")
+    assert report.format == layout and report.modules == {"transformer": len(factors)}
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(sd3_output(pipe.transformer), expected, rtol=1e-4, atol=1e-4)

@@ -97,7 +97,12 @@ def convert_module(name: str, delta) -> tuple[list[tuple[str, object]], str | No
     target = targets(name)
     if target is None:
         return [], f"'{name}' is no Flux module lora_loader knows (double_blocks_*, single_blocks_*, img_in, ...)"
-    swap = name == "final_layer_adaLN_modulation_1"
+    return split_module(name, delta, target, swap=name == "final_layer_adaLN_modulation_1")
+
+
+def split_module(name: str, delta, target: tuple[str, ...] | str, swap: bool) -> tuple[list[tuple[str, object]], str | None]:
+    """One original-checkpoint module onto diffusers' module(s) ``target`` (a tuple: a fused projection,
+    split by `split_rows`), with its (shift, scale) output halves swapped when ``swap``. Flux and SD3 share it."""
     if isinstance(delta, LoraDelta):
         return _split_lora(name, target, delta, swap)
     if isinstance(target, str) and not swap:
@@ -111,7 +116,7 @@ def convert_module(name: str, delta) -> tuple[list[tuple[str, object]], str | No
     else:
         sizes = split_rows(name, total, len(target))
         if sizes is None:
-            return [], f"its weight has {total} rows, which do not split into Flux's {len(target)} fused projections"
+            return [], f"its weight has {total} rows, which do not split into the {len(target)} fused projections"
         bounds = [0] + list(itertools.accumulate(sizes))
         paths, ranges = target, [((a, b),) for a, b in zip(bounds, bounds[1:])]
     dora = delta.dora_scale
@@ -137,7 +142,7 @@ def _split_lora(name: str, target, delta: LoraDelta, swap: bool):
         return [(target, LoraDelta(delta.down, up, delta.alpha, delta.use_rslora, keys=delta.keys))], None
     sizes = split_rows(name, up.shape[0], len(target))
     if sizes is None:
-        return [], f"lora_up has {up.shape[0]} rows, which do not split into Flux's {len(target)} fused projections"
+        return [], f"lora_up has {up.shape[0]} rows, which do not split into the {len(target)} fused projections"
     out = []
     for path, rows in zip(target, up.split(sizes, dim=0)):
         out.append((path, LoraDelta(delta.down, rows, delta.alpha, delta.use_rslora, keys=delta.keys)))

@@ -28,6 +28,7 @@ import torch
 from ..delta import LoraDelta
 from ..kinds import FACTORS, NAMES, WeightDelta, kind_of_suffixes, missing_factors
 from . import flux as flux_format
+from . import sd3 as sd3_format
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -79,7 +80,9 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
                 "expected .lora_down.weight, .lora_up.weight, .alpha, or a LyCORIS factor "
                 "(lora_mid, hada_*, lokr_*, diff, w_norm, dora_scale) after the module name"
             )
-    flux = flux_format.is_flux({m for c, m in modules if c == "denoiser"})
+    denoiser_names = {m for c, m in modules if c == "denoiser"}
+    # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules.
+    original = flux_format if flux_format.is_flux(denoiser_names) else sd3_format if sd3_format.is_sd3(denoiser_names) else None
     for (component, module), keys in modules.items():
         alpha_key = keys.get("alpha")
         factor_keys = {s: k for s, k in keys.items() if s not in ("alpha", "dora_scale")}
@@ -116,16 +119,16 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
             factors = {s: tensors[k] for s, k in factor_keys.items()}
             dora = tensors[dora_key] if dora_key else None
             delta = WeightDelta(kind, factors, alpha, keys=used, dora_scale=dora)
-        if flux and component == "denoiser":
-            _add_flux(result, module, delta)
+        if original is not None and component == "denoiser":
+            _add_original(result, original, module, delta)
         else:
             result.deltas[(component, module)] = delta
     return result
 
 
-def _add_flux(result, module: str, delta) -> None:
-    """A BFL-named Flux module: renamed to diffusers' path, a fused projection split by rows."""
-    parts, why = flux_format.convert_module(module, delta)
+def _add_original(result, family, module: str, delta) -> None:
+    """A Flux (BFL) or SD3 (MMDiT) module: renamed to diffusers' path, a fused projection split by rows."""
+    parts, why = family.convert_module(module, delta)
     if why is not None:
         for key in delta.keys:
             result.unknown[key] = why
