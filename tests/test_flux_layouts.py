@@ -278,3 +278,16 @@ def test_an_sd3_file_in_stabilitys_names_gives_the_output_of_the_same_lora_in_pe
     assert report.format == layout and report.modules == {"transformer": len(factors)}
     assert (expected - base).abs().max() > 1e-2
     torch.testing.assert_close(sd3_output(pipe.transformer), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kohya_file_with_diffusers_dit_names_under_lora_transformer_loads_like_peft():
+    """OneTrainer writes Flux LoRAs as ``lora_transformer_<diffusers path underscored>``."""
+    factors = peft_factors(tiny_flux(), seed=4)
+    expected = peft_output(factors)
+    sd = {}
+    for path, (a, b) in factors.items():
+        name = "lora_transformer_" + path.replace(".", "_")
+        sd |= {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b, f"{name}.alpha": torch.tensor(ALPHA)}
+    model = lora_loader.attach(tiny_flux())
+    assert model.load_lora_weights(sd, adapter_name="o").modules == {"model": len(factors)}
+    torch.testing.assert_close(flux_output(model), expected, rtol=1e-4, atol=1e-4)

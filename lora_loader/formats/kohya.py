@@ -5,6 +5,7 @@ underscore-mangled module path:
 
 =================  ================
 ``lora_unet_``     the UNet / DiT (``"denoiser"``)
+``lora_transformer_``  the DiT, in diffusers' names (OneTrainer)
 ``lora_te_``       ``text_encoder`` (SD 1.x / 2.x)
 ``lora_te1_``      ``text_encoder`` (SDXL CLIP-L)
 ``lora_te2_``      ``text_encoder_2`` (SDXL CLIP-G)
@@ -32,6 +33,7 @@ from . import sd3 as sd3_format
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
+    ("lora_transformer_", "denoiser"),  # OneTrainer / "mixture" Flux files: diffusers' DiT names, underscored
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
     ("lora_te3_", "t5"),  # sd-scripts' SD3 and Flux networks both call T5-XXL te3
