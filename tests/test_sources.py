@@ -65,15 +65,6 @@ def no_network(monkeypatch):
     assert not attempts, f"the test tried to reach the network: {attempts}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models run fastest single-threaded (and do not fight other test processes for cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_network_guard_refuses_and_records_connections(no_network):
     with pytest.raises(OSError):
         socket.create_connection(("huggingface.co", 443), timeout=1)
