@@ -583,8 +583,11 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     weight = module.weight
     kind = supported_kind(module)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    # A base on the meta device (a config-only skeleton, e.g. for converting a file) has no data to
+    # compute with; the adapter's tensors still hold the file's values, on the CPU.
+    device = torch.device("cpu") if weight.is_meta else weight.device
     if not isinstance(delta, LoraDelta):  # a LyCORIS kind or a Kohya DoRA
-        return _with_mode(WeightDeltaAdapter(delta, dense_weight_shape(module), dtype, weight.device), module)
+        return _with_mode(WeightDeltaAdapter(delta, dense_weight_shape(module), dtype, device), module)
     down, up = delta.down, delta.up
     if kind == "conv2d":
         if down.dim() == 2:
@@ -597,15 +600,14 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
         if up.dim() != 2:
             up = up.reshape(up.shape[0], -1)
     kept = storage_dtype(down.dtype, dtype) if down.dtype == up.dtype else dtype
-    device = weight.device
     down, up = _placed(down, device, kept, copy), _placed(up, device, kept, copy)
     magnitude = None
     if delta.magnitude is not None:
-        magnitude = delta.magnitude.reshape(-1).to(device=weight.device, dtype=dtype, copy=True)
+        magnitude = delta.magnitude.reshape(-1).to(device=device, dtype=dtype, copy=True)
     alpha = float(delta.rank if delta.alpha is None else delta.alpha)
     bias_delta = None
     if delta.bias is not None:
-        bias_delta = (delta.bias.to(device=weight.device, dtype=torch.float32) - module.bias.detach().float()).to(dtype)
+        bias_delta = (delta.bias.to(device=device, dtype=torch.float32) - module.bias.detach().float().to(device)).to(dtype)
     dropout = 0.0 if kind == "embedding" else delta.dropout  # token ids take no dropout, as in PEFT
     adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta, dtype)
     return _with_mode(adapter, module)

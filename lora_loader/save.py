@@ -65,11 +65,14 @@ def to_diffusers(deltas: dict) -> tuple[dict, dict]:
                 )
             if delta.bias is not None:
                 raise LoraError(f"{component}.{path}: an adapter bias has no diffusers key; save it with save_adapter")
-            tensors[f"{component}.{path}.lora_A.weight"] = delta.down
-            tensors[f"{component}.{path}.lora_B.weight"] = delta.up
+            # A plain model's keys carry no component: they load back into any model with these paths.
+            key = path if component == "model" else f"{component}.{path}"
+            tensors[f"{key}.lora_A.weight"] = delta.down
+            tensors[f"{key}.lora_B.weight"] = delta.up
             if delta.magnitude is not None:
-                tensors[f"{component}.{path}.lora_magnitude_vector"] = delta.magnitude
-        metadata.update({f"{component}.{k}": v for k, v in _config_dict(modules).items()})
+                tensors[f"{key}.lora_magnitude_vector"] = delta.magnitude
+        prefix = "" if component == "model" else f"{component}."
+        metadata.update({f"{prefix}{k}": v for k, v in _config_dict(modules).items()})
     return tensors, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
 
 
@@ -146,7 +149,9 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
                 up = up[:, :, None, None]
             tensors[f"{name}.lora_down.weight"] = down
             tensors[f"{name}.lora_up.weight"] = up
-            tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank if delta.alpha is None else delta.alpha))
+            # Kohya's scale is alpha / r: an rsLoRA adapter (alpha / sqrt(r)) is written with the alpha
+            # that gives the same scale.
+            tensors[f"{name}.alpha"] = torch.tensor(float(delta.scale * delta.rank))
     ranks = Counter(d.rank for m in deltas.values() for d in m.values())
     return tensors, {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks.most_common(1)[0][0])}
 
