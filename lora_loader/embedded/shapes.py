@@ -48,6 +48,8 @@ STYLES: tuple[str, ...] = ("plain", "neon", "pastel")
 
 # The share of captions that leave the background out (the model then picks one).
 NO_BACKGROUND_SHARE = 0.2
+# How far (fraction of the size) a centred shape may sit off the centre.
+CENTER_JITTER = 0.05
 # Supersampling factor: draw large, then box-filter down, for anti-aliased edges.
 _SUPER = 4
 
@@ -91,18 +93,36 @@ def parse(text: str) -> dict[str, str | None]:
     return {"color": color, "shape": shape, "background": background}
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """A random scene: any shape and colour, a different background colour, a random place and size."""
+def random_scene(rng: random.Random, placement: str = "centered") -> Scene:
+    """A random scene: any shape and colour, a different background colour, a random size and place.
+
+    ``placement="centered"`` (the model's world): a large shape near the centre.
+    ``"anywhere"``: smaller shapes anywhere inside the frame (the VAE's wider
+    training set).
+    """
     color = rng.choice(list(COLORS))
     background = rng.choice([c for c in COLORS if c != color])
-    radius = rng.uniform(0.2, 0.36)
-    margin = radius + 0.04
+    if placement == "anywhere":
+        radius = rng.uniform(0.2, 0.36)
+        margin = radius + 0.04
+        return Scene(
+            color=color,
+            shape=rng.choice(SHAPES),
+            background=background,
+            x=rng.uniform(margin, 1 - margin),
+            y=rng.uniform(margin, 1 - margin),
+            radius=radius,
+            name_background=rng.random() >= NO_BACKGROUND_SHARE,
+        )
+    if placement != "centered":
+        raise ValueError(f"placement={placement!r}; expected 'centered' or 'anywhere'")
+    radius = rng.uniform(0.27, 0.36)
     return Scene(
         color=color,
         shape=rng.choice(SHAPES),
         background=background,
-        x=rng.uniform(margin, 1 - margin),
-        y=rng.uniform(margin, 1 - margin),
+        x=0.5 + rng.uniform(-CENTER_JITTER, CENTER_JITTER),
+        y=0.5 + rng.uniform(-CENTER_JITTER, CENTER_JITTER),
         radius=radius,
         name_background=rng.random() >= NO_BACKGROUND_SHARE,
     )
