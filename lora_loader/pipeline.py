@@ -34,8 +34,10 @@ class LoraPipelineMixin(LoraHost, LoraLifecycle):
             return super().encode_prompt(*args, **kwargs)
 
     def _lora_components(self) -> dict[str, nn.Module]:
+        # pipe.unet = torch.compile(pipe.unet) puts the model behind an OptimizedModule whose module
+        # names gain "_orig_mod."; adapters live on the compiled model itself, under its own names.
         return {
-            name: module
+            name: getattr(module, "_orig_mod", module)
             for name in LORA_COMPONENTS
             if isinstance(module := getattr(self, name, None), nn.Module)
         }
