@@ -20,7 +20,7 @@ Stages (each checkpointed under --work, rerun with the same arguments to resume)
   4. assemble the pipeline (EMA weights, fp16 safetensors) into --out and
      measure how well it follows prompts.
 
-    python3 examples/train_embedded_model.py --seed 0            # about 45 minutes on one core
+    python3 examples/train_embedded_model.py --seed 0            # about an hour on one core (VAE 18 min, UNet 44)
     python3 examples/train_embedded_model.py --quick --out /tmp/shapes-sd   # a smoke run, a minute
 """
 
