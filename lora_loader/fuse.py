@@ -6,6 +6,10 @@ it, so `unfuse` is an exact, O(1) swap back (diffusers+peft subtract a
 recomputed delta instead, which drifts in fp16/bf16). `disable_lora` on a
 fused model swaps the original tensors in, `enable_lora` the fused ones:
 nothing is recomputed at forward time.
+
+A bitsandbytes 8-/4-bit layer is fused on its dequantized weight and the sum
+quantized again (see `quantized`): lossy, like PEFT's merge, and still undone
+exactly, since the original quantized parameter is what `unfuse` puts back.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import quantized
 from .kinds import dora_weight
-from .layers import LoraAdapter, LoraLayer, WeightDeltaAdapter, supported_kind
+from .layers import LoraAdapter, LoraLayer, WeightDeltaAdapter, dense_base_weight, supported_kind
 
 
 def _base_dense(module: nn.Module) -> torch.Tensor:
     """The base weight as ``[out, in...]`` in fp32."""
-    return module._lora_dense_base_weight().detach().float()
+    return dense_base_weight(module).detach().float()
 
 
 def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,10 +73,15 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
     their concatenated factors (``W + [w_i s_i B_i] @ [A_i]``): one new tensor per
     layer and no dense delta in between. DoRA adapters add their dense delta.
     """
-    original_weight = module.weight.data
+    is_quantized = quantized.is_quantized(module)
+    if is_quantized:  # fused in fp32 on the dequantized weight, then quantized again (lossy, as PEFT's merge)
+        original_weight = quantized.snapshot(module)
+        base = quantized.dequantized_weight(module).float()
+    else:
+        original_weight = module.weight.data
+        base = original_weight if original_weight.dtype == torch.float32 else original_weight.float()
     kind = supported_kind(module)
     plain = [(a, w) for a, w in adapters if type(a) is LoraAdapter and a.magnitude is None]
-    base = original_weight if original_weight.dtype == torch.float32 else original_weight.float()
     if plain:
         up = torch.cat([a.up.detach().flatten(1).float() * (w * a.scale) for a, w in plain], dim=1)
         down = torch.cat([a.down.detach().flatten(1).float() for a, _ in plain], dim=0)
@@ -91,7 +101,10 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
         if adapter.bias_delta is not None:
             b = w * adapter.bias_delta.detach().float()
             bias_delta = b if bias_delta is None else bias_delta + b
-    fused_weight = fused if fused.dtype == original_weight.dtype else fused.to(original_weight.dtype)
+    if is_quantized:
+        fused_weight = quantized.quantized_like(module, fused)
+    else:
+        fused_weight = fused if fused.dtype == original_weight.dtype else fused.to(original_weight.dtype)
     original_bias = fused_bias = None
     if bias_delta is not None:
         original_bias = module.bias.data
@@ -106,7 +119,10 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
     if fusion is None:
         return
     weight, bias = fusion["fused" if fused else "base"]
-    module.weight.data = weight
+    if isinstance(weight, tuple):  # a bitsandbytes parameter and its scales
+        quantized.restore(module, weight)
+    else:
+        module.weight.data = weight
     if bias is not None:
         module.bias.data = bias
 

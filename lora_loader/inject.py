@@ -119,21 +119,19 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
         return f"module is a {type(module).__name__}: LoRA factors apply to Linear, Conv2d, Conv1D and Embedding"
     down, up = delta.down, delta.up
     kind = supported_kind(module)
-    weight = module.weight
+    weight_shape = dense_weight_shape(module)  # [out, in, ...] whatever the storage (transposed, quantized)
     if down.dim() not in (2, 4) or up.dim() not in (2, 4):
         return f"lora_down is {_shape(down)} and lora_up is {_shape(up)}; expected 2-D or 4-D tensors"
     rank = down.shape[0]
     if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
         return f"lora_up is {_shape(up)}; expected a 1x1 kernel [out, r, 1, 1]"
     if kind in ("linear", "conv1d", "embedding"):
+        out_f, in_f = weight_shape
         if kind == "linear":
-            out_f, in_f = weight.shape
             what = f"Linear {in_f}->{out_f}"
         elif kind == "conv1d":
-            in_f, out_f = weight.shape  # transformers' Conv1D stores [in, out]
             what = f"Conv1D {in_f}->{out_f}"
-        else:
-            in_f, out_f = weight.shape  # [num_embeddings, dim]; down is looked up by token id
+        else:  # [num_embeddings, dim]; down is looked up by token id
             what = f"Embedding {in_f}x{out_f}"
         expect_down, expect_up = f"[r, {in_f}]", f"[{out_f}, r]"
         fits = (
@@ -143,7 +141,7 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
             and up.shape[1] == rank
         )
     else:
-        out_c, in_c, kh, kw = weight.shape
+        out_c, in_c, kh, kw = weight_shape
         if module.groups != 1:
             return f"Conv2d with groups={module.groups}; LoRA supports groups=1 only"
         expect_down, expect_up = f"[r, {in_c}, {kh}, {kw}]", f"[{out_c}, r, 1, 1]"
@@ -161,7 +159,7 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
     if fits and delta.magnitude is not None:
         if kind == "conv2d":
             return f"module is {what}: DoRA (a magnitude vector) on Conv2d is not supported yet"
-        out_features = weight.shape[0] if kind == "linear" else weight.shape[1]
+        out_features = weight_shape[0]
         if delta.magnitude.numel() != out_features:
             return f"module is {what}: DoRA magnitude is {_shape(delta.magnitude)}, expected [{out_features}]"
     if fits:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import quantized
 from .delta import LoraDelta
 
 # Per-row adapter names of the batch being computed (mixed-batch inference), or None.
@@ -341,7 +342,7 @@ class LoraLayer:
     def _dora_delta(self, h, out, adapter: LoraAdapter, weight: float) -> torch.Tensor:
         """``weight * (dora(x) - base(x))`` with PEFT's DoRA: ``m / ||W + s B A||`` rescales the rows."""
         dtype = adapter.compute_dtype
-        base_weight = self._lora_dense_base_weight().to(dtype)
+        base_weight = dense_base_weight(self).to(dtype)
         down, up = _in(adapter.down, dtype), _in(adapter.up, dtype)
         lora_weight = up.flatten(1) @ down.flatten(1)
         norm = torch.linalg.norm(base_weight + adapter.scale * lora_weight, dim=1).detach()
@@ -366,7 +367,7 @@ class LoraLayer:
             return self._dense_op(h, dense) * factor
         from .kinds import dora_weight
 
-        base = self._lora_dense_base_weight().to(dtype)
+        base = dense_base_weight(self).to(dtype)
         combined = base if dense is None else base + adapter.scale * dense
         change = dora_weight(combined, adapter.dora_scale) - base
         return self._dense_op(h, change) * (factor / adapter.scale)
@@ -399,8 +400,6 @@ class LoraLinearMixin(LoraLayer):
     def _lora_up(self, h, up):
         return F.linear(h, up)
 
-    def _lora_dense_base_weight(self):
-        return self.weight
 
     def _lora_up_into(self, mid, up, out):
         out.view(-1, out.shape[-1]).addmm_(mid.reshape(-1, mid.shape[-1]), up.T)
@@ -408,9 +407,6 @@ class LoraLinearMixin(LoraLayer):
 
 class LoraConv1DMixin(LoraLinearMixin):
     """transformers' Conv1D (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]`` (PEFT's fan_in_fan_out)."""
-
-    def _lora_dense_base_weight(self):
-        return self.weight.T
 
 
 class LoraConv2dMixin(LoraLayer):
@@ -427,9 +423,6 @@ class LoraConv2dMixin(LoraLayer):
     def _dense_op(self, h, weight):
         return self._conv_forward(h, weight, None)
 
-    def _lora_dense_base_weight(self):
-        return self.weight
-
 
 class LoraNormMixin(LoraLayer):
     """LayerNorm / GroupNorm: only norm and full diffs apply; their change is ``normalize(x) * dw + db``."""
@@ -442,9 +435,6 @@ class LoraNormMixin(LoraLayer):
 
     def _lora_bias_shape(self, bias):
         return bias.view(-1, 1, 1) if isinstance(self, nn.GroupNorm) else bias
-
-    def _lora_dense_base_weight(self):
-        return self.weight
 
 
 class LoraEmbeddingMixin(LoraLayer):
@@ -463,10 +453,6 @@ class LoraEmbeddingMixin(LoraLayer):
     def _dense_op(self, h, weight):
         return F.embedding(h, weight.T, padding_idx=None, max_norm=self.max_norm, norm_type=self.norm_type,
                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
-
-    def _lora_dense_base_weight(self):
-        # DoRA on an embedding normalises per embedding dimension, as PEFT's DoraEmbeddingLayer (fan_in_fan_out).
-        return self.weight.T
 
 
 def _conv1d_class():
@@ -615,8 +601,20 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
 
 def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
     """The module's weight shape as ``[out, in, ...]`` (Conv1D and Embedding store theirs transposed)."""
+    if quantized.is_quantized(module):  # bitsandbytes packs the weight; the layer keeps its true shape
+        return (module.out_features, module.in_features)
     shape = tuple(module.weight.shape)
     return (shape[1], shape[0]) if supported_kind(module) in ("conv1d", "embedding") else shape
+
+
+def dense_base_weight(module: nn.Module) -> torch.Tensor:
+    """The module's base weight as ``[out, in, ...]``: Conv1D's and Embedding's transposed storage undone
+    (DoRA on an embedding normalises per embedding dimension, as PEFT's DoraEmbeddingLayer), a bitsandbytes
+    weight dequantized."""
+    if quantized.is_quantized(module):
+        return quantized.dequantized_weight(module)
+    weight = module.weight
+    return weight.T if supported_kind(module) in ("conv1d", "embedding") else weight
 
 
 def _with_mode(adapter: nn.Module, module: nn.Module) -> nn.Module:

@@ -26,7 +26,9 @@ from .delta import LoraDelta
 from .errors import LoraError, LoraNameError
 from .formats import ConvertedLora
 from .host import LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
-from .layers import BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, kind_of
+from .layers import (
+    BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, kind_of,
+)
 
 MODEL = "model"
 PEFT_PREFIX = "base_model.model."
@@ -366,16 +368,9 @@ def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelt
     kind = kind_of(type(module))
     weight = module.weight
     r, alpha = config.rank_for(name), config.alpha_for(name)
-    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    if kind == "conv2d":
-        out_f, in_f, kh, kw = weight.shape
-        down, up = torch.empty(r, in_f, kh, kw, dtype=dtype), torch.empty(out_f, r, 1, 1, dtype=dtype)
-    elif kind == "linear":
-        out_f, in_f = weight.shape
-        down, up = torch.empty(r, in_f, dtype=dtype), torch.empty(out_f, r, dtype=dtype)
-    else:  # conv1d stores [in, out]; embedding is [num_embeddings, dim]
-        in_f, out_f = weight.shape
-        down, up = torch.empty(r, in_f, dtype=dtype), torch.empty(out_f, r, dtype=dtype)
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32  # fp32 adapters on a quantized base
+    out_f, in_f, *kernel = dense_weight_shape(module)
+    down, up = torch.empty(r, in_f, *kernel, dtype=dtype), torch.empty(out_f, r, *[1 for _ in kernel], dtype=dtype)
     init = config.init_lora_weights
     if kind == "embedding":
         if init is False:
@@ -396,9 +391,7 @@ def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelt
     magnitude = None
     if config.use_dora:
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        dense = weight.detach().float()
-        if kind in ("conv1d", "embedding"):
-            dense = dense.T
+        dense = dense_base_weight(module).detach().float()
         lora = up.float().flatten(1) @ down.float().flatten(1)
         magnitude = torch.linalg.norm(dense.flatten(1) + scale * lora, dim=1).to(dtype)
     bias = None
