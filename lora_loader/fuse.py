@@ -10,6 +10,8 @@ nothing is recomputed at forward time.
 A bitsandbytes 8-/4-bit layer is fused on its dequantized weight and the sum
 quantized again (see `quantized`): lossy, like PEFT's merge, and still undone
 exactly, since the original quantized parameter is what `unfuse` puts back.
+A layer offloaded by accelerate has its fused weight written into its hook's
+weights map instead (see `offload`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import quantized
+from . import offload, quantized
 from .kinds import dora_weight
 from .layers import LoraAdapter, LoraLayer, WeightDeltaAdapter, dense_base_weight, supported_kind
 
@@ -77,8 +79,8 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
     if is_quantized:  # fused in fp32 on the dequantized weight, then quantized again (lossy, as PEFT's merge)
         original_weight = quantized.snapshot(module)
         base = quantized.dequantized_weight(module).float()
-    else:
-        original_weight = module.weight.data
+    else:  # an offloaded layer (accelerate) holds meta tensors: its weights are in the hook's weights map
+        original_weight = offload.real_tensor(module, "weight").data
         base = original_weight if original_weight.dtype == torch.float32 else original_weight.float()
     kind = supported_kind(module)
     plain = [(a, w) for a, w in adapters if type(a) is LoraAdapter and a.magnitude is None]
@@ -107,9 +109,14 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
         fused_weight = fused if fused.dtype == original_weight.dtype else fused.to(original_weight.dtype)
     original_bias = fused_bias = None
     if bias_delta is not None:
-        original_bias = module.bias.data
+        original_bias = offload.real_tensor(module, "bias").data
         fused_bias = (original_bias.float() + bias_delta.to(original_bias.device)).to(original_bias.dtype)
-    module.__dict__["_lora_fusion"] = {"base": (original_weight, original_bias), "fused": (fused_weight, fused_bias)}
+    fusion = {"base": (original_weight, original_bias), "fused": (fused_weight, fused_bias)}
+    if offload.is_offloaded(module):
+        # Which originals the hook keeps in memory (restored as they are) rather than reads from disk (forgotten).
+        present = [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
+        fusion["in_memory"] = {name: offload.stored_here(module, name) for name in present}
+    module.__dict__["_lora_fusion"] = fusion
     show_fused(module, True)
 
 
@@ -119,6 +126,12 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
     if fusion is None:
         return
     weight, bias = fusion["fused" if fused else "base"]
+    in_memory = fusion.get("in_memory")
+    if in_memory is not None:  # offloaded: the hook loads what its weights map holds for each call
+        for name, value in (("weight", weight), ("bias", bias)):
+            if value is not None:
+                offload.store(module, name, value if fused or in_memory[name] else None)
+        return
     if isinstance(weight, tuple):  # a bitsandbytes parameter and its scales
         quantized.restore(module, weight)
     else:

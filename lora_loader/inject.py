@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import offload
 from .delta import LoraDelta
 from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
 from .formats import ConvertedLora
@@ -258,7 +259,7 @@ def plan(
         component = resolve_component(symbolic)
         index = _index(indexes, components, component)
         path = _lookup(index, symbolic, name) if index else None
-        live = getattr(index.modules[path], param, None) if path is not None else None
+        live = offload.real_tensor(index.modules[path], param) if path is not None else None
         if live is None or tuple(live.shape) != tuple(tensors[key].shape):
             unapplied[key] = f"a base weight for '{name}', which does not match any weight of this model"
         elif not torch.equal(tensors[key].to(device=live.device, dtype=live.dtype), live.detach()):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quantized
+from . import offload, quantized
 from .delta import LoraDelta
 
 # Per-row adapter names of the batch being computed (mixed-batch inference), or None.
@@ -231,7 +231,35 @@ class AdapterDict(nn.ModuleDict):
 
     Adapters are only ever reached with ``[name]``, never as attributes, so the
     attribute clash nn.Module guards against cannot happen here.
+
+    Its adapters are not listed by ``named_children``: accelerate's offloading
+    (``cpu_offload``, ``device_map`` with offload, diffusers' sequential offload)
+    hooks every child that holds tensors and turns them into meta tensors, to be
+    reloaded from a weights map built from the model's ``state_dict``, where adapters
+    are not; they would be lost. ``named_modules``, ``parameters`` (optimizers, DDP),
+    ``.to()``, ``train()``/``eval()`` and ``apply`` still reach them.
     """
+
+    def named_children(self):
+        return iter(())
+
+    def _apply(self, fn, recurse=True):
+        if recurse:
+            for module in self._modules.values():
+                module._apply(fn)
+        return super()._apply(fn, recurse=False)
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        for module in self._modules.values():
+            module.train(mode)
+        return self
+
+    def apply(self, fn):
+        for module in self._modules.values():
+            module.apply(fn)
+        fn(self)
+        return self
 
     def __setitem__(self, name: str, module: nn.Module) -> None:
         if not isinstance(name, str) or not name or "." in name:
@@ -261,11 +289,23 @@ class LoraLayer:
         scale = CALL_SCALE.get()
         if not active or scale == 0:
             return out
+        if any(factor.device != out.device for _, factor in active):
+            active = self._lora_follow(out.device)
         if not out.requires_grad and out.dtype == active[0][0].compute_dtype and out.is_contiguous():
             if self._lora_add_into(x, out, active, scale):
                 return out
         delta = self._lora_delta(x, out, active)
         return out + (delta if scale is None else delta * scale).to(out.dtype)
+
+    def _lora_follow(self, device: torch.device) -> list:
+        """Move the active adapters to ``device``, where the base layer just computed: a layer offloaded by
+        accelerate computes on its hook's execution device, also when it was hooked after the adapters loaded."""
+        moved = []
+        for adapter, _ in self._lora_active:
+            adapter.to(device)
+            moved.append((adapter, adapter._buffers["factor"]))
+        self.set_lora_active(moved)
+        return moved
 
     def _lora_add_into(self, x: torch.Tensor, out: torch.Tensor, active, scale: float | None) -> bool:
         """Add plain LoRA adapters into ``out`` in place (no autograd graph holds it): the factor
@@ -513,6 +553,7 @@ def _swap_in(module: nn.Module, mixin: type, cache: dict, prefix: str, container
         cls = type(f"{prefix}{base_class.__name__}", (mixin, base_class), {"__module__": __name__})
         cache[base_class] = cls
     module.__class__ = cls
+    offload.rebind_hooked_forward(module, base_class)
     # Plain attributes and a submodule, written without nn.Module.__setattr__'s checks (a load wraps hundreds).
     module.__dict__["_lora_base_class"] = base_class
     module.__dict__.update(state)
@@ -525,7 +566,9 @@ def _swap_out(module: nn.Module, container: str, state: tuple[str, ...]) -> None
     del module._modules[container]
     for name in ("_lora_base_class", *state):
         module.__dict__.pop(name, None)
+    wrapped_class = type(module)
     module.__class__ = base_class
+    offload.rebind_hooked_forward(module, wrapped_class)
 
 
 def wrap(module: nn.Module) -> None:
@@ -569,9 +612,11 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     weight = module.weight
     kind = supported_kind(module)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    # A base on the meta device (a config-only skeleton, e.g. for converting a file) has no data to
-    # compute with; the adapter's tensors still hold the file's values, on the CPU.
-    device = torch.device("cpu") if weight.is_meta else weight.device
+    device = weight.device
+    if weight.is_meta:
+        # Offloaded by accelerate: the layer computes on its hook's execution device. A config-only
+        # skeleton (e.g. for converting a file) computes nowhere; the adapter keeps the file's values on the CPU.
+        device = offload.execution_device(module) or torch.device("cpu")
     if not isinstance(delta, LoraDelta):  # a LyCORIS kind or a Kohya DoRA
         return _with_mode(WeightDeltaAdapter(delta, dense_weight_shape(module), dtype, device), module)
     down, up = delta.down, delta.up
@@ -613,7 +658,7 @@ def dense_base_weight(module: nn.Module) -> torch.Tensor:
     weight dequantized."""
     if quantized.is_quantized(module):
         return quantized.dequantized_weight(module)
-    weight = module.weight
+    weight = offload.real_tensor(module, "weight")
     return weight.T if supported_kind(module) in ("conv1d", "embedding") else weight
 
 
