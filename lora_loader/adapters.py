@@ -15,6 +15,7 @@ from .blocks import BlockWeights, PathWeights
 from .errors import LoraNameError
 from .fuse import show_fused
 from .layers import BiasLayer, LoraAdapter, SavedCopyLayer
+from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
 ComponentWeight = float | BlockWeights | PathWeights
@@ -59,6 +60,8 @@ class AdapterRegistry:
         # The layers given a non-empty active list by the last push, to reset them next time.
         self._pushed: dict[nn.Module, list] = {}
         self._copies_pushed = False
+        # Which adapters keep their tensors where their layers compute (see residency.py).
+        self.residency = Residency()
 
     # -- names ---------------------------------------------------------------
     def check_known(self, names: list[str]) -> None:
@@ -78,6 +81,7 @@ class AdapterRegistry:
         self.adapters[record.name] = record
         self.active.append(record.name)
         self.weights[record.name] = {}
+        self.residency.activate(self, [record.name], self.active)
         self.push()
 
     def remove(self, name: str) -> AdapterRecord:
@@ -85,16 +89,20 @@ class AdapterRegistry:
         self.weights.pop(name, None)
         if name in self.active:
             self.active.remove(name)
+        self.residency.forget(name)
         return record
 
     def set_active(self, names: list[str], weights: list[dict[str, ComponentWeight]]) -> None:
         self.check_known(names)
+        self.residency.activate(self, names)  # parked ones come back before anything else changes
         self.active = list(names)
         for name, weight in zip(names, weights):
             self.weights[name] = weight
         self.push()
 
     def set_enabled(self, enabled: bool) -> None:
+        if enabled:
+            self.residency.bring_home(self, self.active)
         self.enabled = enabled
         self.push()
 

@@ -23,6 +23,7 @@ from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
 from .hub import read_source
 from .layers import CALL_SCALE
+from .residency import LoraResidency
 
 # diffusers' load_lora_weights kwargs that change nothing for us; accepted so diffusers code runs unchanged.
 _IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent", "allow_pickle"}
@@ -55,8 +56,8 @@ def _number(value, what: str) -> float:
     return float(value)
 
 
-class LoraHost:
-    """The adapter calls shared by `LoraPipelineMixin` and `LoraModelMixin`."""
+class LoraHost(LoraResidency):
+    """The adapter calls shared by `LoraPipelineMixin` and `LoraModelMixin` (residency calls: residency.py)."""
 
     # -- what a host provides -------------------------------------------------------
     def _lora_components(self) -> dict[str, nn.Module]:
@@ -92,10 +93,11 @@ class LoraHost:
         return registry
 
     def _lora_release_registry_if_empty(self) -> None:
-        """With no adapter left, take the registry off the modules: they are plain modules again."""
+        """With no adapter left, take the registry off the modules: they are plain modules again
+        (unless it holds a residency cap, which outlives the adapters)."""
         for module in self._lora_components().values():
             registry = module.__dict__.get(_REGISTRY)
-            if registry is not None and not registry.adapters and registry.enabled:
+            if registry is not None and not registry.adapters and registry.enabled and registry.residency.cap is None:
                 del module.__dict__[_REGISTRY]
 
     # -- loading ---------------------------------------------------------------------
@@ -429,19 +431,28 @@ class LoraLifecycle:
             raise LoraError(f"format={format!r}; expected 'diffusers', 'kohya' or 'peft'")
         return save.write(os.fspath(save_directory), tensors, metadata, format, save.model_family(components))
 
-    def set_lora_device(self, adapter_names, device) -> None:
-        """Move these adapters' tensors (e.g. park unused ones on the CPU, bring them back before use)."""
+    def set_lora_device(self, adapter_names: str | list[str], device: str | torch.device) -> None:
+        """Move these adapters' tensors to ``device`` (e.g. park unused ones on the CPU).
+
+        An adapter moved off the device of any of its layers counts as parked (see
+        `lora_residency`); when it is activated again (`set_adapters`,
+        `set_adapter`, `enable_lora`) it is moved back first, layer by layer, to the
+        device of each base layer, so a forward never mixes devices. An unknown
+        name or a device that is not one (or ``meta``, which would drop the
+        values) raises `LoraError` and moves nothing. To cap the number of
+        resident adapters automatically, see `set_max_resident_adapters`.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> _ = model.load_lora_weights({"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}, adapter_name="a")
+        >>> model.set_lora_device(["a"], "cpu"); model[0].lora_adapters["a"].down.device
+        device(type='cpu')
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         registry = self._lora_existing_registry()
         registry.check_known(names)
-        for name in names:
-            record = registry.adapters[name]
-            for _, _, module in record.layers + record.copies:
-                for container in ("lora_adapters", "lora_copies", "lora_biases"):
-                    holder = module._modules.get(container)
-                    if holder is not None and name in holder:
-                        holder[name].to(device)
-        registry.push()
+        registry.residency.move(registry, names, device)
+        registry.push()  # moved factor tensors are new objects: give the layers the current ones
 
 
 @contextlib.contextmanager
