@@ -11,6 +11,7 @@ registry -> layers.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import re
@@ -144,7 +145,11 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         self._lora_registry.add(record)
         _set_trainable(record, True)
         self.set_adapter(adapter_name)
-        if getattr(self, "is_gradient_checkpointing", False) and hasattr(self, "enable_input_require_grads"):
+        # transformers 5 renamed is_gradient_checkpointing (the old name warns).
+        checkpointing = getattr(self, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(self, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(self, "enable_input_require_grads"):
             self.enable_input_require_grads()
 
     def set_adapter(self, adapter_name) -> None:
@@ -203,7 +208,8 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         from safetensors.torch import save_file
 
         record = self._lora_record(adapter_name)
-        config = record.config or _config_from_record(record, self)
+        # A copy: the adapter may still be training, and its own config must not read inference_mode=True.
+        config = copy.deepcopy(record.config) if record.config is not None else _config_from_record(record, self)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(self, "config", None), "_name_or_path", None) or None
         os.makedirs(save_directory, exist_ok=True)

@@ -439,6 +439,16 @@ def test_the_saved_file_has_peft_keys_and_the_adapter_state_dict_values(tmp_path
         assert torch.equal(value.detach().cpu(), saved[PREFIX + key]), key
 
 
+def test_saving_mid_training_leaves_the_adapters_config_as_it_was(tmp_path):
+    """PEFT writes inference_mode=true into the saved config, and only there: the adapter trains on."""
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = lora_loader.attach(tiny_llama())
+    model.add_adapter(config, adapter_name="mine")
+    model.save_adapter(str(tmp_path), adapter_name="mine")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["inference_mode"] is True
+    assert config.inference_mode is False
+
+
 STATE_KEYS = {
     "lora": ("llama", MINE),
     "all-linear+modules_to_save": ("llama", dict(r=4, target_modules="all-linear", modules_to_save=["lm_head"])),
