@@ -203,7 +203,7 @@ class LoraResidency:
         if max_resident is None:
             return
         active = set(registry.active)
-        residency.bring_home(registry, [n for n in registry.active if n in residency.parked])
+        residency.bring_home(registry, registry.active)
         for name in [n for n in residency.recency if n in residency.parked and n not in active]:
             _move(registry.adapters[name], device)
         residency.enforce(registry, registry.active)
