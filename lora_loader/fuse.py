@@ -5,7 +5,9 @@ the parameter that new tensor; the original tensor object is kept, not a copy of
 it, so `unfuse` is an exact, O(1) swap back (diffusers+peft subtract a
 recomputed delta instead, which drifts in fp16/bf16). `disable_lora` on a
 fused model swaps the original tensors in, `enable_lora` the fused ones:
-nothing is recomputed at forward time.
+nothing is recomputed at forward time. A fused layer moved or cast with the
+model (``pipe.to("cuda")``, ``.half()``) converts the tensor it keeps aside too
+(`follow_conversion`), so what unfuse restores is on the model's device and dtype.
 
 A bitsandbytes 8-/4-bit layer is fused on its dequantized weight and the sum
 quantized again (see `quantized`): lossy, like PEFT's merge, and still undone
@@ -126,6 +128,7 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
     if fusion is None:
         return
     weight, bias = fusion["fused" if fused else "base"]
+    fusion["shown_fused"] = fused
     in_memory = fusion.get("in_memory")
     if in_memory is not None:  # offloaded: the hook loads what its weights map holds for each call
         for name, value in (("weight", weight), ("bias", bias)):
@@ -138,6 +141,22 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
         module.weight.data = weight
     if bias is not None:
         module.bias.data = bias
+
+
+def follow_conversion(module: LoraLayer, fn) -> None:
+    """After ``module._apply(fn)`` (``.to(device)``, ``.to(dtype)``, ``.half()``, ``.cuda()``), convert the
+    tensor the fusion keeps aside too, so a later swap (unfuse, disable) gives a tensor on the model's
+    device and dtype. The original converted is exactly what converting the unfused model gives, so
+    unfuse stays bit-exact, and the kept tensor leaves the old device with the model.
+    """
+    fusion = module.__dict__.get("_lora_fusion")
+    if fusion is None or "in_memory" in fusion or isinstance(fusion["base"][0], tuple):
+        return  # offloaded: the hook's weights map holds both; quantized: bitsandbytes owns its state
+    shown, hidden = ("fused", "base") if fusion["shown_fused"] else ("base", "fused")
+    weight, bias = fusion[hidden]
+    with torch.no_grad():
+        fusion[hidden] = (fn(weight), None if bias is None else fn(bias))
+    fusion[shown] = (module.weight.data, None if fusion[shown][1] is None else module.bias.data)
 
 
 def unfuse_layer(module: LoraLayer) -> None:

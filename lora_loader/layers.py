@@ -297,6 +297,15 @@ class LoraLayer:
         delta = self._lora_delta(x, out, active)
         return out + (delta if scale is None else delta * scale).to(out.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # `.to()`, `.half()`, `.cuda()`: a fused layer keeps its other weight outside its parameters.
+        result = super()._apply(fn, recurse)
+        if "_lora_fusion" in self.__dict__:
+            from .fuse import follow_conversion  # fuse imports this module
+
+            follow_conversion(self, fn)
+        return result
+
     def _lora_follow(self, device: torch.device) -> list:
         """Move the active adapters to ``device``, where the base layer just computed: a layer offloaded by
         accelerate computes on its hook's execution device, also when it was hooked after the adapters loaded."""

@@ -81,6 +81,35 @@ def test_five_fuse_unfuse_cycles_leave_zero_changed_tensors(dtype):
         assert changed == []
 
 
+@pytest.mark.parametrize("disabled_while_moved", [False, True])
+def test_moving_a_fused_pipeline_moves_what_unfuse_restores(disabled_while_moved):
+    """`pipe.to(...)` after `fuse_lora()`: unfuse and disable give the converted base model exactly.
+
+    A dtype change stands in for a device move (both are `nn.Module._apply`); the
+    reference is the never-loaded pipeline converted the same way.
+    """
+    base = tiny_sd_pipeline(0).to(torch.float64)
+    unfused = lora_loader.attach(tiny_sd_pipeline(0).to(torch.float64))
+    _blend(unfused)
+    pipe = lora_loader.attach(tiny_sd_pipeline(0))
+    _blend(pipe)
+    pipe.fuse_lora()
+    if disabled_while_moved:
+        pipe.disable_lora()
+    pipe.to(torch.float64)
+    if disabled_while_moved:
+        pipe.enable_lora()
+    _close(outputs(pipe), outputs(unfused))  # the fused weights moved with the model
+    pipe.disable_lora()
+    assert _equal(outputs(pipe), outputs(base))
+    pipe.enable_lora()
+    pipe.unfuse_lora()
+    for name in ("unet", "text_encoder"):
+        tensors = getattr(base, name).state_dict()
+        assert all(torch.equal(v, tensors[k]) for k, v in getattr(pipe, name).state_dict().items())
+    _close(outputs(pipe), outputs(unfused))  # unfused again (blend factors rounded in fp32 before the move)
+
+
 def test_lora_scale_applies_to_that_fuse_only():
     pipe = lora_loader.attach(tiny_sd_pipeline(0))
     _blend(pipe)

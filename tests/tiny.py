@@ -178,6 +178,8 @@ def unet_inputs(pipe, seed: int = 0, batch: int = 2) -> dict:
             "text_embeds": torch.randn(batch, 24, generator=g),
             "time_ids": torch.randn(batch, 6, generator=g),
         }
+    if unet.dtype != torch.float32:  # drawn in fp32 (the same numbers for every dtype), given in the UNet's
+        inputs = {k: v.to(unet.dtype) if k != "timestep" and torch.is_tensor(v) else v for k, v in inputs.items()}
     return inputs
 
 
