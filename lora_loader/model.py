@@ -26,6 +26,7 @@ from .config import LoraConfig
 from .delta import LoraDelta
 from .errors import LoraError, LoraNameError
 from .formats import ConvertedLora
+from .formats.diffusers import saved_module_matches
 from .host import LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
 from .layers import (
     BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, kind_of,
@@ -362,8 +363,8 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
 
 def _find_saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     names = config.modules_to_save or []
-    found = [n for n, _ in model.named_modules() if n and _matches(list(names), n)]
-    missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
+    found = [n for n, _ in model.named_modules() if n and saved_module_matches(names, n)]
+    missing = [t for t in names if not any(n.endswith(t) for n in found)]
     if missing:
         raise LoraError(f"modules_to_save names {missing}, which match no module of {type(model).__name__}")
     return found

@@ -205,6 +205,8 @@ TARGETING = {
         dict(r=8, target_modules=["q_proj"], rank_pattern={"model.layers.0.self_attn.q_proj": 3}),
     ),
     "modules_to_save": ("llama", dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    # PEFT matches modules_to_save by plain suffix: "norm" is model.norm and every *_layernorm too.
+    "modules_to_save-suffix": ("llama", dict(r=4, target_modules=["q_proj"], modules_to_save=["norm"])),
     "embedding": ("llama", dict(r=4, target_modules=["embed_tokens", "q_proj"])),
     "dora": ("llama", dict(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)),
 }
@@ -278,10 +280,11 @@ def test_print_trainable_parameters_prints_what_peft_prints(case, capsys):
     "case",
     [
         ("llama", dict(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])),
+        ("llama", dict(r=4, target_modules=["q_proj"], modules_to_save=["norm"])),
         ("gpt2", dict(r=4, target_modules=["c_attn"], bias="lora_only")),
         ("gpt2", dict(r=4, target_modules=["c_attn"], bias="all")),
     ],
-    ids=["modules_to_save", "bias-lora_only", "bias-all"],
+    ids=["modules_to_save", "modules_to_save-suffix", "bias-lora_only", "bias-all"],
 )
 def test_print_trainable_parameters_counts_the_same_trainable_params_as_peft(case, capsys):
     # N (trainable) must equal peft's. M (all) counts the base plus what the adapter adds, as peft's does.

@@ -71,6 +71,11 @@ CASES = {
         "llama",
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
     ),
+    # PEFT's modules_to_save is a plain suffix match: "norm" copies model.norm and every *_layernorm.
+    "llama-modules-to-save-suffix": (
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]),
+    ),
     "llama-embedding": ("llama", dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
     "gpt2-conv1d": ("gpt2", dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "gpt2-conv1d-dora": (
@@ -94,6 +99,7 @@ ONLY_LORA_LAYERS = [c for c, (_, kw) in CASES.items() if "modules_to_save" not i
 DISABLEABLE = [
     "llama-dora",
     "llama-modules-to-save-lm-head",
+    "llama-modules-to-save-suffix",
     "llama-embedding",
     "gpt2-conv1d",
     "gpt2-embedding",

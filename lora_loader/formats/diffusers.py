@@ -122,9 +122,15 @@ def _saved_module(path: str, config: dict | None) -> tuple[str, str] | None:
     parts = path.split(".")
     for cut in range(1, len(parts)):
         module = ".".join(parts[:cut])
-        if any(module == name or module.endswith("." + name) for name in names):
+        if saved_module_matches(names, module):
             return module, ".".join(parts[cut:])
     return None
+
+
+def saved_module_matches(names: list[str], module: str) -> bool:
+    """PEFT's ``modules_to_save`` rule: a plain suffix match, not at a dot as for ``target_modules``, so
+    ``["classifier"]`` also copies ``pre_classifier`` and ``["norm"]`` every ``*_layernorm``."""
+    return any(module.endswith(name) for name in names)
 
 
 def _config_for(configs: dict[str, dict], component: str) -> dict | None:
