@@ -117,7 +117,7 @@ class LoraAdapter(nn.Module):
         down, up = self.down.detach()[: self.r], self.up.detach()[:, : self.r]
         bias = None
         if self.bias_delta is not None:
-            bias = self.bias_delta.detach() + (0 if base_bias is None else base_bias.detach().to(self.bias_delta.dtype))
+            bias = self.bias_delta.detach() + (0 if base_bias is None else base_bias.detach().to(self.bias_delta))
         return LoraDelta(down, up, self.alpha, self.use_rslora, magnitude=magnitude, dropout=self.dropout_p, bias=bias)
 
     def extra_repr(self) -> str:
@@ -647,7 +647,7 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     alpha = float(delta.rank if delta.alpha is None else delta.alpha)
     bias_delta = None
     if delta.bias is not None:
-        bias_delta = (delta.bias.to(device=device, dtype=torch.float32) - module.bias.detach().float().to(device)).to(dtype)
+        bias_delta = (delta.bias.to(device=device, dtype=torch.float32) - offload.real_tensor(module, "bias").detach().float().to(device)).to(dtype)
     dropout = 0.0 if kind == "embedding" else delta.dropout  # token ids take no dropout, as in PEFT
     adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta, dtype)
     return _with_mode(adapter, module)
@@ -691,7 +691,9 @@ class SavedCopyLayer:
     _lora_copy: nn.Module | None
 
     def set_lora_copy(self, copy: nn.Module | None) -> None:
-        self._lora_copy = copy
+        # A plain attribute: nn.Module.__setattr__ would register the copy as a submodule, putting it
+        # into the model's state_dict and in reach of accelerate's hooks. It lives in lora_copies.
+        self.__dict__["_lora_copy"] = copy
 
     def forward(self, x, *args, **kwargs):
         names = MIXED_BATCH.get()
@@ -744,14 +746,26 @@ class _CopyDict(AdapterDict):
         return
 
 
+# What accelerate's add_hook_to_module puts on a module: a copy must not run (or deep-copy) its hook.
+_HOOK_ATTRIBUTES = ("_hf_hook", "_old_forward", "forward")
+
+
 def make_saved_copy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain deep copy of ``module`` (without our wrapping) with ``tensors`` assigned to its parameters."""
+    """A plain copy of ``module`` (without our wrapping or accelerate's hooks) with ``tensors`` assigned.
+
+    A module offloaded by accelerate holds meta tensors: the copy takes the values from the
+    hook's weights map instead (``tensors`` may then be meta too, as ``state_dict()`` gives
+    them), on the device where the module computes, and runs there inside the module's hook.
+    """
     import copy as copy_module
 
     saved = module._modules.pop("lora_copies", None) if isinstance(module, SavedCopyLayer) else None
+    hooked = {sub: {k: sub.__dict__.pop(k) for k in _HOOK_ATTRIBUTES if k in sub.__dict__} for sub in module.modules()}
     try:
         clone = copy_module.deepcopy(module)
     finally:
+        for sub, attributes in hooked.items():
+            sub.__dict__.update(attributes)
         if saved is not None:
             module._modules["lora_copies"] = saved
     if isinstance(clone, SavedCopyLayer):
@@ -759,10 +773,20 @@ def make_saved_copy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.M
         for name in ("_lora_base_class", "_lora_copy"):
             clone.__dict__.pop(name, None)
     with torch.no_grad():
+        originals = dict(module.named_modules())
+        for sub_name, sub in clone.named_modules():
+            for holder in (sub._parameters, sub._buffers):
+                for name, tensor in holder.items():
+                    if tensor is not None and tensor.is_meta:  # offloaded: the real values are in the hook's map
+                        real = offload.real_tensor(originals[sub_name], name)
+                        device = offload.execution_device(originals[sub_name]) or real.device
+                        value = real.detach().to(device, copy=True)
+                        holder[name] = nn.Parameter(value, requires_grad=False) if holder is sub._parameters else value
         own = dict(clone.named_parameters())
         own.update(dict(clone.named_buffers()))
         for name, tensor in tensors.items():
-            own[name].copy_(tensor.to(own[name].dtype))
+            if not tensor.is_meta:
+                own[name].copy_(tensor.to(own[name].dtype))
     for p in clone.parameters():
         p.requires_grad_(False)
     return clone
@@ -831,5 +855,6 @@ def unwrap_bias(module: nn.Module) -> None:
 
 
 def bias_adapter(module: nn.Module, bias: torch.Tensor) -> BiasAdapter:
-    base = module.bias.detach()
-    return BiasAdapter((bias.to(device=base.device, dtype=torch.float32) - base.float()).to(base.dtype))
+    base = offload.real_tensor(module, "bias").detach()  # an offloaded module's bias is in its hook's weights map
+    device = (offload.execution_device(module) or base.device) if module.bias.is_meta else base.device
+    return BiasAdapter((bias.to(device=device, dtype=torch.float32) - base.float().to(device)).to(base.dtype))

@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from . import inject
+from . import inject, offload
 from .adapters import AdapterRecord, ComponentWeight
 from .config import LoraConfig
 from .delta import LoraDelta
@@ -136,7 +136,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                 if name and not inside and isinstance(getattr(module, "bias", None), nn.Parameter):
                     if ".lora_" in f".{name}":
                         continue
-                    tensors[f"{name}.bias"] = module.bias.detach().clone()
+                    tensors[f"{name}.bias"] = offload.real_tensor(module, "bias").detach().clone()
                     converted.module_biases[(MODEL, name)] = f"{name}.bias"
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, "add_adapter", tensors)
         for p in self.parameters():
@@ -195,10 +195,11 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             if adapter.magnitude is not None:
                 out[f"{path}.lora_magnitude_vector"] = adapter.magnitude.detach()
             if adapter.bias_delta is not None:  # PEFT's bias="lora_only": the full bias the adapter trained
-                out[f"{path}.base_layer.bias"] = adapter.to_delta(module.bias).bias  # PEFT's key for it
+                out[f"{path}.base_layer.bias"] = adapter.to_delta(offload.real_tensor(module, "bias")).bias  # PEFT's key for it
         for _, path, module in record.copies:
             if isinstance(module, BiasLayer):  # bias="all": the trained bias of a module without LoRA
-                out[f"{path}.bias"] = module.bias.detach() + module.lora_biases[record.name].delta.detach()
+                base_bias = offload.real_tensor(module, "bias").detach()
+                out[f"{path}.bias"] = base_bias + module.lora_biases[record.name].delta.detach().to(base_bias.device)
                 continue
             for param, tensor in module.lora_copies[record.name].state_dict().items():
                 out[f"{path}.{param}"] = tensor.detach()
@@ -403,7 +404,7 @@ def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelt
         magnitude = torch.linalg.norm(dense.flatten(1) + scale * lora, dim=1).to(dtype)
     bias = None
     if config.bias != "none" and getattr(module, "bias", None) is not None:
-        bias = module.bias.detach().clone()  # starts equal to the base bias: the trainable delta starts at zero
+        bias = offload.real_tensor(module, "bias").detach().clone()  # starts equal to the base bias: the trainable delta starts at zero
     return LoraDelta(
         down, up, float(alpha), config.use_rslora, keys=(name,), magnitude=magnitude, dropout=config.lora_dropout, bias=bias
     )

@@ -17,7 +17,7 @@ import peft
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model, disk_offload
-from llm_tiny import input_ids, peft_adapter, tiny_llama
+from llm_tiny import input_ids, peft_adapter, tiny_llama, tiny_opt
 from test_api import kohya_lora
 from tiny import outputs, tiny_sd_pipeline
 
@@ -178,6 +178,69 @@ def test_transformers_from_pretrained_with_an_auto_device_map_and_disk_offload(a
     model = LlamaForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map, offload_folder=str(tmp_path / "off"))
     lora_loader.attach(model).load_adapter(adapters["a"], adapter_name="a")
     torch.testing.assert_close(logits(model), logits(reference(adapters, "a")), atol=1e-5, rtol=0)
+
+
+# -- full module copies (modules_to_save) and bias deltas -------------------------------------------------
+
+
+def _offloaded_opt(how: str, folder: str, model=None):
+    model = tiny_opt(0) if model is None else model
+    if how == "cpu_offload":
+        return cpu_offload(model, execution_device="cpu")
+    return disk_offload(model, offload_dir=folder, execution_device="cpu")
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+@pytest.mark.parametrize("order", ["offload-then-load", "load-then-offload"])
+def test_module_copies_and_bias_deltas_on_an_offloaded_model(tmp_path, bias, how, order):
+    """PEFT's modules_to_save copies and bias deltas read their base tensors from the hook's weights map:
+    a copy made of an offloaded module is a real module (not the module's meta tensors and hook)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1"], modules_to_save=["lm_head"],
+                             bias=bias, init_lora_weights=False)
+    folder = peft_adapter(tiny_opt(0), config, tmp_path / "adapter", seed=3)
+    expected = lora_loader.attach(tiny_opt(0))
+    expected.load_adapter(folder, adapter_name="a")
+    if order == "offload-then-load":
+        model = lora_loader.attach(_offloaded_opt(how, str(tmp_path / "off")))
+        model.load_adapter(folder, adapter_name="a")
+    else:
+        model = lora_loader.attach(tiny_opt(0))
+        model.load_adapter(folder, adapter_name="a")
+        model = _offloaded_opt(how, str(tmp_path / "off"), model)
+    assert model.lm_head.weight.is_meta and model.model.decoder.layers[0].fc1.bias.is_meta  # really offloaded
+    assert (logits(expected) - logits(tiny_opt(0))).abs().max() > 1e-3
+    torch.testing.assert_close(logits(model), logits(expected), atol=1e-5, rtol=0)
+    mine, theirs = model.get_adapter_state_dict("a"), expected.get_adapter_state_dict("a")
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    model.disable_adapters()
+    assert torch.equal(logits(model), logits(tiny_opt(0)))
+
+
+def test_training_an_adapter_with_copies_and_biases_on_an_offloaded_model_matches_the_plain_model(tmp_path):
+    config = lora_loader.LoraConfig(r=4, target_modules=["q_proj", "fc1"], modules_to_save=["lm_head"], bias="all")
+    models = {"plain": lora_loader.attach(tiny_opt(0)),
+              "offloaded": lora_loader.attach(_offloaded_opt("disk_offload", str(tmp_path / "off")))}
+    for model in models.values():
+        torch.manual_seed(0)
+        model.add_adapter(config, adapter_name="mine")
+        model.set_adapter("mine")
+        assert torch.equal(logits(model), logits(tiny_opt(0)))  # a new adapter starts as the base model
+        copy = model.lm_head.lora_copies["mine"]
+        assert not copy.weight.is_meta and torch.equal(copy.weight, tiny_opt(0).lm_head.weight)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        ids = input_ids()
+        for _ in range(2):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    trained = {name: model.get_adapter_state_dict("mine") for name, model in models.items()}
+    assert trained["plain"].keys() == trained["offloaded"].keys()
+    assert not torch.equal(trained["plain"]["lm_head.weight"], tiny_opt(0).lm_head.weight)  # the copy trained
+    for key, value in trained["offloaded"].items():
+        torch.testing.assert_close(value, trained["plain"][key], atol=1e-6, rtol=0)
 
 
 # -- diffusers pipelines --------------------------------------------------------------------------------

@@ -279,6 +279,18 @@ def test_get_adapter_state_dict_has_peft_keys_and_the_loaded_tensors(name, case)
         assert torch.equal(got[key].float(), want[key].float()), key
 
 
+@pytest.mark.parametrize("name", STATE_DICT_CASES + ["llama-modules-to-save-suffix"])
+def test_the_model_state_dict_stays_the_base_models_with_an_adapter_loaded(name, case):
+    """Adapters (factors, full module copies, bias deltas) stay out of ``model.state_dict()``, so
+    ``save_pretrained`` and ``load_state_dict(strict=True)`` see the base model."""
+    kind, folder, _, _ = case(name)
+    model, _ = mine(kind, {"x": folder})
+    base = MODELS[kind](0).state_dict()
+    state = model.state_dict()
+    assert list(state) == list(base)
+    assert all(torch.equal(state[k], base[k]) for k in base)
+
+
 # -- several adapters: blends, set_adapter, active_adapters -----------------------------------------------
 
 
