@@ -1280,10 +1280,21 @@ def main(argv=None) -> int:
     if out is None and not args.quick and args.only is None:
         out = str(HERE / "RESULTS.md")
     if out:
-        Path(out).write_text(markdown(report, info, size, args, elapsed))
-        print(f"wrote {out}")
+        text = markdown(report, info, size, args, elapsed)
+        kept = _many_adapters_section(Path(out))
+        Path(out).write_text(text + ("\n" + kept if kept else ""))
+        print(f"wrote {out}" + (" (kept its 50-adapter section from many_adapters.py)" if kept else ""))
     print(f"total {elapsed / 60:.1f} min")
     return 0
+
+
+def _many_adapters_section(path: Path) -> str:
+    """The section ``many_adapters.py`` wrote into ``path`` (between its markers), to keep on a rewrite."""
+    start, end = "<!-- many_adapters:start -->", "<!-- many_adapters:end -->"
+    old = path.read_text() if path.exists() else ""
+    if start not in old or end not in old:
+        return ""
+    return start + old.split(start, 1)[1].split(end, 1)[0] + end + "\n"
 
 
 if __name__ == "__main__":
