@@ -130,6 +130,10 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
     weight, bias = fusion["fused" if fused else "base"]
     fusion["shown_fused"] = fused
     in_memory = fusion.get("in_memory")
+    if in_memory is None and offload.is_offloaded(module):
+        # Offloaded after fusing: the hook's map holds what was shown then; both tensors are here, in memory.
+        present = [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
+        in_memory = fusion["in_memory"] = {name: True for name in present}
     if in_memory is not None:  # offloaded: the hook loads what its weights map holds for each call
         for name, value in (("weight", weight), ("bias", bias)):
             if value is not None:

@@ -152,6 +152,31 @@ def test_fuse_writes_the_weights_map_and_unfuse_restores_it_without_touching_the
     assert hooks(model) == before
 
 
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+def test_offloading_a_fused_model_then_unfusing_gives_the_unfused_model_back(adapters, tmp_path, how):
+    """Offloading after fuse_lora: the hook's weights map holds the fused weights; unfuse and disable
+    put the originals there (in memory: the files accelerate wrote are not touched)."""
+    model = reference(adapters, "a", "dora")
+    unfused = logits(model)
+    model.fuse_lora()
+    fused = logits(model)
+    folder = str(tmp_path / "off")
+    model = cpu_offload(model, execution_device="cpu") if how == "cpu_offload" else disk_offload(model, offload_dir=folder, execution_device="cpu")
+    assert model.model.layers[1].self_attn.q_proj.weight.is_meta
+    files = offloaded_files(folder) if how == "disk_offload" else None
+    assert torch.equal(logits(model), fused)
+    model.disable_lora()
+    assert torch.equal(logits(model), logits(tiny_llama(0)))
+    model.enable_lora()
+    assert torch.equal(logits(model), fused)
+    model.unfuse_lora()
+    torch.testing.assert_close(logits(model), unfused, atol=1e-6, rtol=0)
+    model.disable_lora()
+    assert torch.equal(logits(model), logits(tiny_llama(0)))
+    if files is not None:
+        assert offloaded_files(folder) == files
+
+
 def test_unload_gives_the_hooks_back_the_plain_forward(adapters, tmp_path):
     model, _ = dispatched(tmp_path)
     model.load_adapter(adapters["a"], adapter_name="a")
