@@ -760,7 +760,11 @@ def make_saved_copy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.M
     import copy as copy_module
 
     saved = module._modules.pop("lora_copies", None) if isinstance(module, SavedCopyLayer) else None
-    hooked = {sub: {k: sub.__dict__.pop(k) for k in _HOOK_ATTRIBUTES if k in sub.__dict__} for sub in module.modules()}
+    hooked = {
+        sub: {k: sub.__dict__.pop(k) for k in _HOOK_ATTRIBUTES if k in sub.__dict__}
+        for sub in module.modules()
+        if "_hf_hook" in sub.__dict__
+    }
     try:
         clone = copy_module.deepcopy(module)
     finally:

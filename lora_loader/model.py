@@ -365,7 +365,7 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
 def _find_saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     names = config.modules_to_save or []
     found = [n for n, _ in model.named_modules() if n and saved_module_matches(names, n)]
-    missing = [t for t in names if not any(n.endswith(t) for n in found)]
+    missing = [t for t in names if not any(saved_module_matches([t], n) for n in found)]
     if missing:
         raise LoraError(f"modules_to_save names {missing}, which match no module of {type(model).__name__}")
     return found
