@@ -82,7 +82,10 @@ class AdapterRegistry:
         self.active.append(record.name)
         self.weights[record.name] = {}
         self.residency.activate(self, [record.name], self.active)
-        self.push()
+        if self.enabled:
+            self._push_added(record)
+        else:
+            self.push()
 
     def remove(self, name: str) -> AdapterRecord:
         record = self.adapters.pop(name)
@@ -157,6 +160,29 @@ class AdapterRegistry:
         for _, module in self.fused_modules:
             show_fused(module, self.enabled)
         if self._copies_pushed or any(record.copies for record in self.adapters.values()):
+            self._push_copies()
+
+    def _push_added(self, record: AdapterRecord) -> None:
+        """What `push` gives after `add`, touching only the new adapter's layers: it is active last,
+        at weight 1.0 and fused nowhere, so each of its layers gets its list with the new adapter
+        appended, and every other layer keeps its list. Keeps a load's cost flat in the number of
+        adapters already active."""
+        pushed = self._pushed
+        for entries in record.by_component().values():
+            for _, module, adapter in entries:
+                value = adapter.scale
+                factor = adapter._buffers["factor"]
+                if adapter._factor_value != value:
+                    factor.fill_(value)
+                    adapter.__dict__["_factor_value"] = value
+                before = pushed.get(module)
+                active = [(adapter, factor)] if not before else before + [(adapter, factor)]
+                pushed[module] = active
+                state = module.__dict__
+                state["_lora_active"] = active
+                if len(active) < 2:
+                    state["_lora_concat"] = None
+        if self._copies_pushed or record.copies:
             self._push_copies()
 
     def _push_copies(self) -> None:
