@@ -343,6 +343,12 @@ def time_each(calls: dict) -> dict[str, float]:
     return out
 
 
+def minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def read_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
 
@@ -578,7 +584,9 @@ class SDBench:
     # loading -------------------------------------------------------------------------
     def load(self, lib: str, path: str, name: str) -> float:
         pipe = self.pipes[lib]
+        faults = minor_faults()
         dt, result = timed(lambda: pipe.load_lora_weights(path, adapter_name=name))
+        self.last_faults = minor_faults() - faults  # pages the kernel had to map (and zero) during the load
         if lib == LL:
             self.last_report = result
         return dt
@@ -601,6 +609,7 @@ class SDBench:
         size, n = self.size, self.size.n_load
         print(f"\n== load: load_lora_weights of a {self.file_mib:.0f} MiB Kohya SD 1.5 file, adapters 1..{n}, {self.repeats} rounds", flush=True)
         times = {LL: [], "other": []}
+        faults = {LL: [], "other": []}  # per round: minor page faults of the 1st and the nth load
         reads = []
         # An untimed warm-up round: the first loads in a process pay for imports, first-call caches and
         # fresh (page-faulted) memory. They are reported on their own row.
@@ -617,8 +626,12 @@ class SDBench:
         for r, order in rounds(self.repeats):
             reads.append(timed(lambda: read_safetensors(self.files[0]))[0])
             for lib in order:
-                ts = [self.load(lib, path, f"a{i}") for i, path in enumerate(self.files)]
+                ts, fs = [], []
+                for i, path in enumerate(self.files):
+                    ts.append(self.load(lib, path, f"a{i}"))
+                    fs.append(self.last_faults)
                 times[lib].append(ts)
+                faults[lib].append((fs[0], fs[-1]))
             for lib in order:
                 self.unload(lib)
             reads.append(timed(lambda: read_safetensors(self.files[0]))[0])
@@ -643,6 +656,9 @@ class SDBench:
         ))
         rep.add(Row("load", f"load_lora_weights, {n}th adapter ({n - 1} already loaded)", "s", last[LL], last["other"], DP))
         rep.add(Row("load", "the very first load in the process (warm-up round, not in the medians)", "s", [cold[LL][0]], [cold["other"][0]], DP))
+        for which, label in ((0, "1st"), (1, f"{n}th")):
+            rep.add(Row("load", f"minor page faults during the {label} load (fresh memory the kernel maps and zeroes)",
+                        "count", [f[which] for f in faults[LL]], [f[which] for f in faults["other"]], DP, kind="plain"))
         # Where the time goes: one profiled sequence of lora_loader loads (1st and nth profiled).
         prof_first = profile(lambda: self.ll.load_lora_weights(self.files[0], adapter_name="a0"))
         for i in range(1, n - 1):
