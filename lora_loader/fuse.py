@@ -116,10 +116,14 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
     fusion = {"base": (original_weight, original_bias), "fused": (fused_weight, fused_bias)}
     if offload.is_offloaded(module):
         # Which originals the hook keeps in memory (restored as they are) rather than reads from disk (forgotten).
-        present = [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
-        fusion["in_memory"] = {name: offload.stored_here(module, name) for name in present}
+        fusion["in_memory"] = {name: offload.stored_here(module, name) for name in _own_tensors(module)}
     module.__dict__["_lora_fusion"] = fusion
     show_fused(module, True)
+
+
+def _own_tensors(module: nn.Module) -> list[str]:
+    """The fusable tensors the module has: ``weight``, and ``bias`` unless it is None."""
+    return [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
 
 
 def show_fused(module: LoraLayer, fused: bool) -> None:
@@ -132,8 +136,7 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
     in_memory = fusion.get("in_memory")
     if in_memory is None and offload.is_offloaded(module):
         # Offloaded after fusing: the hook's map holds what was shown then; both tensors are here, in memory.
-        present = [name for name in ("weight", "bias") if getattr(module, name, None) is not None]
-        in_memory = fusion["in_memory"] = {name: True for name in present}
+        in_memory = fusion["in_memory"] = {name: True for name in _own_tensors(module)}
     if in_memory is not None:  # offloaded: the hook loads what its weights map holds for each call
         for name, value in (("weight", weight), ("bias", bias)):
             if value is not None:

@@ -621,11 +621,9 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     weight = module.weight
     kind = supported_kind(module)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    device = weight.device
-    if weight.is_meta:
-        # Offloaded by accelerate: the layer computes on its hook's execution device. A config-only
-        # skeleton (e.g. for converting a file) computes nowhere; the adapter keeps the file's values on the CPU.
-        device = offload.execution_device(module) or torch.device("cpu")
+    # Offloaded by accelerate: the layer computes on its hook's execution device. A config-only
+    # skeleton (e.g. for converting a file) computes nowhere; the adapter keeps the file's values on the CPU.
+    device = offload.compute_device(module, weight) or torch.device("cpu")
     if not isinstance(delta, LoraDelta):  # a LyCORIS kind or a Kohya DoRA
         return _with_mode(WeightDeltaAdapter(delta, dense_weight_shape(module), dtype, device), module)
     down, up = delta.down, delta.up
@@ -783,7 +781,7 @@ def make_saved_copy(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.M
                 for name, tensor in holder.items():
                     if tensor is not None and tensor.is_meta:  # offloaded: the real values are in the hook's map
                         real = offload.real_tensor(originals[sub_name], name)
-                        device = offload.execution_device(originals[sub_name]) or real.device
+                        device = offload.compute_device(originals[sub_name], tensor) or real.device
                         value = real.detach().to(device, copy=True)
                         holder[name] = nn.Parameter(value, requires_grad=False) if holder is sub._parameters else value
         own = dict(clone.named_parameters())
@@ -860,5 +858,5 @@ def unwrap_bias(module: nn.Module) -> None:
 
 def bias_adapter(module: nn.Module, bias: torch.Tensor) -> BiasAdapter:
     base = offload.real_tensor(module, "bias").detach()  # an offloaded module's bias is in its hook's weights map
-    device = (offload.execution_device(module) or base.device) if module.bias.is_meta else base.device
+    device = offload.compute_device(module, module.bias) or base.device
     return BiasAdapter((bias.to(device=device, dtype=torch.float32) - base.float().to(device)).to(base.dtype))

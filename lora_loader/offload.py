@@ -43,6 +43,12 @@ def execution_device(module: nn.Module) -> torch.device | None:
     return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
 
 
+def compute_device(module: nn.Module, tensor: torch.Tensor) -> torch.device | None:
+    """Where ``module`` computes with ``tensor`` (one of its own): the tensor's device, or for a meta
+    tensor its hook's execution device (None without a hook: a config-only skeleton computes nowhere)."""
+    return execution_device(module) if tensor.is_meta else tensor.device
+
+
 def _offloaded_slot(module: nn.Module, name: str):
     """``(mapping, key)`` where the hook keeps ``module.<name>`` between calls, or None if it is not offloaded."""
     hook = _align_hook(module)

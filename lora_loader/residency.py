@@ -72,11 +72,7 @@ def home_device(module: nn.Module) -> torch.device | None:
     tensor = getattr(module, "weight", None)
     if not isinstance(tensor, torch.Tensor):
         tensor = next(_base_tensors(module), None)
-    if tensor is None:
-        return None
-    if tensor.is_meta:
-        return offload.execution_device(module)
-    return tensor.device
+    return None if tensor is None else offload.compute_device(module, tensor)
 
 
 def _move(record: AdapterRecord, device: torch.device | None) -> bool:
