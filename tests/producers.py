@@ -2,8 +2,9 @@
 
 Every helper here is independent of lora_loader (nothing is imported from it):
 
-- `peft_lora` trains nothing but creates adapters with PEFT itself (``add_adapter`` +
-  ``get_peft_model_state_dict``), as diffusers' training scripts do, and
+- `peft_lora` trains nothing but creates adapters with PEFT itself (`add_peft_adapter`:
+  ``inject_adapter_in_model`` + ``get_peft_model_state_dict``, what diffusers' and transformers'
+  ``add_adapter`` do, without their version gates and glue), and
   `save_diffusers_lora` writes them with the pipeline's own ``save_lora_weights``
   (``lora_adapter_metadata`` header with rank, alpha, patterns, rsLoRA).
 - `kohya_from_peft` converts those with diffusers' ``convert_state_dict_to_kohya``.
@@ -24,6 +25,7 @@ import os
 import torch
 from diffusers.utils import convert_state_dict_to_kohya
 from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, PEFT_TO_DIFFUSERS, UNET_TO_DIFFUSERS
+from peft import inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
@@ -45,10 +47,21 @@ def peft_lora(pipeline_factory, seed: int, configs: dict) -> dict[str, dict[str,
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for component, config in configs.items():
-            model = getattr(pipe, component)
-            model.add_adapter(config)
-            out[component] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            out[component] = add_peft_adapter(getattr(pipe, component), config)
     return out
+
+
+def add_peft_adapter(model: nn.Module, config, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Inject a PEFT LoRA into ``model`` with peft's own ``inject_adapter_in_model`` and return its
+    PEFT state dict (``<module>.lora_A.weight`` ...), detached copies.
+
+    diffusers' ``ModelMixin.add_adapter`` and transformers' ``PeftAdapterMixin.add_adapter`` are this
+    call plus glue (transformers 5.25's refuses peft < 0.22); the oracle files depend on peft alone.
+    The injected adapter is active, as after either ``add_adapter``.
+    """
+    inject_adapter_in_model(config, model, adapter_name)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def save_diffusers_lora(directory, pipeline_cls, state_dicts: dict, configs: dict, weight_name: str) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from peft import LoraConfig
-from producers import peft_lora, save_diffusers_lora
+from producers import add_peft_adapter, peft_lora, save_diffusers_lora
 from tiny import text_ids
 from tiny_dit import run, tiny_flux_pipeline, tiny_sd3_pipeline
 
@@ -160,7 +160,7 @@ def test_a_lora_on_the_t5_encoder_is_applied_like_peft_applies_it(kind, tmp_path
     ids = text_ids()
     with torch.no_grad():
         base = getattr(ref, component)(ids).last_hidden_state
-        getattr(ref, component).add_adapter(cfg[component])
+        add_peft_adapter(getattr(ref, component), cfg[component])
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 

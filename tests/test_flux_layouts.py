@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from producers import _sd_scripts_modules, _with_text_model, diffusers_to_sgm, sd_scripts_sdxl_lora
+from producers import _sd_scripts_modules, _with_text_model, add_peft_adapter, diffusers_to_sgm, sd_scripts_sdxl_lora
 from safetensors.torch import load_file, save_file
 from test_flux import ALPHA, RANK, inputs, kohya_flux_file, peft_factors, peft_output, tiny_flux
 from tiny import outputs, text_ids, tiny_sdxl_pipeline
@@ -134,11 +134,9 @@ T5_TARGETS = ["q", "k", "v", "o", "wi", "wo"]
 def peft_encoder(encoder, targets, seed):
     """Add a PEFT LoRA (alpha = r: files without alpha keys mean scale 1) and return its factors per module."""
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(seed)
-    encoder.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
-    sd = get_peft_model_state_dict(encoder)
+    sd = add_peft_adapter(encoder, LoraConfig(r=2, lora_alpha=2, target_modules=targets, init_lora_weights=False))
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
     return {m: (sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"]) for m in modules}
 

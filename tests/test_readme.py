@@ -147,11 +147,56 @@ def test_the_demo_command_installs_the_package_then_runs_the_demo():
     assert argv[-1] == ["lora-loader", "demo"], f"README.md:{line}: {code}"
     installs = argv[:-1]
     assert installs and all(a[:4] == ["python3", "-m", "pip", "install"] for a in installs), installs
-    assert ["-e", "."] in [a[4:] for a in installs], "the demo command does not install the package from the checkout"
+    assert any(a[-2:] == ["-e", "."] for a in installs), "the demo command does not install the package from the checkout"
     # The same torch as the tests and CI: the pins of both commands agree.
     pins = {a for a in sum(installs, []) if "==" in a}
     test_pins = {a for a in sum(commands(ci_command()), []) if "==" in a}
     assert pins and pins <= test_pins, (pins, test_pins)
+
+
+def constraints() -> dict[str, str]:
+    """constraints.txt as ``{normalised package name: version}``; every line must be an exact pin."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version and not set(version) & set("<>=!~*,"), f"constraints.txt: '{line}' is not an exact pin"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+@pytest.mark.parametrize("kind", ["test-command", "demo-command"])
+def test_every_install_of_the_two_commands_goes_through_the_constraints_file(kind):
+    """Issue 15: a release upstream (transformers 5.25) must not change what a fresh machine installs."""
+    _, code = the_block("bash", kind)
+    installs = [a for a in commands(code.strip()) if a[:4] == ["python3", "-m", "pip", "install"]]
+    assert installs and all(a[4:6] == ["-c", "constraints.txt"] for a in installs), installs
+    pins = constraints()
+    for argv in installs:  # a version the command names is the one the constraints file pins
+        for arg in argv[6:]:
+            if "==" in arg:
+                name, version = arg.split("==")
+                assert pins.get(re.sub(r"[-_.]+", "-", name).lower()) == version, (arg, "constraints.txt")
+
+
+def test_the_constraints_file_pins_every_package_the_project_installs_and_their_versions_are_the_installed_ones():
+    """Each runtime and test requirement of pyproject.toml is pinned, and within its range; and the suite
+    runs at exactly those versions (this test runs inside the environment the test command made)."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = constraints()
+    for spec in project["dependencies"] + project["optional-dependencies"]["test"]:
+        requirement = Requirement(spec)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"constraints.txt does not pin {requirement.name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"pyproject.toml's {spec} excludes the pinned {pins[name]}"
+        if os.environ.get("LORA_LOADER_NEWEST_CHECK") != "1":  # .ci/newest installs newer releases on purpose
+            assert version(requirement.name).split("+")[0] == pins[name], f"{requirement.name} {version(requirement.name)} installed, {pins[name]} pinned"
 
 
 # -- the Hub snippets, in a child process with a local HF cache ----------------------------------------------------

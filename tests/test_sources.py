@@ -29,7 +29,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig, PeftModel
-from peft.utils import get_peft_model_state_dict
+from producers import add_peft_adapter
 from safetensors.torch import load_file
 from tiny import outputs, tiny_sd_pipeline
 
@@ -81,12 +81,10 @@ def diffusers_lora(folder: Path, seed: int, *, weight_name: str = "pytorch_lora_
     pipe = tiny_sd_pipeline(0)
     unet_cfg = LoraConfig(r=4, lora_alpha=alpha, target_modules=["to_q", "to_v"], init_lora_weights=False)
     torch.manual_seed(seed)
-    pipe.unet.add_adapter(unet_cfg)
-    kwargs = dict(unet_lora_layers=get_peft_model_state_dict(pipe.unet), unet_lora_adapter_metadata=unet_cfg.to_dict())
+    kwargs = dict(unet_lora_layers=add_peft_adapter(pipe.unet, unet_cfg), unet_lora_adapter_metadata=unet_cfg.to_dict())
     if text_encoder:
         te_cfg = LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        pipe.text_encoder.add_adapter(te_cfg)
-        kwargs.update(text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        kwargs.update(text_encoder_lora_layers=add_peft_adapter(pipe.text_encoder, te_cfg),
                       text_encoder_lora_adapter_metadata=te_cfg.to_dict())
     folder.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(folder, weight_name=weight_name, **kwargs)
