@@ -95,7 +95,10 @@ class AdapterRegistry:
     def check_known(self, names: list[str]) -> None:
         missing = [n for n in names if n not in self.adapters]
         if missing:
-            raise LoraNameError(f"adapter(s) {missing} are not loaded; loaded adapters: {sorted(self.adapters)}")
+            # diffusers' words ("not in the list of present adapters"), which code and tests match on.
+            raise LoraNameError(
+                f"adapter(s) {missing} not in the list of present adapters: {sorted(self.adapters)} (they are not loaded)"
+            )
 
     def default_name(self) -> str:
         n = len(self.adapters)

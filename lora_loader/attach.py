@@ -23,6 +23,28 @@ def _is_pipeline(obj) -> bool:
     return isinstance(obj, DiffusionPipeline)
 
 
+_metaclasses: dict[type, type] = {}
+
+
+def _attached_metaclass(meta: type) -> type:
+    """A metaclass under which an attached class compares equal to the class it attaches to.
+
+    diffusers' ``from_pipe`` keeps a model component only if ``type(component) in <the new pipeline's
+    type hints>``, a tuple test that compares classes with ``==``: with this, ``pipe.unet`` of an attached
+    pipeline still passes as a ``UNet2DConditionModel``, and its adapters go along, as with peft.
+    Identity (``is``), ``issubclass`` and hashing are unchanged.
+    """
+    found = _metaclasses.get(meta)
+    if found is None:
+
+        def __eq__(cls, other):
+            return cls is other or other is cls.__dict__.get("_lora_attached_to", cls)
+
+        found = meta.__class__(f"LoraAttached{meta.__name__.title()}", (meta,), {"__eq__": __eq__, "__hash__": meta.__hash__})
+        _metaclasses[meta] = found
+    return found
+
+
 def attach(obj: T) -> T:
     """Give ``obj`` the lora_loader calls; returns the same object. Attaching twice is a no-op.
 
@@ -47,7 +69,8 @@ def attach(obj: T) -> T:
     base = type(obj)
     cls = _attached.get((mixin, base))
     if cls is None:
-        cls = type(base.__name__, (mixin, base), {"__module__": base.__module__, "__qualname__": base.__qualname__})
+        namespace = {"__module__": base.__module__, "__qualname__": base.__qualname__, "_lora_attached_to": base}
+        cls = _attached_metaclass(type(base))(base.__name__, (mixin, base), namespace)
         _attached[(mixin, base)] = cls
     obj.__class__ = cls
     if mixin is LoraPipelineMixin:

@@ -256,6 +256,14 @@ def test_what_diffusers_raises_as_value_error_is_a_value_error_here_too(files, c
     assert isinstance(caught.value, LoraError)
 
 
+def test_an_unknown_adapter_name_is_reported_in_diffusers_words(files):
+    mine, theirs = both()
+    for pipe in (mine, theirs):
+        pipe.load_lora_weights(files["a"], adapter_name="a")
+        with pytest.raises(ValueError, match="not in the list of present adapters"):
+            pipe.set_adapters("test")
+
+
 def test_a_missing_file_is_a_lora_file_error_and_an_os_error(tmp_path):
     pipe = lora_loader.attach(tiny_sd_pipeline(0))
     with pytest.raises(OSError) as caught:
@@ -352,3 +360,18 @@ def test_enable_lora_hotswap_refuses_a_later_adapter_above_the_target_rank_and_c
     with pytest.raises(LoraError, match="target_rank=4"):
         pipe.load_lora_weights(files["unet_rank8"], adapter_name="x")
     assert pipe.get_list_adapters() == {} and all(torch.equal(v, before[k]) for k, v in outputs(pipe).items())
+
+
+def test_from_pipe_takes_the_attached_components_and_their_adapters_along_as_with_peft(files):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    mine, theirs = both()
+    for pipe in (mine, theirs):
+        pipe.load_lora_weights(files["a"], adapter_name="a")
+    mine2 = StableDiffusionImg2ImgPipeline.from_pipe(mine)
+    theirs2 = StableDiffusionImg2ImgPipeline.from_pipe(theirs)
+    assert mine2.unet is mine.unet and mine2.text_encoder is mine.text_encoder
+    assert lora_loader.attach(mine2).get_list_adapters() == theirs2.get_list_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
+    assert_same(outputs(mine2), outputs(theirs2))
+    mine2.disable_lora()  # one registry: the first pipeline sees it too
+    assert all(torch.equal(v, w) for v, w in zip(outputs(mine).values(), outputs(tiny_sd_pipeline(0)).values()))
