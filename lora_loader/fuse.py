@@ -51,6 +51,9 @@ def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple
     if kind in ("conv1d", "embedding"):
         delta = delta.T
     bias = None if adapter.bias_delta is None else weight * adapter.bias_delta.detach().float()
+    if adapter.up_bias is not None:  # lora_B.bias, scaled like the LoRA
+        up_bias = weight * adapter.scale * adapter.up_bias.detach().float()
+        bias = up_bias if bias is None else bias + up_bias
     return delta, bias
 
 
@@ -104,6 +107,9 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
                 fused += d.to(fused.device).view(fused.shape)
         if adapter.bias_delta is not None:
             b = w * adapter.bias_delta.detach().float()
+            bias_delta = b if bias_delta is None else bias_delta + b
+        if adapter.up_bias is not None:  # lora_B.bias, scaled like the LoRA (the planner saw the module has a bias)
+            b = (w * adapter.scale) * adapter.up_bias.detach().float()
             bias_delta = b if bias_delta is None else bias_delta + b
     if is_quantized:
         fused_weight = quantized.quantized_like(module, fused)

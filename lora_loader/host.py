@@ -165,7 +165,7 @@ class LoraHost(LoraResidency):
         except LoraFormatError as err:
             raise LoraFormatError(f"{source.name}: {err}") from None
         generic = ("not a key of any LoRA format", "not a LoRA key")
-        if not converted.deltas and all(why.startswith(generic) for why in converted.unknown.values()):
+        if not converted.deltas and not converted.norm_weights and all(why.startswith(generic) for why in converted.unknown.values()):
             sample = sorted(source.tensors)[:5]
             raise LoraFormatError(
                 f"{source.name}: not a LoRA file: none of its {len(source.tensors)} keys is a LoRA key "
@@ -191,8 +191,8 @@ class LoraHost(LoraResidency):
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, source.name, source.tensors)
         registry = self._lora_registry
         record = registry.adapters[name]
-        if planned.copies or planned.biases:
-            raise LoraError(f"{source.name}: hotswap of full module copies or biases is not supported")
+        if planned.copies or planned.biases or planned.norms or any(p.widen for p in planned.modules):
+            raise LoraError(f"{source.name}: hotswap of full module copies, biases, norm weights or a wider x_embedder is not supported")
         loaded = {id(module) for _, _, module in record.layers}
         extra = [f"{p.component}.{p.path}" for p in planned.modules if id(p.module) not in loaded]
         if extra:
