@@ -290,9 +290,10 @@ def plan(
             continue
         module = index.modules[path]
         own = offload.real_tensor(module, "weight") if isinstance(getattr(module, "weight", None), torch.Tensor) else None
-        if own is None or tuple(own.shape) != tuple(tensors[key].shape):
-            what = "has no weight" if own is None else f"has a weight of {_shape(own)}"
-            problem = f"{component}.{path} {what}; the adapter's norm weight is {_shape(tensors[key])}"
+        if own is None:
+            problem = f"{component}.{path} has no weight for the adapter's norm weight to replace (expected a norm with a weight)"
+        elif tuple(own.shape) != tuple(tensors[key].shape):
+            problem = f"the adapter's norm weight is {_shape(tensors[key])}, expected {_shape(own)} as {component}.{path}'s weight"
         elif (component, path) in lora_targets or (component, path) in copy_targets or isinstance(
             module, (LoraLayer, SavedCopyLayer, BiasLayer)
         ):

@@ -17,6 +17,7 @@ from ..delta import LoraDelta
 from ..errors import LoraFormatError
 from . import comfyui as comfyui_format
 from . import diffusers as diffusers_format
+from . import flux_control as flux_control_format
 from . import kohya as kohya_format
 from . import xlabs as xlabs_format
 
@@ -62,6 +63,7 @@ _CONVERTERS = (
     ("kohya", kohya_format.claims, kohya_format.convert),
     ("xlabs", xlabs_format.claims, xlabs_format.convert),
     ("comfyui", comfyui_format.claims, comfyui_format.convert),
+    ("bfl", flux_control_format.claims, flux_control_format.convert),
     ("diffusers", diffusers_format.claims, diffusers_format.convert),
 )
 
