@@ -73,6 +73,13 @@ def _weight_kind_delta(module: nn.Module, adapter: WeightDeltaAdapter, weight: f
     return delta, bias
 
 
+def fuse_problem(module: LoraLayer, adapters) -> str | None:
+    """Why ``adapters`` cannot be fused into ``module`` (checked for every layer before any is fused), or None."""
+    if getattr(module, "bias", None) is None and any(getattr(a, "up_bias", None) is not None for a, _ in adapters):
+        return "it has no bias for the adapter's lora_B.bias to be fused into (it runs unfused as it is)"
+    return None
+
+
 def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> None:
     """Write ``sum(w * delta)`` into the module's weight (and bias); keep the original tensors to restore.
 

@@ -332,7 +332,7 @@ class LoraLifecycle:
         ``lora_scale`` multiplies this fuse only; the weights `set_adapters` set are
         unchanged. `unfuse_lora` restores the original weights bit for bit.
         """
-        from .fuse import fuse_layer
+        from .fuse import fuse_layer, fuse_problem
 
         registry = self._lora_existing_registry()
         names = list(registry.active) if adapter_names is None else ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
@@ -348,6 +348,11 @@ class LoraLifecycle:
                 w = registry.weight(name, component, path) * float(lora_scale)
                 entry = per_module.setdefault(id(module), (component, module, []))
                 entry[2].append((name, module.lora_adapters[name], w))
+        for component, module, items in per_module.values():  # every layer checked before any is fused
+            problem = fuse_problem(module, [(adapter, w) for _, adapter, w in items])
+            if problem is not None:
+                path = next(p for n in names for c, p, m in registry.adapters[n].layers if m is module)
+                raise LoraError(f"cannot fuse {sorted(n for n, _, _ in items)} into {component}.{path}: {problem}; nothing fused")
         if safe_fusing:
             from .fuse import dense_delta
 

@@ -177,8 +177,6 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
         out_features = weight_shape[0]
         if delta.up_bias.dim() != 1 or delta.up_bias.shape[0] != out_features:
             return f"module is {what}: lora_B.bias is {_shape(delta.up_bias)}, expected [{out_features}]"
-        if getattr(module, "bias", None) is None:
-            return f"module is {what} without a bias: its lora_B.bias could not be fused into it"
         if delta.magnitude is not None:
             return f"module is {what}: DoRA with a lora_B.bias is not supported"
     if fits and delta.magnitude is not None:
