@@ -26,6 +26,11 @@ def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
     for component, path, module in record.layers:
         adapter = module.lora_adapters[record.name]
         out.setdefault(component, {})[path] = adapter.to_delta(getattr(module, "bias", None))
+    if any("lora_norms" in module._modules for _, _, module in record.copies):
+        raise LoraError(
+            f"adapter '{record.name}' replaces norm weights (a Flux Control LoRA); save_lora_weights does not write "
+            "those yet: keep the file it was loaded from"
+        )
     if record.copies:
         raise LoraError(f"adapter '{record.name}' carries full module copies or biases; save it with save_adapter (PEFT layout)")
     return out

@@ -327,6 +327,15 @@ def test_fuse_then_unload_bakes_the_control_lora_into_a_wide_model(tmp_path):
     assert torch.equal(t.transformer_blocks[0].attn.norm_q.weight, base.transformer_blocks[0].attn.norm_q.weight)
 
 
+def test_saving_a_control_lora_says_why_it_cannot_and_writes_nothing(tmp_path):
+    bfl_path, _ = tiny_files(tmp_path)
+    pipe = control_pipe()
+    pipe.load_lora_weights(bfl_path, adapter_name="control")
+    with pytest.raises(LoraError, match="'control' replaces norm weights"):
+        pipe.save_lora_weights(tmp_path / "out.safetensors", "control")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_a_flux_lora_after_a_control_lora_is_zero_padded_as_diffusers_does(tmp_path):
     """A FLUX.1-dev LoRA (x_embedder 4 inputs wide) on a model a Control LoRA widened: its lora_A gets zero
     columns, as diffusers' _maybe_expand_lora_state_dict gives them; both together match diffusers+peft."""
