@@ -298,6 +298,10 @@ def test_disable_gives_the_base_model_on_the_widened_input_and_enable_gives_the_
     assert torch.equal(run(pipe), run(reference))
     pipe.enable_lora()
     assert torch.equal(run(pipe), on)
+    pipe.transformer.disable_lora()  # the component's own call, on the pipeline's registry
+    assert torch.equal(run(pipe), run(reference))
+    pipe.transformer.enable_lora()
+    assert torch.equal(run(pipe), on)
     pipe.set_adapters("control", 0.0)  # weight 0: off as well, norms included
     assert torch.equal(run(pipe), run(reference))
 
