@@ -14,7 +14,7 @@ from torch import nn
 from .blocks import BlockWeights, PathWeights
 from .errors import LoraNameError
 from .fuse import show_fused
-from .layers import BiasLayer, LoraAdapter, SavedCopyLayer
+from .layers import BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -294,15 +294,19 @@ class AdapterRegistry:
     def _push_copies(self) -> None:
         # modules_to_save: a module runs the copy of the first active adapter that has one.
         # bias="all": a module without LoRA adds each active adapter's weighted bias delta.
+        # Flux Control norms: a norm computes with the weight of the first active adapter that has one.
         chosen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
         biases: dict[int, tuple[nn.Module, list]] = {}
+        norms: dict[int, tuple[nn.Module, nn.Parameter | None]] = {}
         for record in self.adapters.values():
             for _, _, module in record.copies:
                 if isinstance(module, SavedCopyLayer):
                     chosen.setdefault(id(module), (module, None))
                 elif isinstance(module, BiasLayer):
                     biases.setdefault(id(module), (module, []))
-        self._copies_pushed = bool(chosen or biases)
+                elif isinstance(module, NormWeightLayer):
+                    norms.setdefault(id(module), (module, None))
+        self._copies_pushed = bool(chosen or biases or norms)
         for component_active, names in self.active_in.items():
             if component_active in self.disabled:
                 continue
@@ -317,8 +321,12 @@ class AdapterRegistry:
                         chosen[id(module)] = (module, module.lora_copies[name])
                     elif id(module) in biases:
                         biases[id(module)][1].append((module.lora_biases[name], w))
+                    elif id(module) in norms and norms[id(module)][1] is None:
+                        norms[id(module)] = (module, module.lora_norms[name].weight)
         for module, copy in chosen.values():
             module.set_lora_copy(copy)
+        for module, weight in norms.values():
+            module.set_lora_norm(weight)
         for module, active in biases.values():
             module.set_lora_bias_active(active)
 

@@ -20,7 +20,6 @@ from .errors import LoraError
 _UNSUPPORTED_WHEN_SET = {
     "use_qalora": "QA-LoRA",
     "layer_replication": "layer replication",
-    "lora_bias": "a LoRA bias on lora_B",
     "trainable_token_indices": "trainable tokens",
     "target_parameters": "LoRA on nn.Parameter targets",
     "megatron_config": "Megatron parallel layers",
@@ -69,7 +68,7 @@ class LoraConfig:
     use_qalora: bool = False
     qalora_group_size: int = 16
     layer_replication: list | None = None
-    lora_bias: bool = False
+    lora_bias: bool = False  # loaded files' lora_B.bias tensors apply; add_adapter does not create one
     trainable_token_indices: list | dict | None = None
     target_parameters: list | None = None
     megatron_config: dict | None = None
@@ -133,6 +132,8 @@ class LoraConfig:
             )
         if self.r <= 0:
             raise LoraError(f"r must be a positive integer, got {self.r}")
+        if self.lora_bias:  # loaded files with lora_B.bias apply (Flux Control LoRAs); a new one is not created
+            raise LoraError("lora_bias=True asks for a LoRA bias on lora_B, which add_adapter does not create")
 
     # -- per-module values, with PEFT's pattern rules ------------------------------------------------
     def rank_for(self, module_name: str) -> int:

@@ -36,6 +36,9 @@ class LoraDelta:
     magnitude: torch.Tensor | None = None  # DoRA: per-output-row magnitude (PEFT's lora_magnitude_vector)
     dropout: float = 0.0  # applied to the adapter's input in training mode only
     bias: torch.Tensor | None = None  # PEFT's bias="lora_only"/"all": the module's bias while the adapter is on
+    # PEFT's lora_bias=True (``lora_B.bias``, as Flux Control LoRAs carry): added to the LoRA's output
+    # before its scale, so the layer's output gains ``weight * scale * up_bias``.
+    up_bias: torch.Tensor | None = None
 
     kind = "lora"
 
@@ -51,7 +54,7 @@ class LoraDelta:
         return alpha / self.rank
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.down, self.up] + [t for t in (self.magnitude, self.bias) if t is not None]
+        return [self.down, self.up] + [t for t in (self.magnitude, self.bias, self.up_bias) if t is not None]
 
     def is_all_zero(self) -> bool:
         return all(not bool(t.any()) for t in self.tensors())

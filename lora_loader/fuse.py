@@ -51,6 +51,9 @@ def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple
     if kind in ("conv1d", "embedding"):
         delta = delta.T
     bias = None if adapter.bias_delta is None else weight * adapter.bias_delta.detach().float()
+    if adapter.up_bias is not None:  # lora_B.bias, scaled like the LoRA
+        up_bias = weight * adapter.scale * adapter.up_bias.detach().float()
+        bias = up_bias if bias is None else bias + up_bias
     return delta, bias
 
 
@@ -68,6 +71,13 @@ def _weight_kind_delta(module: nn.Module, adapter: WeightDeltaAdapter, weight: f
             delta = delta.T
         bias = None if adapter.bias_delta is None else weight * adapter.bias_delta.detach().float()
     return delta, bias
+
+
+def fuse_problem(module: LoraLayer, adapters) -> str | None:
+    """Why ``adapters`` cannot be fused into ``module`` (checked for every layer before any is fused), or None."""
+    if getattr(module, "bias", None) is None and any(getattr(a, "up_bias", None) is not None for a, _ in adapters):
+        return "it has no bias for the adapter's lora_B.bias to be fused into (it runs unfused as it is)"
+    return None
 
 
 def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> None:
@@ -104,6 +114,9 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
                 fused += d.to(fused.device).view(fused.shape)
         if adapter.bias_delta is not None:
             b = w * adapter.bias_delta.detach().float()
+            bias_delta = b if bias_delta is None else bias_delta + b
+        if adapter.up_bias is not None:  # lora_B.bias, scaled like the LoRA (the planner saw the module has a bias)
+            b = (w * adapter.scale) * adapter.up_bias.detach().float()
             bias_delta = b if bias_delta is None else bias_delta + b
     if is_quantized:
         fused_weight = quantized.quantized_like(module, fused)

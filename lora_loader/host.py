@@ -173,7 +173,7 @@ class LoraHost(LoraResidency):
         except LoraFormatError as err:
             raise LoraFormatError(f"{source.name}: {err}") from None
         generic = ("not a key of any LoRA format", "not a LoRA key")
-        if not converted.deltas and all(why.startswith(generic) for why in converted.unknown.values()):
+        if not converted.deltas and not converted.norm_weights and all(why.startswith(generic) for why in converted.unknown.values()):
             sample = sorted(source.tensors)[:5]
             raise LoraFormatError(
                 f"{source.name}: not a LoRA file: none of its {len(source.tensors)} keys is a LoRA key "
@@ -207,8 +207,8 @@ class LoraHost(LoraResidency):
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, source.name, source.tensors)
         registry = self._lora_registry
         record = registry.adapters[name]
-        if planned.copies or planned.biases:
-            raise LoraError(f"{source.name}: hotswap of full module copies or biases is not supported")
+        if planned.copies or planned.biases or planned.norms or any(p.widen for p in planned.modules):
+            raise LoraError(f"{source.name}: hotswap of full module copies, biases, norm weights or a wider x_embedder is not supported")
         loaded = {id(module) for _, _, module in record.layers}
         extra = [f"{p.component}.{p.path}" for p in planned.modules if id(p.module) not in loaded]
         if extra:
@@ -399,7 +399,7 @@ class LoraLifecycle:
         ``lora_scale`` multiplies this fuse only; the weights `set_adapters` set are
         unchanged. `unfuse_lora` restores the original weights bit for bit.
         """
-        from .fuse import fuse_layer
+        from .fuse import fuse_layer, fuse_problem
 
         registry = self._lora_existing_registry()
         given = None if adapter_names is None else ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
@@ -414,16 +414,23 @@ class LoraLifecycle:
                 raise LoraError(f"fuse_lora(components=...) names {unknown}, which are not components of this host ({scope})")
         wanted = set(scope) if components is None else set(components) & set(scope)
         per_module: dict[int, tuple[str, nn.Module, list]] = {}
+        paths: dict[int, str] = {}  # for the error of a layer that cannot be fused
         for component in wanted:
             # Each component fuses its own active adapters (or the ones named), as diffusers+peft do.
             for name in (registry.active_in.get(component, []) if given is None else given):
                 for path, module, adapter in registry.adapters[name].by_component().get(component, []):
                     w = registry.weight(name, component, path) * float(lora_scale)
                     entry = per_module.setdefault(id(module), (component, module, []))
+                    paths[id(module)] = path
                     entry[2].append((name, adapter, w))
         already = sorted({c for c, m in registry.fused_modules if id(m) in per_module})
         if already:
             raise LoraError(f"adapters are already fused into {already}; call unfuse_lora() first")
+        for component, module, items in per_module.values():  # every layer checked before any is fused
+            problem = fuse_problem(module, [(adapter, w) for _, adapter, w in items])
+            if problem is not None:
+                where = f"{component}.{paths[id(module)]}"
+                raise LoraError(f"cannot fuse {sorted(n for n, _, _ in items)} into {where}: {problem}; nothing fused")
         if safe_fusing:
             from .fuse import dense_delta
 

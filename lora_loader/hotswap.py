@@ -83,7 +83,9 @@ def swap_in(adapter: LoraAdapter, delta) -> None:
             f"the new adapter has rank {delta.rank} where the loaded one has room for {capacity}; "
             f"call lora_loader.prepare_hotswap(model, max_rank={delta.rank}) before compiling"
         )
-    if delta.magnitude is not None or adapter.magnitude is not None or delta.bias is not None:
+    if delta.magnitude is not None or adapter.magnitude is not None or delta.bias is not None or (
+        delta.up_bias is not None or adapter.up_bias is not None
+    ):
         raise LoraError("hotswap of DoRA adapters or adapter biases is not supported")
     if adapter.down.dtype != delta.down.dtype:
         adapter.widen()  # an fp16-stored adapter would round another dtype's values

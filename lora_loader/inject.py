@@ -9,6 +9,7 @@ anything fails midway.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import offload
+from . import offload, widen
 from .delta import LoraDelta
 from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
 from .formats import ConvertedLora
@@ -25,17 +26,21 @@ from .layers import (
     BiasLayer,
     LoraAdapter,
     LoraLayer,
+    NormWeightLayer,
     SavedCopyLayer,
     adapter_from_delta,
     bias_adapter,
     dense_weight_shape,
     make_saved_copy,
+    norm_weight,
     supported_kind,
     unwrap,
     unwrap_bias,
+    unwrap_norm,
     unwrap_saved_copy,
     wrap,
     wrap_bias,
+    wrap_norm,
     wrap_saved_copy,
 )
 from .names import ModuleIndex
@@ -47,6 +52,8 @@ class PlannedModule:
     path: str
     module: nn.Module
     delta: LoraDelta
+    # Flux Control LoRAs: (component root, config attribute, in_features) when the module is to be widened first.
+    widen: tuple | None = None
 
 
 @dataclass
@@ -66,10 +73,19 @@ class PlannedBias:
 
 
 @dataclass
+class PlannedNorm:
+    component: str
+    path: str
+    module: nn.Module
+    weight: torch.Tensor  # the adapter's full replacement of the module's weight (Flux Control LoRAs' norms)
+
+
+@dataclass
 class Plan:
     modules: list[PlannedModule] = field(default_factory=list)
     copies: list[PlannedCopy] = field(default_factory=list)
     biases: list[PlannedBias] = field(default_factory=list)
+    norms: list[PlannedNorm] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # keys not applied (all-zero, or strict=False)
 
 
@@ -157,6 +173,12 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
             return f"module is {what} without a bias, but the adapter carries one ({_shape(delta.bias)})"
         if tuple(delta.bias.shape) != tuple(base_bias.shape):
             return f"module is {what}: the adapter's bias is {_shape(delta.bias)}, expected {_shape(base_bias)}"
+    if fits and delta.up_bias is not None:
+        out_features = weight_shape[0]
+        if delta.up_bias.dim() != 1 or delta.up_bias.shape[0] != out_features:
+            return f"module is {what}: lora_B.bias is {_shape(delta.up_bias)}, expected [{out_features}]"
+        if delta.magnitude is not None:
+            return f"module is {what}: DoRA with a lora_B.bias is not supported"
     if fits and delta.magnitude is not None:
         if kind == "conv2d":
             return f"module is {what}: DoRA (a magnitude vector) on Conv2d is not supported yet"
@@ -205,14 +227,16 @@ def plan(
                     "LoRA applies to Linear, Conv2d, Conv1D and Embedding"
                 )
             continue
-        problem = shape_problem(delta, module)
+        delta, widening, problem = _fit_input_width(delta, components[component], path, module)
+        if problem is None:
+            problem = shape_problem(delta, module if widening is None else _widened_shape(module, widening[2]))
         if problem is not None:
             if strict and not delta.is_all_zero():
                 shape_errors.append(f"'{delta.keys[0]}' does not fit {component}.{path}: {problem}")
             for key in delta.keys:
                 unapplied[key] = f"does not fit {component}.{path}: {problem}"
             continue
-        result.modules.append(PlannedModule(component, path, module, delta))
+        result.modules.append(PlannedModule(component, path, module, delta, widening))
 
     lora_targets = {(p.component, p.path) for p in result.modules}
     for (symbolic, name), params in converted.module_copies.items():
@@ -251,6 +275,29 @@ def plan(
             problem = f"{component}.{path} carries LoRA or a full copy; its bias belongs with that"
         else:
             result.biases.append(PlannedBias(component, path, module, tensors[key]))
+            continue
+        if strict:
+            shape_errors.append(f"'{key}' does not fit: {problem}")
+        unapplied[key] = problem
+    for (symbolic, name), key in converted.norm_weights.items():
+        component = resolve_component(symbolic)
+        index = _index(indexes, components, component)
+        path = _lookup(index, symbolic, name) if index else None
+        if path is None:
+            unapplied[key] = f"a norm weight for '{name}', which is no module of this model"
+            continue
+        module = index.modules[path]
+        own = offload.real_tensor(module, "weight") if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+        if own is None:
+            problem = f"{component}.{path} has no weight for the adapter's norm weight to replace (expected a norm with a weight)"
+        elif tuple(own.shape) != tuple(tensors[key].shape):
+            problem = f"the adapter's norm weight is {_shape(tensors[key])}, expected {_shape(own)} as {component}.{path}'s weight"
+        elif (component, path) in lora_targets or (component, path) in copy_targets or isinstance(
+            module, (LoraLayer, SavedCopyLayer, BiasLayer)
+        ):
+            problem = f"{component}.{path} carries LoRA, a full copy or a bias; a norm weight cannot replace its weight"
+        else:
+            result.norms.append(PlannedNorm(component, path, module, tensors[key]))
             continue
         if strict:
             shape_errors.append(f"'{key}' does not fit: {problem}")
@@ -305,12 +352,37 @@ def plan(
             stacklevel=3,
         )
         result.skipped.extend(key for key, _ in nonzero)
-    if not result.modules and not result.copies and not result.biases:
+    if not result.modules and not result.copies and not result.biases and not result.norms:
         raise LoraFormatError(
             f"{source_name}: no module of this model matched any LoRA in the file "
             f"(format detected: {converted.format}). Nothing was loaded."
         )
     return result
+
+
+def _fit_input_width(delta, root: nn.Module, path: str, module: nn.Module):
+    """``(delta, widening, problem)``: a Flux Control LoRA's lora_A wider than the x_embedder plans a widening
+    ``(root, config attribute, in_features)``; one narrower than an x_embedder widened so (or wide by nature, as
+    FLUX.1-Fill's) gets zero columns appended, as diffusers does. Any other module keeps its width."""
+    if not isinstance(delta, LoraDelta) or delta.down.dim() != 2:
+        return delta, None, None
+    attribute = widen.widenable(root, path, module)
+    if attribute is None:
+        return delta, None, None
+    width, in_features = delta.down.shape[1], dense_weight_shape(module)[1]
+    if width > in_features:
+        problem = widen.widen_problem(module, path)
+        return delta, (None if problem else (root, attribute, width)), problem
+    if width < in_features:
+        down = delta.down.new_zeros(delta.down.shape[0], in_features)
+        down[:, :width] = delta.down
+        return dataclasses.replace(delta, down=down), None, None
+    return delta, None, None
+
+
+def _widened_shape(module: nn.Module, in_features: int) -> nn.Module:
+    """A weightless stand-in for ``module`` widened to ``in_features``, for the shape checks."""
+    return nn.Linear(in_features, module.out_features, bias=module.bias is not None, device="meta")
 
 
 def _lookup(index: ModuleIndex, symbolic: str, name: str) -> str | None:
@@ -355,10 +427,18 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
     added: list[nn.Module] = []
     copied: list[nn.Module] = []
     biased: list[nn.Module] = []
+    normed: list[nn.Module] = []
+    widened: list[nn.Module] = []
     try:
+        for p in planned.modules:  # Flux Control LoRAs: a wider x_embedder first, then its adapter
+            if p.widen is not None:
+                root, attribute, in_features = p.widen
+                p.module = widen.widen(root, p.path, p.module, in_features, attribute)
+                widened.append(p.module)
         adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module, copy) for p in planned.modules]
         copies = [make_saved_copy(c.module, c.tensors) for c in planned.copies]
         bias_adapters = [bias_adapter(b.module, b.bias) for b in planned.biases]
+        norm_weights = [norm_weight(n.module, n.weight) for n in planned.norms]
         for p, adapter in zip(planned.modules, adapters):
             if not isinstance(p.module, LoraLayer):
                 wrap(p.module)
@@ -377,6 +457,12 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
                 newly_wrapped.append(b.module)
             b.module.lora_biases[adapter_name] = adapter
             biased.append(b.module)
+        for n, weight in zip(planned.norms, norm_weights):
+            if not isinstance(n.module, NormWeightLayer):
+                wrap_norm(n.module)
+                newly_wrapped.append(n.module)
+            n.module.lora_norms[adapter_name] = weight
+            normed.append(n.module)
     except BaseException as err:
         for module in added:
             if adapter_name in module.lora_adapters:
@@ -387,16 +473,23 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
         for module in biased:
             if adapter_name in module.lora_biases:
                 del module.lora_biases[adapter_name]
+        for module in normed:
+            if adapter_name in module.lora_norms:
+                del module.lora_norms[adapter_name]
         for module in newly_wrapped:
             unwrap(module)
             unwrap_saved_copy(module)
             unwrap_bias(module)
+            unwrap_norm(module)
+        for module in reversed(widened):
+            widen.restore(module, force=True)
         if isinstance(err, LoraError) or not isinstance(err, Exception):  # KeyboardInterrupt stays itself
             raise
         raise LoraError(f"loading adapter '{adapter_name}' failed and was rolled back: {type(err).__name__}: {err}") from err
     layers = [(p.component, p.path, p.module) for p in planned.modules]
     copies = [(c.component, c.path, c.module) for c in planned.copies]
-    return layers, copies + [(b.component, b.path, b.module) for b in planned.biases]
+    extras = [(b.component, b.path, b.module) for b in planned.biases] + [(n.component, n.path, n.module) for n in planned.norms]
+    return layers, copies + extras
 
 
 def remove(adapter_name: str, modules) -> None:
@@ -406,16 +499,22 @@ def remove(adapter_name: str, modules) -> None:
             (LoraLayer, "lora_adapters", unwrap),
             (SavedCopyLayer, "lora_copies", unwrap_saved_copy),
             (BiasLayer, "lora_biases", unwrap_bias),
+            (NormWeightLayer, "lora_norms", unwrap_norm),
         ):
             if not isinstance(module, kind) or adapter_name not in getattr(module, container):
                 continue
             del getattr(module, container)[adapter_name]
             if len(getattr(module, container)) == 0:
                 unwrap_kind(module)
+                if kind is LoraLayer:
+                    widen.restore(module)  # an x_embedder a Control LoRA widened: the original is back
             # The registry's push() refreshes what stays; drop the removed adapter's entries now.
             elif kind is LoraLayer:
                 module.set_lora_active([(a, f) for a, f in module._lora_active if a in module.lora_adapters.values()])
             elif kind is BiasLayer:
                 module.set_lora_bias_active([(a, w) for a, w in module._lora_bias_active if a in module.lora_biases.values()])
+            elif kind is NormWeightLayer:
+                if module._lora_norm is not None and not any(n.weight is module._lora_norm for n in module.lora_norms.values()):
+                    module.set_lora_norm(None)
             else:
                 module.set_lora_copy(None)

@@ -53,6 +53,7 @@ class LoraAdapter(nn.Module):
         use_rslora: bool = False,
         bias_delta: torch.Tensor | None = None,
         compute_dtype: torch.dtype | None = None,
+        up_bias: torch.Tensor | None = None,
     ):
         super().__init__()
         # Written straight into nn.Module's dicts: a load builds hundreds of adapters, and
@@ -64,6 +65,8 @@ class LoraAdapter(nn.Module):
         # PEFT's bias="lora_only": the adapter's bias minus the base bias, added with the blend weight,
         # so the base bias itself is never overwritten.
         params["bias_delta"] = None if bias_delta is None else nn.Parameter(bias_delta, requires_grad=False)
+        # PEFT's lora_bias=True: lora_B's own bias, part of the LoRA's output (scaled and weighted with it).
+        params["up_bias"] = None if up_bias is None else nn.Parameter(up_bias, requires_grad=False)
         if dropout > 0:
             self._modules["dropout"] = nn.Dropout(dropout)
         else:
@@ -118,7 +121,10 @@ class LoraAdapter(nn.Module):
         bias = None
         if self.bias_delta is not None:
             bias = self.bias_delta.detach() + (0 if base_bias is None else base_bias.detach().to(self.bias_delta))
-        return LoraDelta(down, up, self.alpha, self.use_rslora, magnitude=magnitude, dropout=self.dropout_p, bias=bias)
+        up_bias = None if self.up_bias is None else self.up_bias.detach()
+        return LoraDelta(
+            down, up, self.alpha, self.use_rslora, magnitude=magnitude, dropout=self.dropout_p, bias=bias, up_bias=up_bias
+        )
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.magnitude is not None else ""
@@ -139,6 +145,7 @@ class WeightDeltaAdapter(nn.Module):
     """
 
     magnitude = None  # PEFT's DoRA vector: `LoraAdapter` only; this kind's DoRA is `dora_scale`
+    up_bias = None  # PEFT's lora_B.bias: `LoraAdapter` only
 
     def __init__(self, delta, weight_shape: torch.Size, compute_dtype: torch.dtype, device):
         super().__init__()
@@ -323,6 +330,8 @@ class LoraLayer:
         for adapter, _ in active:
             if type(adapter) is not LoraAdapter or adapter.magnitude is not None or adapter.bias_delta is not None:
                 return False
+            if adapter.up_bias is not None:
+                return False
         dtype = out.dtype
         h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
         if len(active) > 1 and self._lora_can_concatenate(active):
@@ -361,6 +370,8 @@ class LoraLayer:
                 delta = d if delta is None else delta + d
             if adapter.bias_delta is not None:
                 delta = delta + self._lora_bias_shape(adapter.bias_delta) * (factor / adapter.scale)
+            if adapter.up_bias is not None:  # lora_B.bias: scaled like the LoRA's product, as PEFT computes it
+                delta = delta + self._lora_bias_shape(_in(adapter.up_bias, dtype)) * factor
         return delta
 
     def _lora_bias_shape(self, bias: torch.Tensor) -> torch.Tensor:
@@ -647,7 +658,8 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     if delta.bias is not None:
         bias_delta = (delta.bias.to(device=device, dtype=torch.float32) - offload.real_tensor(module, "bias").detach().float().to(device)).to(dtype)
     dropout = 0.0 if kind == "embedding" else delta.dropout  # token ids take no dropout, as in PEFT
-    adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta, dtype)
+    up_bias = None if delta.up_bias is None else delta.up_bias.reshape(-1).to(device=device, dtype=dtype, copy=True)
+    adapter = LoraAdapter(down, up, delta.scale, alpha, magnitude, dropout, delta.use_rslora, bias_delta, dtype, up_bias)
     return _with_mode(adapter, module)
 
 
@@ -860,3 +872,77 @@ def bias_adapter(module: nn.Module, bias: torch.Tensor) -> BiasAdapter:
     base = offload.real_tensor(module, "bias").detach()  # an offloaded module's bias is in its hook's weights map
     device = offload.compute_device(module, module.bias) or base.device
     return BiasAdapter((bias.to(device=device, dtype=torch.float32) - base.float().to(device)).to(base.dtype))
+
+
+class NormWeight(nn.Module):
+    """One adapter's full replacement of a module's ``weight`` (a Flux Control LoRA's norm scales)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        return
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        return
+
+
+class NormWeightLayer:
+    """A module (Flux's RMSNorm ``norm_q``, ...) that computes with an adapter's weight instead of its own
+    while that adapter is active: diffusers loads a Control LoRA's norm scales over the model's. Its own
+    weight is never written, so ``state_dict()`` stays the base model's and disabling gives it back exactly.
+    """
+
+    lora_norms: AdapterDict
+    _lora_base_class: type
+    _lora_norm: nn.Parameter | None  # the weight shown, or None: the module's own
+
+    def set_lora_norm(self, weight: nn.Parameter | None) -> None:
+        self.__dict__["_lora_norm"] = weight
+
+    def _lora_forward_with(self, weight, x, *args, **kwargs):
+        params = self._parameters
+        own = params["weight"]
+        params["weight"] = weight
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            params["weight"] = own
+
+    def forward(self, x, *args, **kwargs):
+        names = MIXED_BATCH.get()
+        if names is not None:
+            out = super().forward(x, *args, **kwargs)
+            repeat = x.shape[0] // len(names)
+            names = [n for n in names for _ in range(repeat)]
+            for name in dict.fromkeys(names):
+                if name in self.lora_norms:
+                    index = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
+                    rows = self._lora_forward_with(self.lora_norms[name].weight, x[index], *args, **kwargs)
+                    out = out.index_copy(0, index, rows.to(out.dtype))
+            return out
+        shown = self._lora_norm
+        if shown is None:
+            return super().forward(x, *args, **kwargs)
+        return self._lora_forward_with(shown, x, *args, **kwargs)
+
+
+_norm_classes: dict[type, type] = {}
+
+
+def wrap_norm(module: nn.Module) -> None:
+    if not isinstance(module, NormWeightLayer):
+        _swap_in(module, NormWeightLayer, _norm_classes, "Replaced", "lora_norms", {"_lora_norm": None})
+
+
+def unwrap_norm(module: nn.Module) -> None:
+    if isinstance(module, NormWeightLayer):
+        _swap_out(module, "lora_norms", ("_lora_norm",))
+
+
+def norm_weight(module: nn.Module, weight: torch.Tensor) -> NormWeight:
+    """The replacement in the module's own dtype, where it computes (as diffusers' load_state_dict copies it)."""
+    own = offload.real_tensor(module, "weight")
+    device = offload.compute_device(module, module.weight) or own.device
+    return NormWeight(weight.to(device=device, dtype=own.dtype, copy=True))

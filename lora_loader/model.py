@@ -29,7 +29,7 @@ from .formats import ConvertedLora
 from .formats.diffusers import saved_module_matches
 from .host import _REGISTRY, COMPONENT_NAME, LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
 from .layers import (
-    BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, kind_of,
+    BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, NormWeightLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, kind_of,
 )
 
 MODEL = "model"
@@ -257,6 +257,8 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                 out[f"{path}.lora_B.weight"] = adapter.up.detach()
             if adapter.magnitude is not None:
                 out[f"{path}.lora_magnitude_vector"] = adapter.magnitude.detach()
+            if adapter.up_bias is not None:  # PEFT's lora_bias=True
+                out[f"{path}.lora_B.bias"] = adapter.up_bias.detach()
             if adapter.bias_delta is not None:  # PEFT's bias="lora_only": the full bias the adapter trained
                 out[f"{path}.base_layer.bias"] = adapter.to_delta(offload.real_tensor(module, "bias")).bias  # PEFT's key for it
         for component, path, module in record.copies:
@@ -265,6 +267,9 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             if isinstance(module, BiasLayer):  # bias="all": the trained bias of a module without LoRA
                 base_bias = offload.real_tensor(module, "bias").detach()
                 out[f"{path}.bias"] = base_bias + module.lora_biases[record.name].delta.detach().to(base_bias.device)
+                continue
+            if isinstance(module, NormWeightLayer):  # a Flux Control LoRA's norm scale, as diffusers keys it
+                out[f"{path}.weight"] = module.lora_norms[record.name].weight.detach()
                 continue
             for param, tensor in module.lora_copies[record.name].state_dict().items():
                 out[f"{path}.{param}"] = tensor.detach()
@@ -494,7 +499,9 @@ def _set_trainable(record: AdapterRecord, trainable: bool) -> None:
         for p in adapter.parameters():
             p.requires_grad_(trainable)
     for _, _, module in record.copies:
-        extras = module.lora_biases if isinstance(module, BiasLayer) else module.lora_copies
+        extras = module.lora_biases if isinstance(module, BiasLayer) else (
+            module.lora_norms if isinstance(module, NormWeightLayer) else module.lora_copies
+        )
         for p in extras[record.name].parameters():
             p.requires_grad_(trainable)
 

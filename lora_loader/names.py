@@ -96,7 +96,7 @@ def _sgm_name(name: str, prefixes: dict[str, str]) -> str | None:
 
 
 # Containers our wrapping adds to a module: adapters, never targets of a file.
-_OUR_CONTAINERS = frozenset({"lora_adapters", "lora_copies", "lora_biases"})
+_OUR_CONTAINERS = frozenset({"lora_adapters", "lora_copies", "lora_biases", "lora_norms"})
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -26,6 +26,11 @@ def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
     for component, path, module in record.layers:
         adapter = module.lora_adapters[record.name]
         out.setdefault(component, {})[path] = adapter.to_delta(getattr(module, "bias", None))
+    if any("lora_norms" in module._modules for _, _, module in record.copies):
+        raise LoraError(
+            f"adapter '{record.name}' replaces norm weights (a Flux Control LoRA); save_lora_weights does not write "
+            "those yet: keep the file it was loaded from"
+        )
     if record.copies:
         raise LoraError(f"adapter '{record.name}' carries full module copies or biases; save it with save_adapter (PEFT layout)")
     return out
@@ -50,7 +55,7 @@ def _config_dict(deltas: dict) -> dict:
         "use_rslora": rslora.pop(),
         "use_dora": any(d.magnitude is not None for d in deltas.values()),
         "peft_type": "LORA",
-    }
+    } | ({"lora_bias": True} if any(d.up_bias is not None for d in deltas.values()) else {})
 
 
 def to_diffusers(deltas: dict) -> tuple[dict, dict]:
@@ -71,6 +76,8 @@ def to_diffusers(deltas: dict) -> tuple[dict, dict]:
             tensors[f"{key}.lora_B.weight"] = delta.up
             if delta.magnitude is not None:
                 tensors[f"{key}.lora_magnitude_vector"] = delta.magnitude
+            if delta.up_bias is not None:
+                tensors[f"{key}.lora_B.bias"] = delta.up_bias
         prefix = "" if component == "model" else f"{component}."
         metadata.update({f"{prefix}{k}": v for k, v in _config_dict(modules).items()})
     return tensors, {"lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
@@ -139,7 +146,7 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
                 if delta.kind != "full":
                     tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank if delta.alpha is None else delta.alpha))
                 continue
-            if delta.magnitude is not None or delta.bias is not None:
+            if delta.magnitude is not None or delta.bias is not None or delta.up_bias is not None:
                 raise LoraError(f"{component}.{path}: DoRA or a bias has no Kohya LoRA key yet; save as 'diffusers' or 'peft'")
             name = _kohya_name(component, path, components.get(component), sgm)
             if component == "text_encoder" and single_te:

@@ -399,7 +399,6 @@ def test_an_adapter_with_non_default_harmless_fields_loads_and_matches_peft(tmp_
 UNSUPPORTED_IN_FILE = {
     "use_qalora": dict(use_qalora=True),
     "layer_replication": dict(layer_replication=[[0, 2], [1, 2]]),
-    "lora_bias": dict(lora_bias=True),
     "peft_type-IA3": dict(peft_type="IA3"),
     "peft_type-LOHA": dict(peft_type="LOHA"),
 }
@@ -418,6 +417,28 @@ def test_loading_an_adapter_whose_config_needs_unimplemented_math_is_a_lora_erro
         model.load_adapter(str(src), adapter_name="x")
     assert_same_snapshot(model, before)
     assert torch.equal(logits(model, ids), before_logits)
+
+
+def test_an_adapter_with_lora_bias_loads_and_matches_peft_and_fusing_it_into_a_biasless_layer_is_refused(tmp_path):
+    """PEFT's lora_bias=True (lora_B.bias, as Flux Control LoRAs carry it) is part of the LoRA's output; Llama's
+    q_proj has no bias, so the adapter runs unfused there and fuse_lora says why it cannot fuse it."""
+    torch.manual_seed(123)
+    reference = theirs("llama", r=4, target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "lora_B" in name and name.endswith(".bias"):
+                param.normal_(0, 0.5)
+    reference.save_pretrained(str(tmp_path / "src"))
+    model = lora_loader.attach(tiny_llama())
+    ids = input_ids()
+    base = logits(model, ids)
+    model.load_adapter(str(tmp_path / "src"), adapter_name="x")
+    got = logits(model, ids)
+    assert (got - logits(reference, ids)).abs().max() <= 1e-5
+    assert (got - base).abs().max() > 1e-3
+    with pytest.raises(LoraError, match=r"q_proj: it has no bias for the adapter's lora_B.bias"):
+        model.fuse_lora()
+    assert torch.equal(logits(model, ids), got)
 
 
 def test_the_error_for_an_unimplemented_field_names_the_field(tmp_path):

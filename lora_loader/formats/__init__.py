@@ -17,6 +17,7 @@ from ..delta import LoraDelta
 from ..errors import LoraFormatError
 from . import comfyui as comfyui_format
 from . import diffusers as diffusers_format
+from . import flux_control as flux_control_format
 from . import kohya as kohya_format
 from . import xlabs as xlabs_format
 
@@ -48,18 +49,21 @@ class ConvertedLora:
     module_copies: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     # PEFT's bias="all": (component, module) -> key of the trained bias of a module without LoRA.
     module_biases: dict[tuple[str, str], str] = field(default_factory=dict)
+    # Flux Control LoRAs: (component, module) -> key of a full replacement of that module's weight (norm scales).
+    norm_weights: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def format(self) -> str:
         return "+".join(self.formats) if self.formats else "unknown"
 
 
-# (name, claims(key) -> bool, convert(tensors, configs) -> ConvertedLora), tried in order: XLabs and
-# ComfyUI before diffusers, whose suffix rules would claim their lora_A / _lora.down keys too.
+# (name, claims(key) -> bool, convert(tensors, configs) -> ConvertedLora), tried in order: XLabs, ComfyUI and
+# BFL's Flux Control names before diffusers, whose suffix rules would claim their lora_A / _lora.down keys too.
 _CONVERTERS = (
     ("kohya", kohya_format.claims, kohya_format.convert),
     ("xlabs", xlabs_format.claims, xlabs_format.convert),
     ("comfyui", comfyui_format.claims, comfyui_format.convert),
+    ("bfl", flux_control_format.claims, flux_control_format.convert),
     ("diffusers", diffusers_format.claims, diffusers_format.convert),
 )
 
@@ -112,7 +116,7 @@ def convert(
         for k in mine:
             del remaining[k]
         part = converter(mine, configs)
-        if part.deltas or part.module_copies:
+        if part.deltas or part.module_copies or part.norm_weights:
             peft_layout = name == "diffusers" and (adapter_config or any(k.startswith("base_model.model.") for k in mine))
             result.formats.append("peft" if peft_layout else name)
         result.deltas.update(part.deltas)
@@ -121,6 +125,7 @@ def convert(
         result.base_weights.update(part.base_weights)
         result.module_copies.update(part.module_copies)
         result.module_biases.update(part.module_biases)
+        result.norm_weights.update(part.norm_weights)
     for key in remaining:
         result.unknown[key] = "not a key of any LoRA format lora_loader reads"
     return result

@@ -12,6 +12,9 @@ prefix ``unet.`` / ``transformer.`` / ``text_encoder.`` / ``text_encoder_2.`` /
   ``to_{q,k,v}_lora`` is ``P.to_{q,k,v}`` in a UNet and ``P.{q,k,v}_proj`` in a
   text encoder, and ``to_out_lora`` is ``P.to_out.0`` / ``P.out_proj``
 - an optional ``M.alpha``
+- ``M.lora_B.bias`` (PEFT's ``lora_bias=True``, Flux Control LoRAs): added to the LoRA's output, scaled with it
+- Flux Control LoRAs' norms, as diffusers reads them: ``transformer.<path>.{norm_q,norm_k,norm_added_q,norm_added_k}.weight``,
+  a full replacement of that RMSNorm's weight while the adapter is active
 
 Strength: diffusers' training scripts write rank and alpha (with
 ``rank_pattern`` / ``alpha_pattern``) only into the safetensors header
@@ -40,6 +43,7 @@ _SUFFIXES = (
     (".lora.up.weight", "up"),
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
+    (".lora_B.bias", "up_bias"),  # PEFT's lora_bias=True (Flux Control LoRAs): part of the LoRA's output
     ("_lora.down.weight", "down"),  # attention-processor era: to_q_lora.down.weight
     ("_lora.up.weight", "up"),
     (".lora_embedding_A", "down"),  # PEFT on nn.Embedding: [r, num_embeddings]
@@ -51,7 +55,9 @@ _SUFFIXES = (
 # PEFT's save_embedding_layers writes the base embedding next to an embedding LoRA.
 _BASE_LAYER = re.compile(r"^(.*)\.base_layer\.(weight|bias)$")
 _NAMED_ADAPTER = re.compile(r"^(.*)\.lora_([AB])\.[^.]+\.weight$")  # M.lora_A.default.weight
-_NOT_YET = ((".lora_B.bias", "LoRA bias (lora_bias=True) is not supported yet"),)
+# diffusers' FluxLoraLoaderMixin._control_lora_supported_norm_keys, under the transformer's prefix only (as there).
+_NORM_WEIGHT = re.compile(r"^transformer\.(.+\.(?:norm_q|norm_k|norm_added_q|norm_added_k))\.weight$")
+_NOT_YET = ((".lora_A.bias", "a bias on lora_A, which no LoRA layer has (PEFT's lora_bias puts it on lora_B)"),)
 _ATTN_PROCESSOR_TARGETS = {
     # old processor name -> (UNet module, text encoder module)
     "to_q": ("to_q", "q_proj"),
@@ -69,6 +75,7 @@ def claims(key: str) -> bool:
         or key.startswith("base_model.model.")
         or any(marker in key for marker, _ in _NOT_YET)
         or key.endswith(".alpha")
+        or _NORM_WEIGHT.match(key) is not None
     )
 
 
@@ -161,6 +168,10 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
             else:
                 result.base_weights[key] = (component, module, base.group(2))
             continue
+        norm = None if reason else _NORM_WEIGHT.match(key)
+        if norm is not None:
+            result.norm_weights[("transformer", norm.group(1))] = key
+            continue
         parsed = None if reason else _parse(key)
         if parsed is None:
             component, path = _split_component(key)
@@ -182,11 +193,14 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
         slot[role] = key
     for (component, module), keys in modules.items():
         down_key, up_key, alpha_key, magnitude_key = (keys.get(r) for r in ("down", "up", "alpha", "magnitude"))
+        up_bias_key = keys.get("up_bias")
         if down_key is None and up_key is None:
             if alpha_key is not None:
                 result.ignored.append(alpha_key)
             if magnitude_key is not None:
                 result.unknown[magnitude_key] = "a DoRA magnitude with no LoRA pair"
+            if up_bias_key is not None:
+                result.unknown[up_bias_key] = "a lora_B.bias with no LoRA pair"
             continue
         if down_key is None or up_key is None:
             present = down_key or up_key
@@ -195,6 +209,8 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
                 result.ignored.append(alpha_key)
             if magnitude_key:
                 result.unknown[magnitude_key] = f"module {module} has a DoRA magnitude but no complete LoRA pair"
+            if up_bias_key:
+                result.unknown[up_bias_key] = f"module {module} has a lora_B.bias but no complete LoRA pair"
             continue
         down, up = tensors[down_key], tensors[up_key]
         rank = int(down.shape[0])
@@ -210,9 +226,10 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
         magnitude = tensors[magnitude_key] if magnitude_key else None
         bias_key = biases.pop((component, module), None)
         bias = tensors[bias_key] if bias_key else None
-        used = tuple(k for k in (down_key, up_key, alpha_key, magnitude_key, bias_key) if k)
+        up_bias = tensors[up_bias_key] if up_bias_key else None
+        used = tuple(k for k in (down_key, up_key, alpha_key, magnitude_key, bias_key, up_bias_key) if k)
         result.deltas[(component, module)] = LoraDelta(
-            down, up, alpha, use_rslora, keys=used, magnitude=magnitude, dropout=dropout, bias=bias
+            down, up, alpha, use_rslora, keys=used, magnitude=magnitude, dropout=dropout, bias=bias, up_bias=up_bias
         )
     result.module_biases.update(biases)  # bias="all": biases of modules without LoRA
     return result

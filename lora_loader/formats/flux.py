@@ -134,16 +134,22 @@ def split_module(name: str, delta, target: tuple[str, ...] | str, swap: bool) ->
 
 
 def _split_lora(name: str, target, delta: LoraDelta, swap: bool):
-    up = delta.up
+    up, up_bias = delta.up, delta.up_bias  # up_bias: lora_B.bias (Flux Control LoRAs), indexed by output row too
+    if up_bias is not None and (up_bias.dim() != 1 or up_bias.shape[0] != up.shape[0]):
+        return [], f"lora_B.bias is {list(up_bias.shape)}, expected one value per row of lora_B ([{up.shape[0]}])"
     if swap:
         shift, scale = up.chunk(2, dim=0)
         up = torch.cat([scale, shift], dim=0)
+        if up_bias is not None:
+            shift, scale = up_bias.chunk(2, dim=0)
+            up_bias = torch.cat([scale, shift], dim=0)
     if isinstance(target, str):
-        return [(target, LoraDelta(delta.down, up, delta.alpha, delta.use_rslora, keys=delta.keys))], None
+        return [(target, LoraDelta(delta.down, up, delta.alpha, delta.use_rslora, keys=delta.keys, up_bias=up_bias))], None
     sizes = split_rows(name, up.shape[0], len(target))
     if sizes is None:
         return [], f"lora_up has {up.shape[0]} rows, which do not split into the {len(target)} fused projections"
+    biases = up_bias.split(sizes, dim=0) if up_bias is not None else [None] * len(target)
     out = []
-    for path, rows in zip(target, up.split(sizes, dim=0)):
-        out.append((path, LoraDelta(delta.down, rows, delta.alpha, delta.use_rslora, keys=delta.keys)))
+    for path, rows, bias in zip(target, up.split(sizes, dim=0), biases):
+        out.append((path, LoraDelta(delta.down, rows, delta.alpha, delta.use_rslora, keys=delta.keys, up_bias=bias)))
     return out, None
