@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .blocks import BlockWeights, PathWeights
-from .errors import LoraNameError
+from .errors import LoraError, LoraNameError
 from .fuse import show_fused
-from .layers import BiasLayer, LoraAdapter, SavedCopyLayer
+from .layers import BASE, BiasLayer, LoraAdapter, SavedCopyLayer
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -69,6 +69,52 @@ class AdapterRegistry:
         if missing:
             raise LoraNameError(f"adapter(s) {missing} are not loaded; loaded adapters: {sorted(self.adapters)}")
 
+    def names(self, adapter_names, what: str) -> list[str]:
+        """The one reading of a caller's adapter names (``what``: the call, for messages): a str or a
+        list/tuple of str, each loaded, none twice, never the mixed-batch word ``__base__``."""
+        if isinstance(adapter_names, str):
+            names = [adapter_names]
+        elif isinstance(adapter_names, (list, tuple)):
+            names = list(adapter_names)
+        else:
+            raise LoraNameError(f"{what}: adapter names must be a str or a list of str, got {adapter_names!r}")
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise LoraNameError(f"{what}: adapter names must be strings, got {bad}")
+        if BASE in names:
+            raise LoraNameError(
+                f"{what}: '{BASE}' is not an adapter; it means 'no adapter' in a mixed batch (adapter_names= of a forward)"
+            )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise LoraNameError(f"{what}: adapter name(s) {repeated} repeat in {names}; name each adapter once")
+        self.check_known(names)
+        return names
+
+    def check_new_name(self, name) -> None:
+        """A name a new adapter may take: a non-empty str without '.', not ``__base__``, not in use."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise LoraNameError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+        if name == BASE:
+            raise LoraNameError(f"adapter_name {name!r} is reserved: it means 'no adapter' in a mixed batch")
+        if name in self.adapters:
+            raise LoraNameError(
+                f"adapter name '{name}' is already in use (loaded adapters: {sorted(self.adapters)}); "
+                f"choose another adapter_name or delete_adapters('{name}') first"
+            )
+
+    def fused_names(self) -> list[str]:
+        return sorted({n for n, _ in self.fused_pairs})
+
+    def refuse_fused(self, names: list[str] | None, action: str) -> None:
+        """The rule for fused adapters: their factors are written into the weights, so nothing that would
+        change or drop them (delete, hotswap, a per-row forward) runs until `unfuse_lora`.
+        ``names`` None: any fused adapter refuses."""
+        fused = self.fused_names()
+        hit = fused if names is None else [n for n in fused if n in names]
+        if hit:
+            raise LoraError(f"adapter(s) {hit} are fused into the weights; call unfuse_lora() before {action}")
+
     def default_name(self) -> str:
         n = len(self.adapters)
         while f"default_{n}" in self.adapters:
@@ -88,11 +134,23 @@ class AdapterRegistry:
             self.push()
 
     def remove(self, name: str) -> AdapterRecord:
+        """Forget adapter ``name`` everywhere the registry keeps it, the lists pushed into layers included
+        (a later `_push_added` extends those lists: a stale entry would run the removed adapter again)."""
         record = self.adapters.pop(name)
         self.weights.pop(name, None)
         if name in self.active:
             self.active.remove(name)
         self.residency.forget(name)
+        for _, _, module in record.layers:
+            pushed = self._pushed.get(module)
+            if pushed is None:
+                continue
+            adapter = module.lora_adapters[name] if name in getattr(module, "lora_adapters", {}) else None
+            kept = [(a, f) for a, f in pushed if a is not adapter]
+            if kept:
+                self._pushed[module] = kept
+            else:
+                del self._pushed[module]
         return record
 
     def set_active(self, names: list[str], weights: list[dict[str, ComponentWeight]]) -> None:
