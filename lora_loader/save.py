@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from .errors import LoraError
+from .errors import LoraError, LoraFileError
 from .kinds import NAMES, WeightDelta
 from .names import mangle, unet_sgm_prefixes, _sgm_name
 
@@ -157,16 +157,21 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
 
 
 def write(path: str, tensors: dict, metadata: dict, fmt: str, family: str) -> str:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    if not path.endswith(".safetensors"):
-        os.makedirs(path, exist_ok=True)
-        path = os.path.join(path, "pytorch_lora_weights.safetensors")
     from . import __version__
 
     header = {"format": "pt", "lora_loader.version": __version__, "lora_loader.format": fmt, "lora_loader.base_model": family}
     header.update(metadata)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=header)
+    target = path
+    try:
+        if not path.endswith(".safetensors"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, "pytorch_lora_weights.safetensors")
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=header)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # safetensors has its own error for an unwritable path
+        raise LoraFileError(f"{target}: cannot write the adapter there ({type(err).__name__}: {err})") from None
     return path
 
 
