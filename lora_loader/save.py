@@ -82,17 +82,15 @@ DENOISERS = ("unet", "transformer", "model")
 def to_peft(deltas: dict) -> tuple[dict, dict]:
     """PEFT's own keys, ``base_model.model.{path}.lora_A.weight``; a text encoder's carry its component
     first (``text_encoder.base_model.model.*``). Rank and alpha ride in ``lora_adapter_metadata``."""
-    tensors, header = to_diffusers(deltas)
-    renamed = {}
-    for key, tensor in tensors.items():
-        component, _, rest = key.partition(".")
+    renamed, config = {}, {}
+    for component, modules in deltas.items():
+        # One component at a time as a plain model ("model": keys are the bare module paths), so a
+        # path that itself starts with a component-like word ("model.layers.0...") stays whole.
+        tensors, header = to_diffusers({"model": modules})
         prefix = "" if component in DENOISERS else f"{component}."
-        renamed[f"{prefix}base_model.model.{rest}"] = tensor
-    flat = json.loads(header["lora_adapter_metadata"])
-    config = {}
-    for key, value in flat.items():
-        component, _, field_name = key.partition(".")
-        config[field_name if component in DENOISERS else key] = value
+        renamed.update({f"{prefix}base_model.model.{key}": tensor for key, tensor in tensors.items()})
+        fields = json.loads(header["lora_adapter_metadata"])
+        config.update(fields if component in DENOISERS else {f"{component}.{k}": v for k, v in fields.items()})
     return renamed, {"lora_adapter_metadata": json.dumps(config, sort_keys=True)}
 
 

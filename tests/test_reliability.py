@@ -455,3 +455,18 @@ def test_pipeline_and_model_refuse_a_hotswap_of_a_fused_adapter_alike():
     pipe.unfuse_lora()
     with torch.no_grad():
         pipe.unet(**unet_inputs(pipe))
+
+
+# -- found by the state machine ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["peft", "diffusers", "kohya"])
+def test_a_model_saved_as_one_file_in_each_layout_reloads_to_the_same_outputs(fmt, tmp_path):
+    """save_lora_weights(format='peft') on a model dropped the leading 'model.' of every module path."""
+    model = lm()
+    model.load_lora_weights(lora(Q, UP, seed=3), adapter_name="a")
+    expected = logits(model)
+    path = model.save_lora_weights(str(tmp_path / "a.safetensors"), adapter_name="a", format=fmt)
+    fresh = lm()
+    fresh.load_lora_weights(path, adapter_name="a")
+    assert torch.allclose(logits(fresh), expected, atol=1e-6)
