@@ -31,6 +31,12 @@ class AdapterRecord:
     skipped: list[str] = field(default_factory=list)
     copies: list[tuple[str, str, nn.Module]] = field(default_factory=list)  # PEFT's modules_to_save
     config: object = None  # the LoraConfig it was created or loaded with, for saving
+    # A pipeline's adapter added per component (unet.add_adapter(cfg_u, "a"), text_encoder.add_adapter(cfg_t, "a")):
+    # each component's own config.
+    component_configs: dict[str, object] = field(default_factory=dict)
+
+    def config_for(self, component: str):
+        return self.component_configs.get(component, self.config)
 
     def by_component(self) -> dict[str, list[tuple[str, nn.Module, LoraAdapter]]]:
         """``{component: [(path, module, adapter), ...]}``, the adapters looked up once and kept."""
@@ -47,13 +53,19 @@ class AdapterRecord:
 
 
 class AdapterRegistry:
-    """Named adapters of one host (pipeline or model) and how they are blended."""
+    """Named adapters of one host (a pipeline with its components, or a model) and how they are blended.
+
+    Activation is per component, as in diffusers+peft, where each component's layers keep their own
+    active list: ``pipe.unet.set_adapters("a")`` leaves the text encoder's list alone, a load
+    activates the new adapter in the components it adapts, and ``pipe.unet.disable_lora()`` bypasses
+    the UNet only. A model is one component, ``"model"``.
+    """
 
     def __init__(self) -> None:
         self.adapters: dict[str, AdapterRecord] = {}
-        self.active: list[str] = []
-        self.weights: dict[str, dict[str, ComponentWeight]] = {}  # name -> component -> weight
-        self.enabled: bool = True
+        self.active_in: dict[str, list[str]] = {}  # component -> its active adapters, in order
+        self.weights: dict[str, dict[str, ComponentWeight]] = {}  # name -> component (or "*") -> weight
+        self.disabled: set[str] = set()  # components whose adapters are bypassed (disable_lora)
         # Fusion: which (adapter, layer) pairs are written into the weights, and the fused layers.
         self.fused_pairs: set[tuple[str, int]] = set()
         self.fused_modules: list[tuple[str, nn.Module]] = []  # (component, module)
@@ -62,6 +74,22 @@ class AdapterRegistry:
         self._copies_pushed = False
         # Which adapters keep their tensors where their layers compute (see residency.py).
         self.residency = Residency()
+        # enable_lora_hotswap(target_rank): every adapter loaded from then on is zero-padded to it.
+        self.hotswap_rank: int | None = None
+
+    # -- queries ---------------------------------------------------------------
+    @property
+    def active(self) -> list[str]:
+        """The adapters active in any component, in order of first appearance."""
+        return list(dict.fromkeys(name for names in self.active_in.values() for name in names))
+
+    @property
+    def enabled(self) -> bool:
+        return not self.disabled
+
+    def fused_names(self) -> set[str]:
+        """The adapters written into the weights of at least one layer (diffusers' ``fused_loras``)."""
+        return {name for name, _ in self.fused_pairs}
 
     # -- names ---------------------------------------------------------------
     def check_known(self, names: list[str]) -> None:
@@ -91,26 +119,20 @@ class AdapterRegistry:
         self.check_known(names)
         return names
 
-    def check_new_name(self, name) -> None:
-        """A name a new adapter may take: a non-empty str without '.', not ``__base__``, not in use."""
+    def check_new_name(self, name, scope: list[str]) -> None:
+        """A name a load or ``add_adapter`` on ``scope`` may take: a non-empty str without '.', not
+        ``__base__``, and free there (`check_free`)."""
         if not isinstance(name, str) or not name or "." in name:
             raise LoraNameError(f"adapter_name must be a non-empty string without '.', got {name!r}")
         if name == BASE:
             raise LoraNameError(f"adapter_name {name!r} is reserved: it means 'no adapter' in a mixed batch")
-        if name in self.adapters:
-            raise LoraNameError(
-                f"adapter name '{name}' is already in use (loaded adapters: {sorted(self.adapters)}); "
-                f"choose another adapter_name or delete_adapters('{name}') first"
-            )
-
-    def fused_names(self) -> list[str]:
-        return sorted({n for n, _ in self.fused_pairs})
+        self.check_free(name, scope)
 
     def refuse_fused(self, names: list[str] | None, action: str) -> None:
         """The rule for fused adapters: their factors are written into the weights, so nothing that would
         change or drop them (delete, hotswap, a per-row forward) runs until `unfuse_lora`.
         ``names`` None: any fused adapter refuses."""
-        fused = self.fused_names()
+        fused = sorted(self.fused_names())
         hit = fused if names is None else [n for n in fused if n in names]
         if hit:
             raise LoraError(f"adapter(s) {hit} are fused into the weights; call unfuse_lora() before {action}")
@@ -121,14 +143,45 @@ class AdapterRegistry:
             n += 1
         return f"default_{n}"
 
+    def check_free(self, name: str, scope: list[str]) -> None:
+        """A name is free for a load or ``add_adapter`` on ``scope``: a host-wide call (several
+        components) needs a new name; a component-level one (diffusers' ``unet.add_adapter(cfg, "a")``
+        + ``text_encoder.add_adapter(cfg, "a")``) a name its component does not hold yet, and adds a part
+        to the one adapter of that name."""
+        record = self.adapters.get(name)
+        if record is None:
+            return
+        taken = sorted(set(record.components()) & set(scope)) if len(scope) == 1 else record.components()
+        if taken:
+            raise LoraNameError(
+                f"adapter name '{name}' is already in use in {taken} (loaded adapters: {sorted(self.adapters)}); "
+                f"choose another adapter_name or delete_adapters('{name}') first"
+            )
+
     # -- state changes ---------------------------------------------------------
     def add(self, record: AdapterRecord) -> None:
-        """Register a freshly applied adapter and make it active alongside the others, weight 1.0."""
-        self.adapters[record.name] = record
-        self.active.append(record.name)
-        self.weights[record.name] = {}
+        """Register a freshly applied adapter (or a new component's part of one already registered) and
+        make it the only active adapter, weight 1.0, of each component it adapts: what diffusers+peft
+        and transformers do after a load or ``add_adapter``. Other components keep their active lists."""
+        existing = self.adapters.get(record.name)
+        if record.config is not None:
+            record.component_configs.update({c: record.config for c in record.components()})
+        if existing is not None:
+            existing.component_configs.update(record.component_configs)
+            existing.layers.extend(record.layers)
+            existing.copies.extend(record.copies)
+            existing.skipped.extend(record.skipped)
+            existing.__dict__.pop("_by_component", None)
+            record = existing
+        else:
+            self.adapters[record.name] = record
+            self.weights[record.name] = {}
+        components = record.components()
+        was_idle = not any(self.active_in.get(c) for c in components)
+        for component in components:
+            self.active_in[component] = [record.name]
         self.residency.activate(self, [record.name], self.active)
-        if self.enabled:
+        if was_idle and existing is None and not self.disabled & set(components):
             self._push_added(record)
         else:
             self.push()
@@ -138,10 +191,15 @@ class AdapterRegistry:
         (a later `_push_added` extends those lists: a stale entry would run the removed adapter again)."""
         record = self.adapters.pop(name)
         self.weights.pop(name, None)
-        if name in self.active:
-            self.active.remove(name)
+        for component in list(self.active_in):  # a host-wide set_adapters lists it in every component
+            self._deactivate(name, component)
         self.residency.forget(name)
-        for _, _, module in record.layers:
+        self._forget_pushed(name, record.layers)
+        return record
+
+    def _forget_pushed(self, name: str, layers) -> None:
+        """Drop adapter ``name`` of these layers from the lists last pushed into them."""
+        for _, _, module in layers:
             pushed = self._pushed.get(module)
             if pushed is None:
                 continue
@@ -151,20 +209,62 @@ class AdapterRegistry:
                 self._pushed[module] = kept
             else:
                 del self._pushed[module]
-        return record
 
-    def set_active(self, names: list[str], weights: list[dict[str, ComponentWeight]]) -> None:
+    def _deactivate(self, name: str, component: str) -> None:
+        """Take a deleted adapter out of ``component``'s active list. If it was the only one active
+        there, the component's first remaining adapter becomes active: peft's rule on delete, so
+        diffusers' and transformers' ``delete_adapters`` leave the same adapter on."""
+        names = self.active_in.get(component, [])
+        if name not in names:
+            return
+        names.remove(name)
+        if not names:
+            remaining = [n for n, r in self.adapters.items() if n != name and component in r.components()]
+            if remaining:
+                names.append(remaining[0])
+                self.residency.activate(self, remaining[:1], self.active)
+
+    def remove_component(self, name: str, component: str) -> list[tuple[str, str, nn.Module]]:
+        """Take ``component``'s part of adapter ``name`` out (``pipe.unet.delete_adapters``); the whole
+        record goes when no part is left. Returns the part's layers and copies."""
+        record = self.adapters[name]
+        part = [entry for entry in record.layers + record.copies if entry[0] == component]
+        if len(part) == len(record.layers) + len(record.copies):
+            self.remove(name)
+            return part
+        self._forget_pushed(name, [entry for entry in record.layers if entry[0] == component])
+        record.layers = [entry for entry in record.layers if entry[0] != component]
+        record.copies = [entry for entry in record.copies if entry[0] != component]
+        record.__dict__.pop("_by_component", None)
+        self._deactivate(name, component)
+        self.weights.get(name, {}).pop(component, None)
+        return part
+
+    def set_active(
+        self, names: list[str], weights: list[dict[str, ComponentWeight]], components: list[str], *, update: bool = False
+    ) -> None:
+        """``names`` become the active adapters of each of ``components``, with these weights.
+
+        The weight dicts replace the adapters' weights, or with ``update`` (a component-level call on a
+        pipeline's component) update only the entries they name, so the other components keep theirs."""
         self.check_known(names)
-        self.residency.activate(self, names)  # parked ones come back before anything else changes
-        self.active = list(names)
+        to_be = dict(self.active_in)
+        to_be.update({c: list(names) for c in components})
+        self.residency.activate(self, names, list(dict.fromkeys(n for ns in to_be.values() for n in ns)))  # parked ones come back first
+        self.active_in = to_be
         for name, weight in zip(names, weights):
-            self.weights[name] = weight
+            if update:
+                self.weights.setdefault(name, {}).update(weight)
+            else:
+                self.weights[name] = weight
         self.push()
 
-    def set_enabled(self, enabled: bool) -> None:
+    def set_enabled(self, enabled: bool, components) -> None:
         if enabled:
+            self.disabled -= set(components)
             self.residency.bring_home(self, self.active)
-        self.enabled = enabled
+        else:
+            self.disabled |= set(components)
         self.push()
 
     # -- pushing into layers -----------------------------------------------------
@@ -181,13 +281,15 @@ class AdapterRegistry:
         factor tensor is written only when its value changes.
         """
         lists: dict[nn.Module, list] = {}  # modules hash by identity
-        if self.enabled:
-            fused = self.fused_pairs
-            for name in self.active:
+        fused = self.fused_pairs
+        for component, names in self.active_in.items():
+            if component in self.disabled:
+                continue
+            for name in names:
                 given = self.weights.get(name) or {}
-                everywhere = given.get("*", 1.0)
-                for component, entries in self.adapters[name].by_component().items():
-                    spec = given.get(component, everywhere)
+                entries = self.adapters[name].by_component().get(component)
+                if entries:
+                    spec = given.get(component, given.get("*", 1.0))
                     blocks = isinstance(spec, _BY_PATH)
                     for path, module, adapter in entries:
                         w = spec.weight_for(path) if blocks else spec
@@ -215,8 +317,8 @@ class AdapterRegistry:
             if len(active) < 2:  # a concatenation is kept (and checked) only where two or more adapters run
                 state["_lora_concat"] = None
         self._pushed = lists
-        for _, module in self.fused_modules:
-            show_fused(module, self.enabled)
+        for component, module in self.fused_modules:
+            show_fused(module, component not in self.disabled)
         if self._copies_pushed or any(record.copies for record in self.adapters.values()):
             self._push_copies()
 
@@ -255,9 +357,13 @@ class AdapterRegistry:
                 elif isinstance(module, BiasLayer):
                     biases.setdefault(id(module), (module, []))
         self._copies_pushed = bool(chosen or biases)
-        if self.enabled:
-            for name in self.active:
+        for component_active, names in self.active_in.items():
+            if component_active in self.disabled:
+                continue
+            for name in names:
                 for component, path, module in self.adapters[name].copies:
+                    if component != component_active:
+                        continue
                     w = self.weight(name, component, path)
                     if w == 0.0:
                         continue

@@ -50,4 +50,6 @@ def attach(obj: T) -> T:
         cls = type(base.__name__, (mixin, base), {"__module__": base.__module__, "__qualname__": base.__qualname__})
         _attached[(mixin, base)] = cls
     obj.__class__ = cls
+    if mixin is LoraPipelineMixin:
+        obj._lora_components()  # its components take component-level calls on the pipeline's registry
     return obj

@@ -7,12 +7,17 @@ can act on them without reading our code.
 from __future__ import annotations
 
 
-class LoraError(Exception):
-    """Base class of every error lora_loader raises."""
+class LoraError(ValueError):
+    """Base class of every error lora_loader raises.
+
+    A `ValueError`, as the errors diffusers and transformers raise for the same mistakes (an unknown
+    adapter name, a weights list of the wrong length), so ``except ValueError`` code keeps working.
+    """
 
 
-class LoraFileError(LoraError):
-    """The source could not be found or read (missing, corrupt, truncated, pickled)."""
+class LoraFileError(LoraError, OSError):
+    """The source could not be found or read (missing, corrupt, truncated, pickled); also an `OSError`,
+    as diffusers' and huggingface_hub's errors for a missing or unreadable file are."""
 
 
 class LoraFormatError(LoraError):

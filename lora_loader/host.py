@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -26,10 +27,15 @@ from .hub import read_source
 from .layers import CALL_SCALE
 from .residency import LoraResidency
 
+# Every component name a pipeline may give LoRA layers (pipeline.py's LORA_COMPONENTS), for checks.
+LORA_COMPONENT_NAMES = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 # diffusers' load_lora_weights kwargs that change nothing for us; accepted so diffusers code runs unchanged.
 _IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent"}
 ALL_COMPONENTS = "*"
 _REGISTRY = "_lora_registry_state"
+# On each component of an attached pipeline: its name there ("unet", "text_encoder", ...), so its
+# component-level calls act on that component of the registry it shares with the pipeline.
+COMPONENT_NAME = "_lora_component_name"
 
 
 @dataclass
@@ -95,11 +101,17 @@ class LoraHost(LoraResidency):
 
     def _lora_release_registry_if_empty(self) -> None:
         """With no adapter left, take the registry off the modules: they are plain modules again
-        (unless it holds a residency cap, which outlives the adapters)."""
+        (unless it holds a residency cap, which outlives the adapters). The components of an attached
+        pipeline keep theirs: it is what their component-level calls share with the pipeline."""
         for module in self._lora_components().values():
             registry = module.__dict__.get(_REGISTRY)
-            if registry is not None and not registry.adapters and registry.enabled and registry.residency.cap is None:
+            if (registry is not None and not registry.adapters and registry.enabled and registry.residency.cap is None
+                    and COMPONENT_NAME not in module.__dict__):
                 del module.__dict__[_REGISTRY]
+
+    def _lora_scope(self) -> list[str]:
+        """The components a call on this host acts on: all of a pipeline's, or the one a model is."""
+        return list(self._lora_components())
 
     # -- loading ---------------------------------------------------------------------
     def load_lora_weights(
@@ -145,7 +157,7 @@ class LoraHost(LoraResidency):
             if not isinstance(name, str) or name not in registry.adapters:
                 raise LoraNameError(f"hotswap=True replaces a loaded adapter; {name!r} is not loaded ({sorted(registry.adapters)})")
             return self._lora_hotswap(pretrained_model_name_or_path_or_dict, weight_name, name, source_kwargs)
-        registry.check_new_name(name)
+        registry.check_new_name(name, self._lora_scope())
         source = read_source(pretrained_model_name_or_path_or_dict, weight_name, **source_kwargs)
         if adapter_config is not None:
             source.adapter_config = adapter_config
@@ -162,10 +174,18 @@ class LoraHost(LoraResidency):
             )
         components = self._lora_components()
         planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
+        hotswap_rank = registry.hotswap_rank
+        if hotswap_rank is not None:
+            above = [f"{p.component}.{p.path} (rank {p.delta.rank})" for p in planned.modules if p.delta.rank > hotswap_rank]
+            if above:
+                raise LoraError(f"{source.name}: enable_lora_hotswap(target_rank={hotswap_rank}) was called, and these modules "
+                                f"have a higher rank: {above[:5]}")
         layers, copies = inject.apply(planned, name, copy=not source.owned)
         config = LoraConfig.from_dict(source.adapter_config, source.name) if source.adapter_config else None
         record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped, copies, config)
         self._lora_registry.add(record)
+        if hotswap_rank is not None:
+            _pad_for_hotswap(self._lora_registry, record, hotswap_rank)
         counts: dict[str, int] = {}
         for component, _, _ in layers + copies:
             counts[component] = counts.get(component, 0) + 1
@@ -237,27 +257,40 @@ class LoraHost(LoraResidency):
             weights = [weights] * len(names)
         if len(weights) != len(names):
             raise LoraError(f"got {len(weights)} weights for {len(names)} adapters {names}; expected one weight per adapter")
+        # On a pipeline's component (pipe.unet.set_adapters), a number is that component's weight only.
+        on_component = COMPONENT_NAME in self.__dict__
+        everywhere = self._lora_scope()[0] if on_component else ALL_COMPONENTS
         normalized = []
         for name, weight in zip(names, weights):
             if weight is None:
-                normalized.append({})
+                normalized.append({} if everywhere == ALL_COMPONENTS else {everywhere: 1.0})
             elif isinstance(weight, dict):
                 normalized.append(self._lora_component_weights(name, weight))
             else:
-                normalized.append({ALL_COMPONENTS: _number(weight, f"weight of adapter '{name}'")})
-        self._lora_registry.set_active(names, normalized)
+                normalized.append({everywhere: _number(weight, f"weight of adapter '{name}'")})
+        self._lora_registry.set_active(names, normalized, self._lora_scope(), update=on_component)
 
     def disable_lora(self) -> None:
         """Bypass every adapter: outputs equal the base model's exactly, until `enable_lora`."""
-        self._lora_registry.set_enabled(False)
+        self._lora_registry.set_enabled(False, self._lora_scope())
 
     def enable_lora(self) -> None:
         """Restore the adapters and weights of the last `set_adapters` (or loads) after `disable_lora`."""
-        self._lora_registry.set_enabled(True)
+        self._lora_registry.set_enabled(True, self._lora_scope())
 
     def get_active_adapters(self) -> list[str]:
-        """Names of the active adapters, in the order they were set."""
-        return list(self._lora_existing_registry().active)
+        """Names of the active adapters, in the order they were set.
+
+        On a pipeline, those of the last component that has adapters, in diffusers' order (denoiser,
+        then text encoders), as diffusers reports them; each component keeps its own list (see
+        `AdapterRegistry`), so after a UNet-only load this can name the text encoder's.
+        """
+        registry = self._lora_existing_registry()
+        adapted = set(registry.list_by_component())
+        for component in reversed(self._lora_scope()):
+            if component in adapted:
+                return list(registry.active_in.get(component, []))
+        return []
 
     def get_list_adapters(self) -> dict[str, list[str]]:
         """``{component: [adapter names]}`` for every component an adapter touches."""
@@ -269,9 +302,14 @@ class LoraHost(LoraResidency):
         names = existing.names(adapter_names, "delete_adapters")
         existing.refuse_fused(names, "deleting them")
         registry = self._lora_registry
+        scope = self._lora_scope()
         for name in names:
-            record = registry.remove(name)
-            inject.remove(name, [module for _, _, module in record.layers + record.copies])
+            if len(scope) == 1 and COMPONENT_NAME in self.__dict__:  # pipe.unet.delete_adapters: the UNet's part only
+                part = registry.remove_component(name, scope[0])
+            else:
+                record = registry.remove(name)
+                part = record.layers + record.copies
+            inject.remove(name, [module for _, _, module in part])
         registry.push()
         self._lora_release_registry_if_empty()
 
@@ -299,6 +337,39 @@ def warn_unused_component(adapter: str, component: str) -> None:
 __all__ = ["LoadReport", "LoraHost", "BlockWeights"]
 
 
+class _or_diffusers_classmethod:
+    """A method that is also diffusers' classmethod of the same name, for the calls diffusers' training
+    scripts make: ``StableDiffusionPipeline.save_lora_weights(dir, unet_lora_layers=...)`` on an attached
+    pipeline's class, or the same keywords on an instance, write the state dicts they are given (diffusers'
+    own classmethod, which needs no peft); ``pipe.save_lora_weights(path, "a")`` saves a loaded adapter."""
+
+    def __init__(self, method):
+        self.method = method
+        functools.update_wrapper(self, method)
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def _diffusers(self, cls):
+        for klass in cls.__mro__:
+            found = klass.__dict__.get(self.name)
+            if isinstance(found, classmethod):
+                return found.__get__(None, cls)
+        raise LoraError(f"{cls.__name__}.{self.name}(...) with *_lora_layers= needs a diffusers pipeline class")
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self._diffusers(cls)
+
+        @functools.wraps(self.method)
+        def bound(*args, **kwargs):
+            if any(key.endswith("_lora_layers") for key in kwargs):
+                return self._diffusers(type(obj))(*args, **kwargs)
+            return self.method(obj, *args, **kwargs)
+
+        return bound
+
+
 class LoraLifecycle:
     """Fuse, unfuse, unload, per-call scale and device moves: the rest of an adapter's life (both hosts)."""
 
@@ -318,23 +389,27 @@ class LoraLifecycle:
         from .fuse import fuse_layer
 
         registry = self._lora_existing_registry()
-        names = list(registry.active) if adapter_names is None else registry.names(adapter_names, "fuse_lora")
+        given = None if adapter_names is None else registry.names(adapter_names, "fuse_lora")
         lora_scale = _number(lora_scale, "lora_scale")
-        if registry.fused_modules:
-            raise LoraError("adapters are already fused; call unfuse_lora() first")
+        scope = self._lora_scope()
         if components is not None:
-            components = [components] if isinstance(components, str) else components
-            if not isinstance(components, (list, tuple)) or not all(isinstance(c, str) for c in components):
-                raise LoraError(f"fuse_lora: components must be a list of component names, got {components!r}")
-        wanted = set(components) if components is not None else None
+            if isinstance(components, str) or not isinstance(components, (list, tuple)) or not components:
+                raise LoraError(f"components={components!r}: expected a non-empty list of component names")
+            unknown = sorted(set(components) - set(scope) - set(LORA_COMPONENT_NAMES))
+            if unknown:
+                raise LoraError(f"fuse_lora(components=...) names {unknown}, which are not components of this host ({scope})")
+        wanted = set(scope) if components is None else set(components) & set(scope)
         per_module: dict[int, tuple[str, nn.Module, list]] = {}
-        for name in names:
-            for component, path, module in registry.adapters[name].layers:
-                if wanted is not None and component not in wanted:
-                    continue
-                w = registry.weight(name, component, path) * float(lora_scale)
-                entry = per_module.setdefault(id(module), (component, module, []))
-                entry[2].append((name, module.lora_adapters[name], w))
+        for component in wanted:
+            # Each component fuses its own active adapters (or the ones named), as diffusers+peft do.
+            for name in (registry.active_in.get(component, []) if given is None else given):
+                for path, module, adapter in registry.adapters[name].by_component().get(component, []):
+                    w = registry.weight(name, component, path) * float(lora_scale)
+                    entry = per_module.setdefault(id(module), (component, module, []))
+                    entry[2].append((name, adapter, w))
+        already = sorted({c for c, m in registry.fused_modules if id(m) in per_module})
+        if already:
+            raise LoraError(f"adapters are already fused into {already}; call unfuse_lora() first")
         if safe_fusing:
             from .fuse import dense_delta
 
@@ -355,8 +430,9 @@ class LoraLifecycle:
 
         registry = self._lora_existing_registry()
         keep = []
+        scope = self._lora_scope()
         for component, module in registry.fused_modules:
-            if components is not None and component not in components:
+            if component not in scope or (components is not None and component not in components):
                 keep.append((component, module))
                 continue
             unfuse_layer(module)
@@ -372,15 +448,28 @@ class LoraLifecycle:
         from .fuse import keep_fused
 
         registry = self._lora_existing_registry()
-        for _, module in registry.fused_modules:
-            keep_fused(module)
-        registry.fused_modules, registry.fused_pairs = [], set()
+        scope = self._lora_scope()
+        fused_here = {id(m) for c, m in registry.fused_modules if c in scope}
+        for component, module in registry.fused_modules:
+            if component in scope:
+                keep_fused(module)
+        registry.fused_modules = [(c, m) for c, m in registry.fused_modules if c not in scope]
+        registry.fused_pairs = {(n, i) for n, i in registry.fused_pairs if i not in fused_here}
+        whole_host = not (len(scope) == 1 and COMPONENT_NAME in self.__dict__)
         for name in list(registry.adapters):
-            record = registry.remove(name)
-            inject.remove(name, [module for _, _, module in record.layers + record.copies])
-        registry.enabled = True
+            if whole_host:
+                record = registry.remove(name)
+                part = record.layers + record.copies
+            elif scope[0] in registry.adapters[name].components():  # pipe.unet.unload_lora(): the UNet's parts
+                part = registry.remove_component(name, scope[0])
+            else:
+                continue
+            inject.remove(name, [module for _, _, module in part])
+        registry.disabled -= set(scope)
+        registry.push()
         self._lora_release_registry_if_empty()
 
+    @_or_diffusers_classmethod
     def save_lora_weights(self, save_directory, adapter_name: str | None = None, format: str = "diffusers", **kwargs) -> str:
         """Write one adapter as ``.safetensors`` in the ``diffusers``, ``kohya`` or ``peft`` layout.
 
@@ -417,6 +506,25 @@ class LoraLifecycle:
         else:
             raise LoraError(f"format={format!r}; expected 'diffusers', 'kohya' or 'peft'")
         return save.write(os.fspath(save_directory), tensors, metadata, format, save.model_family(components))
+
+    def enable_lora_hotswap(self, target_rank: int = 128, check_compiled: str = "error") -> None:
+        """diffusers' call before loading the first adapter that will be hotswapped under ``torch.compile``:
+        every adapter loaded from now on (and any already loaded) is zero-padded to ``target_rank``, so
+        ``load_lora_weights(..., hotswap=True)`` with any rank up to it never recompiles. An adapter
+        above ``target_rank`` is refused when it is loaded. ``check_compiled`` is diffusers' argument,
+        accepted for its signature.
+
+        >>> import torch, lora_loader
+        >>> m = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> m.enable_lora_hotswap(target_rank=8)
+        >>> _ = m.load_lora_weights({"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}, adapter_name="x")
+        >>> m[0].lora_adapters["x"].down.shape
+        torch.Size([8, 4])
+        """
+        if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
+            raise LoraError(f"target_rank must be an int >= 1, got {target_rank!r}")
+        prepare_hotswap(self, max_rank=target_rank)
+        self._lora_registry.hotswap_rank = target_rank
 
     def set_lora_device(self, adapter_names: str | list[str], device: str | torch.device) -> None:
         """Move these adapters' tensors to ``device`` (e.g. park unused ones on the CPU).
@@ -473,8 +581,6 @@ def prepare_hotswap(host, max_rank: int) -> None:
     >>> lora_loader.prepare_hotswap(m, max_rank=8); m[0].lora_adapters["x"].down.shape
     torch.Size([8, 4])
     """
-    from .hotswap import pad_adapter
-
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
         raise LoraError(f"prepare_hotswap: max_rank must be a positive int, got {max_rank!r}")
     registry = host._lora_existing_registry()
@@ -488,9 +594,15 @@ def prepare_hotswap(host, max_rank: int) -> None:
     if too_big:
         raise LoraError(f"prepare_hotswap: adapter(s) {', '.join(list(too_big)[:5])} are above max_rank={max_rank}; nothing was padded")
     for record in registry.adapters.values():
-        for _, _, module in record.layers:
-            adapter = module.lora_adapters[record.name]
-            if hasattr(adapter, "down"):  # LyCORIS kinds swap only into factors of the same shapes
-                pad_adapter(adapter, max_rank)
-            module.set_lora_active(list(module._lora_active))
+        _pad_for_hotswap(registry, record, max_rank)
+
+
+def _pad_for_hotswap(registry, record, max_rank: int) -> None:
+    from .hotswap import pad_adapter
+
+    for _, _, module in record.layers:
+        adapter = module.lora_adapters[record.name]
+        if hasattr(adapter, "down"):  # LyCORIS kinds swap only into factors of the same shapes
+            pad_adapter(adapter, max_rank)
+        module.set_lora_active(list(module._lora_active))
     registry.push()

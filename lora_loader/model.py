@@ -27,7 +27,7 @@ from .delta import LoraDelta
 from .errors import LoraError, LoraFileError, LoraNameError
 from .formats import ConvertedLora
 from .formats.diffusers import saved_module_matches
-from .host import LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
+from .host import _REGISTRY, COMPONENT_NAME, LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
 from .layers import (
     BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, kind_of,
 )
@@ -49,19 +49,24 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
     """
 
     # -- host hooks ------------------------------------------------------------------------------------
+    def _lora_component(self) -> str:
+        """``"model"``, or the name this model has in the attached pipeline it belongs to (``"unet"``...)."""
+        return self.__dict__.get(COMPONENT_NAME, MODEL)
+
     def _lora_components(self) -> dict[str, nn.Module]:
-        return {MODEL: self}
+        return {self._lora_component(): self}
 
     def _lora_resolve_component(self, symbolic: str) -> str | None:
         # Whatever component a file names (unet., transformer., or none), it targets this model.
-        return MODEL
+        return self._lora_component()
 
     def _lora_component_weights(self, name: str, weights: dict) -> dict[str, ComponentWeight]:
+        component = self._lora_component()
         # A bare block dict ({"down": ..., "up": ...}) is what diffusers' UNet.set_adapters takes.
         if set(weights) <= {"down", "mid", "up"}:
-            return {MODEL: block_or_number(MODEL, weights, self, name)}
-        if set(weights) == {MODEL}:
-            return {MODEL: block_or_number(MODEL, weights[MODEL], self, name)}
+            return {component: block_or_number(component, weights, self, name)}
+        if set(weights) == {component}:
+            return {component: block_or_number(component, weights[component], self, name)}
         raise LoraError(f"adapter '{name}': a model takes a number or UNet block weights, got keys {sorted(weights)}")
 
     # -- PEFT / transformers names ----------------------------------------------------------------------
@@ -88,6 +93,8 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         if src is None:
             raise LoraError("load_adapter() needs a folder, a Hub repo id or adapter_state_dict=")
         if peft_config is not None and isinstance(src, dict):
+            if not isinstance(peft_config, (LoraConfig, dict)) and hasattr(peft_config, "to_dict"):
+                peft_config = peft_config.to_dict()  # a peft.LoraConfig, as diffusers' text-encoder loader passes
             config = peft_config if isinstance(peft_config, LoraConfig) else LoraConfig.from_dict(dict(peft_config))
             src = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in src.items()}
             kwargs["_adapter_config"] = config.to_dict()
@@ -101,6 +108,45 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         _set_trainable(record, is_trainable)
         return report
 
+    def load_lora_adapter(
+        self, pretrained_model_name_or_path_or_dict, prefix: str | None = "transformer", hotswap: bool = False, **kwargs
+    ) -> LoadReport:
+        """diffusers' model-level load: ``pipe.unet.load_lora_adapter(state_dict, prefix="unet", adapter_name="a")``.
+
+        From a state dict, only the keys under ``prefix.`` are taken (all of them if none has the
+        prefix); diffusers' ``network_alphas`` become ``.alpha`` keys and ``metadata`` (the LoRA config
+        diffusers writes in the header) gives rank and alpha. A pipeline's component loads into its
+        part of the pipeline's registry.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> sd = {"transformer.0.lora_A.weight": torch.ones(2, 4), "transformer.0.lora_B.weight": torch.ones(4, 2)}
+        >>> print(model.load_lora_adapter(sd, adapter_name="x"))
+        adapter 'x' (diffusers) from <state dict>: model: 1 modules
+        """
+        network_alphas = kwargs.pop("network_alphas", None)
+        metadata = kwargs.pop("metadata", None)
+        for ignored in ("_pipeline", "low_cpu_mem_usage"):
+            kwargs.pop(ignored, None)
+        src = pretrained_model_name_or_path_or_dict
+        if isinstance(src, dict):
+            src = _under_prefix(src, prefix)
+            for key, alpha in _under_prefix(dict(network_alphas or {}), prefix).items():
+                src[key if key.endswith(".alpha") else key + ".alpha"] = torch.as_tensor(float(alpha))
+        if metadata:
+            kwargs["_adapter_config"] = dict(_under_prefix(dict(metadata), prefix) if any(
+                str(k).startswith(f"{prefix}.") for k in metadata) else metadata)
+        return self.load_lora_weights(src, hotswap=hotswap, **kwargs)
+
+    def unload_lora(self) -> None:
+        """diffusers' model-level unload: every adapter of this model removed (on a pipeline's component,
+        that component's parts only)."""
+        self.unload_lora_weights()
+
+    def delete_adapter(self, adapter_names) -> None:
+        """transformers' name for `delete_adapters`."""
+        self.delete_adapters(adapter_names)
+
     def add_adapter(self, adapter_config: LoraConfig | dict, adapter_name: str = "default") -> None:
         """Add a fresh trainable adapter with PEFT's initialisation; the base is frozen and it becomes the active one.
 
@@ -112,22 +158,23 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         (True, False, ``"gaussian"``).
         """
         registry = self._lora_existing_registry()
-        registry.check_new_name(adapter_name)
+        registry.check_new_name(adapter_name, self._lora_scope())
         config = _as_config(adapter_config)
         config.check_creatable()
         targets = _find_targets(self, config)
         converted = ConvertedLora(formats=["new"])
         tensors: dict[str, torch.Tensor] = {}
+        component = self._lora_component()
         for name, module in targets:
             delta = _initial_delta(module, config, name)
-            converted.deltas[(MODEL, name)] = delta
+            converted.deltas[(component, name)] = delta
         for name in _find_saved_modules(self, config):
             module = self.get_submodule(name)
             params = {}
             for param, tensor in module.state_dict().items():
                 tensors[f"{name}.{param}"] = tensor
                 params[param] = f"{name}.{param}"
-            converted.module_copies[(MODEL, name)] = params
+            converted.module_copies[(component, name)] = params
         if config.bias == "all":  # every other bias trains too, as a delta on top of the frozen base bias
             taken = {n for n, _ in targets} | {n for (_, n) in converted.module_copies}
             for name, module in self.named_modules():
@@ -136,7 +183,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                     if ".lora_" in f".{name}":
                         continue
                     tensors[f"{name}.bias"] = offload.real_tensor(module, "bias").detach().clone()
-                    converted.module_biases[(MODEL, name)] = f"{name}.bias"
+                    converted.module_biases[(component, name)] = f"{name}.bias"
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, "add_adapter", tensors)
         trainable = [p for p in self.parameters() if p.requires_grad]
         for p in trainable:
@@ -157,6 +204,21 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             checkpointing = getattr(self, "is_gradient_checkpointing", False)
         if checkpointing and hasattr(self, "enable_input_require_grads"):
             self.enable_input_require_grads()
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        """``{adapter name: LoraConfig}`` of the adapters on this model, as transformers' and diffusers'
+        models with peft have it (``model.peft_config["default"].to_dict()``); no attribute without one."""
+        registry = self.__dict__.get(_REGISTRY)
+        here = self._lora_component()
+        configs = {
+            name: record.config_for(here) or _config_from_record(record, self)
+            for name, record in (registry.adapters.items() if registry is not None else ())
+            if here in record.components()
+        }
+        if not configs:
+            raise AttributeError(f"'{type(self).__name__}' has no adapter, so no peft_config")
+        return configs
 
     def set_adapter(self, adapter_name) -> None:
         """Activate exactly these adapters, each with weight 1.0."""
@@ -184,7 +246,10 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         returns them (without the ``base_model.model.`` prefix a saved file has)."""
         record = self._lora_record(adapter_name)
         out: dict[str, torch.Tensor] = {}
-        for _, path, module in record.layers:
+        here = self._lora_component()  # a pipeline's component: its own part of the adapter
+        for component, path, module in record.layers:
+            if component != here:
+                continue
             adapter = module.lora_adapters[record.name]
             if not hasattr(adapter, "down"):
                 raise LoraError(
@@ -203,7 +268,9 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                 out[f"{path}.lora_magnitude_vector"] = adapter.magnitude.detach()
             if adapter.bias_delta is not None:  # PEFT's bias="lora_only": the full bias the adapter trained
                 out[f"{path}.base_layer.bias"] = adapter.to_delta(offload.real_tensor(module, "bias")).bias  # PEFT's key for it
-        for _, path, module in record.copies:
+        for component, path, module in record.copies:
+            if component != here:
+                continue
             if isinstance(module, BiasLayer):  # bias="all": the trained bias of a module without LoRA
                 base_bias = offload.real_tensor(module, "bias").detach()
                 out[f"{path}.bias"] = base_bias + module.lora_biases[record.name].delta.detach().to(base_bias.device)
@@ -235,7 +302,8 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         each other adapter to ``save_directory/<name>``.
         """
         registry = self._lora_existing_registry()
-        if not registry.adapters:
+        if not registry.adapters or COMPONENT_NAME in self.__dict__:
+            # A pipeline's component saves its base weights (pipe.save_pretrained), as diffusers does.
             return super().save_pretrained(save_directory, *args, **kwargs)
         names = list(registry.adapters)
         root = "default" if "default" in names else (names[0] if len(names) == 1 else None)
@@ -277,7 +345,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             raise LoraNameError(f"adapter_names name {unknown}, which are not loaded (loaded: {sorted(registry.adapters)})")
         if batch_size is not None and len(names) != batch_size:
             raise LoraError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows; expected one per row")
-        if not registry.enabled:  # disabled: every row is the base model, as with PEFT
+        if self._lora_component() in registry.disabled:  # disabled: every row is the base model, as with PEFT
             names = [BASE] * len(names)
         else:  # a fused weight is in every row: neither '__base__' nor another adapter's row could be right
             registry.refuse_fused(None, "a mixed batch (adapter_names=)")
@@ -299,14 +367,23 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
     def _lora_record(self, adapter_name: str | None) -> AdapterRecord:
         registry = self._lora_existing_registry()
         if adapter_name is None:
-            if not registry.active and not registry.adapters:
+            active = registry.active_in.get(self._lora_component(), [])
+            if not active and not registry.adapters:
                 raise LoraNameError("no adapter is loaded")
-            adapter_name = registry.active[0] if registry.active else next(iter(registry.adapters))
+            adapter_name = active[0] if active else next(iter(registry.adapters))
         registry.check_known([adapter_name])
         return registry.adapters[adapter_name]
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
+
+
+def _under_prefix(state_dict: dict, prefix: str | None) -> dict:
+    """The entries under ``prefix.`` with it removed, as diffusers' ``load_lora_adapter`` takes them; all
+    entries when none has it (a state dict already for this model)."""
+    if not prefix or not any(str(k).startswith(f"{prefix}.") for k in state_dict):
+        return dict(state_dict)
+    return {k[len(prefix) + 1:]: v for k, v in state_dict.items() if str(k).startswith(f"{prefix}.")}
 
 
 def _batch_size(args, kwargs) -> int | None:
@@ -443,10 +520,14 @@ def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
     rule no longer describe the live adapter (a hotswap replaced its tensors): then those fields are
     rebuilt from the live layers, so the saved folder loads back to the same outputs."""
     live = _config_from_record(record, model)
+    here = model._lora_component() if isinstance(model, LoraModelMixin) else MODEL
+    own = record.config_for(here)
     # A copy: the adapter may still be training, and its own config must not read inference_mode=True.
-    config = copy.deepcopy(record.config) if record.config is not None else live
+    config = copy.deepcopy(own) if own is not None else live
     current = True
-    for _, path, module in record.layers:
+    for component, path, module in record.layers:
+        if component != here:
+            continue
         adapter = module.lora_adapters[record.name]
         if not hasattr(adapter, "down"):
             continue
@@ -464,9 +545,13 @@ def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
 
 
 def _config_from_record(record: AdapterRecord, model: nn.Module) -> LoraConfig:
-    """A PEFT config that reproduces a loaded adapter: the common rank/alpha, patterns for the rest."""
+    """A PEFT config that reproduces a loaded adapter's part in ``model``: the common rank/alpha, patterns
+    for the rest."""
     ranks, alphas, rslora, dora = {}, {}, set(), False
-    for _, path, module in record.layers:
+    here = model._lora_component() if isinstance(model, LoraModelMixin) else MODEL
+    for component, path, module in record.layers:
+        if component != here:
+            continue
         adapter = module.lora_adapters[record.name]
         ranks[path], alphas[path] = adapter.rank, adapter.alpha
         rslora.add(adapter.use_rslora)
@@ -484,6 +569,6 @@ def _config_from_record(record: AdapterRecord, model: nn.Module) -> LoraConfig:
         alpha_pattern={re.escape(p): (int(v) if float(v).is_integer() else v) for p, v in alphas.items() if v != alpha},
         use_rslora=bool(rslora and rslora.pop()),
         use_dora=dora,
-        modules_to_save=sorted(path for _, path, _ in record.copies) or None,
+        modules_to_save=sorted(path for c, path, _ in record.copies if c == here) or None,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )

@@ -6,10 +6,13 @@ from torch import nn
 
 from .adapters import ComponentWeight
 from .errors import LoraError
-from .host import LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs, warn_unused_component
+from .host import (
+    _REGISTRY, COMPONENT_NAME, LORA_COMPONENT_NAMES, LoraHost, LoraLifecycle, block_or_number, call_scale,
+    scale_from_kwargs, warn_unused_component,
+)
 
 # Components a LoRA may target, in the order reports list them.
-LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+LORA_COMPONENTS = LORA_COMPONENT_NAMES
 
 
 class LoraPipelineMixin(LoraHost, LoraLifecycle):
@@ -36,11 +39,50 @@ class LoraPipelineMixin(LoraHost, LoraLifecycle):
     def _lora_components(self) -> dict[str, nn.Module]:
         # pipe.unet = torch.compile(pipe.unet) puts the model behind an OptimizedModule whose module
         # names gain "_orig_mod."; adapters live on the compiled model itself, under its own names.
-        return {
+        components = {
             name: getattr(module, "_orig_mod", module)
             for name in LORA_COMPONENTS
             if isinstance(module := getattr(self, name, None), nn.Module)
         }
+        if any(module.__dict__.get(COMPONENT_NAME) != name for name, module in components.items()):
+            adopt_components(components)  # attach, or a component was swapped in since
+        return components
+
+    # -- diffusers' classmethods that load a state dict into one component ------------------------------
+    @classmethod
+    def load_lora_into_unet(cls, state_dict, network_alphas, unet, adapter_name=None, _pipeline=None,
+                            low_cpu_mem_usage=False, hotswap=False, metadata=None):
+        """diffusers' classmethod: the ``unet.`` part of ``state_dict`` (from ``lora_state_dict``) into ``unet``."""
+        _load_into(unet, state_dict, getattr(cls, "unet_name", "unet"), network_alphas, adapter_name, hotswap, metadata)
+
+    @classmethod
+    def load_lora_into_transformer(cls, state_dict, transformer, adapter_name=None, _pipeline=None,
+                                   low_cpu_mem_usage=False, hotswap=False, metadata=None, network_alphas=None, **kwargs):
+        """diffusers' classmethod: the ``transformer.`` part of ``state_dict`` into ``transformer``."""
+        prefix = getattr(cls, "transformer_name", "transformer")
+        _load_into(transformer, state_dict, prefix, network_alphas, adapter_name, hotswap, metadata)
+
+    @classmethod
+    def load_lora_into_text_encoder(cls, state_dict, network_alphas, text_encoder, prefix=None, lora_scale=1.0,
+                                    adapter_name=None, _pipeline=None, low_cpu_mem_usage=False, hotswap=False,
+                                    metadata=None):
+        """diffusers' classmethod: the ``text_encoder.`` part (or ``prefix.``) of ``state_dict`` into ``text_encoder``,
+        at weight ``lora_scale``."""
+        prefix = getattr(cls, "text_encoder_name", "text_encoder") if prefix is None else prefix
+        report = _load_into(text_encoder, state_dict, prefix, network_alphas, adapter_name, hotswap, metadata)
+        if report is not None and lora_scale != 1.0:
+            text_encoder.set_adapters(report.adapter_name, float(lora_scale))
+
+    # -- diffusers' LoRA properties, read from lora_loader's state --------------------------------------
+    @property
+    def num_fused_loras(self) -> int:
+        """How many adapters are fused into at least one layer (diffusers' property)."""
+        return len(self.fused_loras)
+
+    @property
+    def fused_loras(self) -> set[str]:
+        """The adapters fused into at least one layer (diffusers' property)."""
+        return self._lora_existing_registry().fused_names()
 
     def _lora_resolve_component(self, symbolic: str) -> str | None:
         components = self._lora_components()
@@ -65,3 +107,29 @@ class LoraPipelineMixin(LoraHost, LoraLifecycle):
                     "e.g. {'unet': {'down': 0.5}}"
                 )
         return out
+
+
+def adopt_components(components: dict[str, nn.Module]) -> None:
+    """Make each LoRA component of a pipeline take diffusers' and transformers' component-level calls
+    (``pipe.unet.add_adapter(cfg, "a")``, ``pipe.text_encoder.set_adapters(...)``, ...) on the pipeline's
+    registry: attach it, tell it its name in the pipeline, and give every component the one registry."""
+    from .adapters import AdapterRegistry
+    from .attach import attach
+
+    registry = next((m.__dict__[_REGISTRY] for m in components.values() if _REGISTRY in m.__dict__), None) or AdapterRegistry()
+    for name, module in components.items():
+        attach(module)
+        # object.__setattr__ / __dict__: plain attributes, not submodules, parameters or config entries.
+        module.__dict__[COMPONENT_NAME] = name
+        module.__dict__[_REGISTRY] = registry
+
+
+def _load_into(model: nn.Module, state_dict: dict, prefix: str, network_alphas, adapter_name, hotswap, metadata):
+    """One component's part of a diffusers state dict, loaded by the component (None when it has no part)."""
+    from .attach import attach
+
+    part = {k: v for k, v in state_dict.items() if str(k).startswith(f"{prefix}.")}
+    if not part:
+        return None
+    return attach(model).load_lora_adapter(part, prefix=prefix, network_alphas=network_alphas, metadata=metadata,
+                                           adapter_name=adapter_name, hotswap=hotswap)

@@ -66,29 +66,33 @@ def test_switching_between_adapters_on_different_layers_resets_the_layers_left_b
     torch.testing.assert_close(model(x), dense_forward(model, x, [(a, 0.5)]), rtol=1e-4, atol=1e-4)
 
 
-def test_a_load_joins_the_current_blend_at_weight_one_and_leaves_the_other_layers_as_they_were():
-    """A load pushes only its own layers; the result must be the blend a full push gives."""
+def test_a_load_activates_the_new_adapter_alone_and_every_other_layer_goes_back_to_base():
+    """A load makes the new adapter the only active one (diffusers' and transformers' rule): the layers
+    of the adapters active before are reset, those of the new one get it; fused weights stay."""
     model = lora_loader.attach(layers())
     x = torch.randn(3, 16)
     a, b, c, d = lora_on([0, 1], seed=1), lora_on([1, 2, 3], seed=2), lora_on([0, 3], seed=3), lora_on([2], seed=4)
     model.load_lora_weights(a, adapter_name="a")
     model.load_lora_weights(b, adapter_name="b")
     model.set_adapters(["a", "b"], [0.5, -0.7])
+    torch.testing.assert_close(model(x), dense_forward(model, x, [(a, 0.5), (b, -0.7)]), rtol=1e-4, atol=1e-4)
     model.load_lora_weights(c, adapter_name="c")
-    assert model.get_active_adapters() == ["a", "b", "c"]
-    blend = [(a, 0.5), (b, -0.7), (c, 1.0)]
-    torch.testing.assert_close(model(x), dense_forward(model, x, blend), rtol=1e-4, atol=1e-4)
-    model.fuse_lora(adapter_names=["a"])  # layers 0 and 1 now hold a in their weights
+    assert model.get_active_adapters() == ["c"]
+    torch.testing.assert_close(model(x), dense_forward(model, x, [(c, 1.0)]), rtol=1e-4, atol=1e-4)
+    model.set_adapters(["a", "b"], [0.5, -0.7])
+    model.fuse_lora(adapter_names=["a"])  # layers 0 and 1 now hold 0.5 a in their weights
     model.load_lora_weights(d, adapter_name="d")
-    fused_blend = [(b, -0.7), (c, 1.0), (d, 1.0)]  # dense_forward reads the fused weights
-    torch.testing.assert_close(model(x), dense_forward(model, x, fused_blend), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(x), dense_forward(model, x, [(d, 1.0)]), rtol=1e-4, atol=1e-4)  # reads the fused weights
     model.unfuse_lora()
-    torch.testing.assert_close(model(x), dense_forward(model, x, blend + [(d, 1.0)]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(x), dense_forward(model, x, [(d, 1.0)]), rtol=1e-4, atol=1e-4)
+    model.set_adapters([])  # nothing active: the next load takes the path that visits only its own layers
+    model.load_lora_weights(b, adapter_name="b2")
+    torch.testing.assert_close(model(x), dense_forward(model, x, [(b, 1.0)]), rtol=1e-4, atol=1e-4)
     model.disable_lora()
     model.load_lora_weights(a, adapter_name="a2")  # loaded while disabled: still off
     torch.testing.assert_close(model(x), dense_forward(model, x, []), rtol=0, atol=0)
     model.enable_lora()
-    torch.testing.assert_close(model(x), dense_forward(model, x, blend + [(d, 1.0), (a, 1.0)]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model(x), dense_forward(model, x, [(a, 1.0)]), rtol=1e-4, atol=1e-4)
 
 
 def test_fifty_adapters_switch_one_at_a_time_to_the_right_output():
@@ -173,10 +177,12 @@ def test_the_concatenation_cache_follows_a_deleted_and_reloaded_adapter():
     a, b, c = (lora_on(range(4), seed=s) for s in (1, 2, 3))
     model.load_lora_weights(a, adapter_name="a")
     model.load_lora_weights(b, adapter_name="b")
+    model.set_adapters(["a", "b"])
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense_forward(model, x, [(a, 1.0), (b, 1.0)]), rtol=1e-4, atol=1e-4)
         model.delete_adapters("b")
         model.load_lora_weights(c, adapter_name="b")  # same name, same shapes, maybe the same addresses
+        model.set_adapters(["a", "b"])
         torch.testing.assert_close(model(x), dense_forward(model, x, [(a, 1.0), (c, 1.0)]), rtol=1e-4, atol=1e-4)
         model.set_adapters(["a", "b"], [0.5, 2.0])
         torch.testing.assert_close(model(x), dense_forward(model, x, [(a, 0.5), (c, 2.0)]), rtol=1e-4, atol=1e-4)

@@ -101,8 +101,11 @@ def test_the_least_recently_activated_inactive_adapters_are_parked():
     assert residency(model) == (["a"], [])
     model.load_lora_weights(seq_lora(2), adapter_name="b")
     model.load_lora_weights(seq_lora(3), adapter_name="c")
-    # A load adds to the active set: a, b, c are all active, and active adapters are never parked.
-    assert model.get_active_adapters() == ["a", "b", "c"]
+    # A load activates the new adapter alone (diffusers' rule) and counts as its activation:
+    # recency a < b < c; two may stay: a goes.
+    assert model.get_active_adapters() == ["c"]
+    assert residency(model) == (["b", "c"], ["a"])
+    model.set_adapters(["a", "b", "c"])  # all active: active adapters are never parked
     assert residency(model) == (["a", "b", "c"], [])
     model.set_adapters("c")  # recency a < b < c; two may stay: a goes
     assert residency(model) == (["b", "c"], ["a"])
@@ -110,7 +113,9 @@ def test_the_least_recently_activated_inactive_adapters_are_parked():
     assert residency(model) == (["c", "a"], ["b"])
     model.set_adapters(["b", "c"])
     assert residency(model) == (["b", "c"], ["a"])
-    model.load_lora_weights(seq_lora(4), adapter_name="d")  # active: b, c, d (over the cap, all active)
+    model.load_lora_weights(seq_lora(4), adapter_name="d")  # active: d alone; b, c, d resident is over the cap
+    assert residency(model) == (["c", "d"], ["a", "b"])  # the least recent inactive one (b) goes
+    model.set_adapters(["b", "c", "d"])  # over the cap, all active: b comes back
     assert residency(model) == (["b", "c", "d"], ["a"])
     model.set_adapters([])  # nothing active: the least recent resident one (b) goes
     assert residency(model) == (["c", "d"], ["a", "b"])
@@ -164,6 +169,7 @@ def test_parked_adapters_are_moved_to_the_park_device_and_back_layer_by_layer(mo
     model = seq_model()
     model.set_max_resident_adapters(1, park_device="cpu")
     load_seq(model, ["a", "b"])
+    model.set_adapters(["a", "b"])  # both active, both resident
     a, b = adapter_modules(model, "a"), adapter_modules(model, "b")
     assert len(a) == 2  # two layers
     moves.clear()

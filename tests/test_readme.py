@@ -79,6 +79,8 @@ def bash_kind(code: str) -> str | None:
     lines = [line for line in code.splitlines() if line.strip()]
     if lines and all(line.startswith("lora-loader ") for line in lines):
         return "cli"
+    if len(lines) == 1 and lines[0].startswith(".ci/newest"):
+        return "newest-check"  # tests/test_newest_check.py
     if len(lines) == 1 and "pytest" in lines[0]:
         return "test-command"
     if len(lines) == 1 and lines[0].rstrip().endswith("lora-loader demo"):
@@ -110,7 +112,7 @@ def test_every_fenced_block_is_one_this_module_runs():
             # The only untagged block is the package layout (a file tree, not code).
             assert language == "" and code.startswith("lora_loader/\n"), f"{where}: a ```{language} block no test here runs"
     kinds = [python_kind(c) for lang, _, c in BLOCKS if lang == "python"] + [bash_kind(c) for lang, _, c in BLOCKS if lang == "bash"]
-    assert sorted(kinds) == sorted(["sdxl", "embedded", "flux", "llm", "cli", "test-command", "demo-command"]), kinds
+    assert sorted(kinds) == sorted(["sdxl", "embedded", "flux", "llm", "cli", "test-command", "demo-command", "newest-check"]), kinds
 
 
 # -- the install commands -------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def assert_matches(got: dict, want: dict, base: dict) -> None:
 def assert_untouched(pipe) -> None:
     """After a failed load: no adapter, no injected layer."""
     assert pipe.get_active_adapters() == [] and pipe.get_list_adapters() == {}
-    reference = tiny_sd_pipeline(0)
+    reference = fresh()  # attached too: attach itself gives the components their component-level calls
     for name in ("unet", "text_encoder"):
         got = {n: type(m) for n, m in getattr(pipe, name).named_modules()}
         want = {n: type(m) for n, m in getattr(reference, name).named_modules()}

@@ -36,7 +36,6 @@ from tiny import text_ids, tiny_sd_pipeline, unet_inputs
 import lora_loader
 from lora_loader import LoraError
 
-TEMP_RULE_A = True  # until issue 16 (the new adapter alone is active) is merged from main
 FUZZ = int(os.environ.get("LORA_LOADER_FUZZ_EXAMPLES", "0"))
 NAMES = ("a", "b", "c", "d")
 WEIGHTS = st.sampled_from([0.0, 1.0, -1.0, 0.5, -0.25, 1.5, 2.0])
@@ -155,8 +154,8 @@ class APIMachine(RuleBasedStateMachine):
         self.host = spec.attach(spec.build())
         self.reference = spec.build()
         self.base = {t: self._module(self.reference, t).weight.detach().double().clone() for t in spec.targets}
-        self.adapters: dict[str, Adapter] = {}
-        self.active: list[str] = []
+        self.adapters: dict[str, Adapter] = {}  # in load order, as the registry keeps them
+        self.active = {c: [] for c in spec.components}  # per component, as peft's layers keep them
         self.weights: dict[str, float] = {}
         self.enabled = True
         self.fused: dict = {}  # target -> dense delta written into the weights
@@ -177,7 +176,7 @@ class APIMachine(RuleBasedStateMachine):
         if not self.enabled:
             return w
         w += self.fused.get(target, 0)
-        for name in self.active:
+        for name in self.active[target[0]]:
             factors = self.adapters[name].factors
             if target in factors and (name, target) not in self.fused_pairs:
                 w += self.weights[name] * dense(*factors[target])
@@ -236,10 +235,15 @@ class APIMachine(RuleBasedStateMachine):
         factors, rank, alpha = self.new_factors(data, layers)
         layout = data.draw(st.sampled_from(["diffusers", "kohya"]), label="layout")
         self.host.load_lora_weights(self.state_dict(factors, alpha, layout), adapter_name=name)
-        self.host.set_adapters([name]) if TEMP_RULE_A else None
         self.adapters[name] = Adapter(layers, factors, {t: rank for t in layers})
+        self.loaded(name)
+
+    def loaded(self, name):
+        """After a load: the new adapter alone is active, weight 1, in each component it adapts (as
+        diffusers+peft and transformers do); other components keep their lists."""
         self.weights[name] = 1.0
-        self.active = [name]  # the new adapter alone is active, as diffusers and transformers do
+        for component in {c for c, _ in self.adapters[name].layers}:
+            self.active[component] = [name]
 
     @precondition(lambda self: self.adapters)
     @rule(data=st.data())
@@ -262,7 +266,7 @@ class APIMachine(RuleBasedStateMachine):
         names = self.subset(data, self.adapters, "names", min_size=0)
         weights = [data.draw(WEIGHTS, label=f"w_{n}") for n in names]
         self.host.set_adapters(names, weights)
-        self.active = names
+        self.active = {c: list(names) for c in self.active}
         self.weights.update(zip(names, weights))
 
     @rule()
@@ -284,18 +288,23 @@ class APIMachine(RuleBasedStateMachine):
         if len(self.host_spec.components) > 1 and data.draw(st.booleans(), label="some components"):
             components = self.subset(data, self.host_spec.components, "components")
         call = lambda: self.host.fuse_lora(lora_scale=scale, adapter_names=names, components=components)  # noqa: E731
-        if self.fused_pairs:
+        pairs = [
+            (name, target)
+            for component in (components or self.host_spec.components)
+            for name in (self.active[component] if names is None else names)
+            for target in self.adapters[name].layers
+            if target[0] == component
+        ]
+        fused_layers = {t for _, t in self.fused_pairs}
+        if any(t in fused_layers for _, t in pairs):  # a layer is fused once until unfuse_lora
             return self.refused(call)
         call()
-        for name in self.active if names is None else names:
+        for name, target in pairs:
+            self.fused_pairs.add((name, target))
             adapter = self.adapters[name]
-            for target in adapter.layers:
-                if components is not None and target[0] not in components:
-                    continue
-                self.fused_pairs.add((name, target))
-                if target in adapter.factors:
-                    delta = self.weights[name] * scale * dense(*adapter.factors[target])
-                    self.fused[target] = self.fused.get(target, 0) + delta
+            if target in adapter.factors:
+                delta = self.weights[name] * scale * dense(*adapter.factors[target])
+                self.fused[target] = self.fused.get(target, 0) + delta
 
     @rule()
     def unfuse(self):
@@ -313,15 +322,20 @@ class APIMachine(RuleBasedStateMachine):
         for name in names:
             del self.adapters[name]
             self.weights.pop(name)
-            if name in self.active:
-                self.active.remove(name)
+            for component, active in self.active.items():
+                if name in active:
+                    active.remove(name)
+                    if not active:  # peft's rule: the component's first remaining adapter comes on
+                        remaining = [n for n, a in self.adapters.items() if component in {c for c, _ in a.layers}]
+                        active.extend(remaining[:1])
 
     @rule()
     def unload(self):
         self.host.unload_lora_weights()
         for target, delta in self.fused.items():  # fused, then unloaded: baked into the base
             self.base[target] = self.base[target] + delta
-        self.adapters, self.active, self.weights = {}, [], {}
+        self.adapters, self.weights = {}, {}
+        self.active = {c: [] for c in self.active}
         self.fused, self.fused_pairs, self.enabled = {}, set(), True
 
     @precondition(lambda self: self.adapters and len(self.adapters) < len(NAMES))
@@ -334,11 +348,9 @@ class APIMachine(RuleBasedStateMachine):
         path = os.path.join(self.tmp, f"{self.saved}.safetensors")
         self.host.save_lora_weights(path, adapter_name=name, format=fmt)
         self.host.load_lora_weights(path, adapter_name=new)
-        self.host.set_adapters([new]) if TEMP_RULE_A else None
         old = self.adapters[name]
         self.adapters[new] = Adapter(old.layers, old.factors, old.rank)
-        self.weights[new] = 1.0
-        self.active = [new]
+        self.loaded(new)
 
     @precondition(lambda self: self.adapters)
     @rule(data=st.data())
@@ -382,7 +394,10 @@ class APIMachine(RuleBasedStateMachine):
 
     @invariant()
     def same_adapters_reported(self):
-        assert self.host.get_active_adapters() == self.active
+        adapted = {c for a in self.adapters.values() for c, _ in a.layers}
+        # diffusers reports the last adapted component's list (denoiser first, then text encoders)
+        shown = next((self.active[c] for c in reversed(self.host_spec.components) if c in adapted), [])
+        assert self.host.get_active_adapters() == shown
         listed = {c: sorted(names) for c, names in self.host.get_list_adapters().items()}
         expected = {}
         for name, adapter in self.adapters.items():
