@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .blocks import BlockWeights, PathWeights
-from .errors import LoraNameError
+from .errors import LoraError, LoraNameError
 from .fuse import show_fused
-from .layers import BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer
+from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -100,6 +100,46 @@ class AdapterRegistry:
                 f"adapter(s) {missing} not in the list of present adapters: {sorted(self.adapters)} (they are not loaded)"
             )
 
+    def names(self, adapter_names, what: str) -> list[str]:
+        """The one reading of a caller's adapter names (``what``: the call, for messages): a str or a
+        list/tuple of str, each loaded, none twice, never the mixed-batch word ``__base__``."""
+        if isinstance(adapter_names, str):
+            names = [adapter_names]
+        elif isinstance(adapter_names, (list, tuple)):
+            names = list(adapter_names)
+        else:
+            raise LoraNameError(f"{what}: adapter names must be a str or a list of str, got {adapter_names!r}")
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise LoraNameError(f"{what}: adapter names must be strings, got {bad}")
+        if BASE in names:
+            raise LoraNameError(
+                f"{what}: '{BASE}' is not an adapter; it means 'no adapter' in a mixed batch (adapter_names= of a forward)"
+            )
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise LoraNameError(f"{what}: adapter name(s) {repeated} repeat in {names}; name each adapter once")
+        self.check_known(names)
+        return names
+
+    def check_new_name(self, name, scope: list[str]) -> None:
+        """A name a load or ``add_adapter`` on ``scope`` may take: a non-empty str without '.', not
+        ``__base__``, and free there (`check_free`)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise LoraNameError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+        if name == BASE:
+            raise LoraNameError(f"adapter_name {name!r} is reserved: it means 'no adapter' in a mixed batch")
+        self.check_free(name, scope)
+
+    def refuse_fused(self, names: list[str] | None, action: str) -> None:
+        """The rule for fused adapters: their factors are written into the weights, so nothing that would
+        change or drop them (delete, hotswap, a per-row forward) runs until `unfuse_lora`.
+        ``names`` None: any fused adapter refuses."""
+        fused = sorted(self.fused_names())
+        hit = fused if names is None else [n for n in fused if n in names]
+        if hit:
+            raise LoraError(f"adapter(s) {hit} are fused into the weights; call unfuse_lora() before {action}")
+
     def default_name(self) -> str:
         n = len(self.adapters)
         while f"default_{n}" in self.adapters:
@@ -150,12 +190,28 @@ class AdapterRegistry:
             self.push()
 
     def remove(self, name: str) -> AdapterRecord:
+        """Forget adapter ``name`` everywhere the registry keeps it, the lists pushed into layers included
+        (a later `_push_added` extends those lists: a stale entry would run the removed adapter again)."""
         record = self.adapters.pop(name)
         self.weights.pop(name, None)
         for component in list(self.active_in):  # a host-wide set_adapters lists it in every component
             self._deactivate(name, component)
         self.residency.forget(name)
+        self._forget_pushed(name, record.layers)
         return record
+
+    def _forget_pushed(self, name: str, layers) -> None:
+        """Drop adapter ``name`` of these layers from the lists last pushed into them."""
+        for _, _, module in layers:
+            pushed = self._pushed.get(module)
+            if pushed is None:
+                continue
+            adapter = module.lora_adapters[name] if name in getattr(module, "lora_adapters", {}) else None
+            kept = [(a, f) for a, f in pushed if a is not adapter]
+            if kept:
+                self._pushed[module] = kept
+            else:
+                del self._pushed[module]
 
     def _deactivate(self, name: str, component: str) -> None:
         """Take a deleted adapter out of ``component``'s active list. If it was the only one active
@@ -179,6 +235,7 @@ class AdapterRegistry:
         if len(part) == len(record.layers) + len(record.copies):
             self.remove(name)
             return part
+        self._forget_pushed(name, [entry for entry in record.layers if entry[0] == component])
         record.layers = [entry for entry in record.layers if entry[0] != component]
         record.copies = [entry for entry in record.copies if entry[0] != component]
         record.__dict__.pop("_by_component", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -82,9 +83,14 @@ class LoraConfig:
     # -- (de)serialisation -----------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict, source: str = "adapter config") -> LoraConfig:
+        if not isinstance(data, dict):
+            raise LoraError(f"{source}: expected a JSON object of PEFT's LoraConfig fields, got a {type(data).__name__}: {data!r:.80}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
-        extra = dict(data.get("extra", {}))
+        extra = data.get("extra", {})
+        if not isinstance(extra, dict):
+            raise LoraError(f"{source}: 'extra' must be a JSON object, got {extra!r:.80}")
+        extra = dict(extra)
         extra.update({k: v for k, v in data.items() if k not in names and k != "extra"})
         config = cls(**known, extra=extra)
         config.check_supported(source)
@@ -95,9 +101,10 @@ class LoraConfig:
         path = os.path.join(folder, "adapter_config.json")
         try:
             with open(path, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f), path)
-        except (OSError, json.JSONDecodeError) as err:
-            raise LoraError(f"{path}: cannot read the adapter config ({err})") from None
+                data = json.load(f)
+        except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
+            raise LoraError(f"{path}: cannot read the adapter config ({type(err).__name__}: {err})") from None
+        return cls.from_dict(data, path)
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -122,6 +129,58 @@ class LoraConfig:
                 raise LoraError(f"{source}: {name}={value!r} asks for {what}, which lora_loader does not implement")
         if self.bias not in ("none", "all", "lora_only"):
             raise LoraError(f"{source}: bias={self.bias!r}; expected 'none', 'all' or 'lora_only'")
+        self.check_fields(source)
+
+    def check_fields(self, source: str = "adapter config") -> None:
+        """Each field that shapes the math has PEFT's type; a value of another type is a `LoraError` naming
+        the field, never a bare Python error later (``float("abc")``) nor a silent misreading."""
+
+        def bad(name: str, expected: str):
+            return LoraError(f"{source}: {name}={getattr(self, name)!r:.80}; expected {expected}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        def is_names(v) -> bool:
+            return isinstance(v, (list, tuple, set)) and all(isinstance(x, str) for x in v)
+
+        if not is_int(self.r) or self.r < 0:
+            raise bad("r", "a positive int (the rank)")
+        if not is_number(self.lora_alpha):
+            raise bad("lora_alpha", "a finite number")
+        if not is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "a number in [0, 1)")
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str) and not is_names(value):
+                raise bad(name, "null, a regex string, or a list of module-name suffixes")
+            if isinstance(value, str) and value != "all-linear":
+                _check_regex(value, f"{source}: {name}")
+        if self.modules_to_save is not None and not is_names(self.modules_to_save):
+            raise bad("modules_to_save", "null or a list of module names")
+        if self.layers_to_transform is not None and not is_int(self.layers_to_transform) and not (
+            isinstance(self.layers_to_transform, (list, tuple)) and all(is_int(x) for x in self.layers_to_transform)
+        ):
+            raise bad("layers_to_transform", "null, an int or a list of ints")
+        if self.layers_pattern is not None and not isinstance(self.layers_pattern, str) and not is_names(self.layers_pattern):
+            raise bad("layers_pattern", "null, a string or a list of strings")
+        for name, valid, what in (
+            ("rank_pattern", lambda v: is_int(v) and v > 0, "positive ints"),
+            ("alpha_pattern", is_number, "finite numbers"),
+        ):
+            patterns = getattr(self, name)
+            if not isinstance(patterns, dict):
+                raise bad(name, f"a JSON object mapping module-name patterns to {what}")
+            for pattern, value in patterns.items():
+                if not isinstance(pattern, str) or not valid(value):
+                    raise LoraError(f"{source}: {name}[{pattern!r}]={value!r}; expected {what}")
+                _check_regex(pattern, f"{source}: {name}[{pattern!r}]")
 
     def check_creatable(self) -> None:
         """What `add_adapter` needs on top of `check_supported`: an initialisation we implement."""
@@ -158,6 +217,13 @@ def _init(self, **fields) -> None:
 
 _init.__signature__ = __import__("inspect").signature(_dataclass_init)
 LoraConfig.__init__ = _init
+
+
+def _check_regex(pattern: str, what: str) -> None:
+    try:
+        re.compile(rf"(.*\.)?({pattern})$")
+    except re.error as err:
+        raise LoraError(f"{what}: {pattern!r} is not a valid regular expression ({err})") from None
 
 
 def pattern_key(patterns, module_name: str) -> str | None:

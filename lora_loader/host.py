@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from .residency import LoraResidency
 # Every component name a pipeline may give LoRA layers (pipeline.py's LORA_COMPONENTS), for checks.
 LORA_COMPONENT_NAMES = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 # diffusers' load_lora_weights kwargs that change nothing for us; accepted so diffusers code runs unchanged.
-_IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent", "allow_pickle"}
+_IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent"}
 ALL_COMPONENTS = "*"
 _REGISTRY = "_lora_registry_state"
 # On each component of an attached pipeline: its name there ("unet", "text_encoder", ...), so its
@@ -57,8 +58,8 @@ class LoadReport:
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LoraError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoraError(f"{what} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -142,30 +143,22 @@ class LoraHost(LoraResidency):
         adapter 'x' (diffusers) from <state dict>: model: 1 modules
         """
         adapter_config = kwargs.pop("_adapter_config", None)  # load_adapter(adapter_state_dict=, peft_config=)
+        allow_pickle = kwargs.pop("allow_pickle", None)  # diffusers' flag: False refuses pickled (.bin) files
         unknown = set(kwargs) - _IGNORED_DIFFUSERS_KWARGS
         if unknown:
             raise LoraError(f"load_lora_weights() got unexpected keyword arguments {sorted(unknown)}")
         registry = self._lora_existing_registry()
         name = registry.default_name() if adapter_name is None else adapter_name
+        source_kwargs = dict(
+            subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, allow_pickle=allow_pickle,
+        )  # fmt: skip
         if hotswap:
-            if name not in registry.adapters:
-                raise LoraNameError(f"hotswap=True replaces a loaded adapter; '{name}' is not loaded ({sorted(registry.adapters)})")
-            return self._lora_hotswap(
-                pretrained_model_name_or_path_or_dict, weight_name, name,
-                dict(subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only),
-            )
-        if not isinstance(name, str) or not name or "." in name:
-            raise LoraNameError(f"adapter_name must be a non-empty string without '.', got {name!r}")
-        registry.check_free(name, self._lora_scope())
-        source = read_source(
-            pretrained_model_name_or_path_or_dict,
-            weight_name,
-            subfolder=subfolder,
-            revision=revision,
-            token=token,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
+            if not isinstance(name, str) or name not in registry.adapters:
+                raise LoraNameError(f"hotswap=True replaces a loaded adapter; {name!r} is not loaded ({sorted(registry.adapters)})")
+            return self._lora_hotswap(pretrained_model_name_or_path_or_dict, weight_name, name, source_kwargs)
+        registry.check_new_name(name, self._lora_scope())
+        source = read_source(pretrained_model_name_or_path_or_dict, weight_name, **source_kwargs)
         if adapter_config is not None:
             source.adapter_config = adapter_config
         try:
@@ -173,7 +166,8 @@ class LoraHost(LoraResidency):
         except LoraFormatError as err:
             raise LoraFormatError(f"{source.name}: {err}") from None
         generic = ("not a key of any LoRA format", "not a LoRA key")
-        if not converted.deltas and not converted.norm_weights and all(why.startswith(generic) for why in converted.unknown.values()):
+        if (not converted.deltas and not converted.norm_weights and not converted.invalid
+                and all(why.startswith(generic) for why in converted.unknown.values())):
             sample = sorted(source.tensors)[:5]
             raise LoraFormatError(
                 f"{source.name}: not a LoRA file: none of its {len(source.tensors)} keys is a LoRA key "
@@ -202,10 +196,14 @@ class LoraHost(LoraResidency):
         """Replace adapter ``name``'s tensors in place with the file's (see hotswap.py); nothing else changes."""
         from . import hotswap
 
+        registry = self._lora_existing_registry()
+        registry.refuse_fused([name], f"hotswapping '{name}'")
         source = read_source(src, weight_name, **source_kwargs)
-        converted = convert(source.tensors, source.metadata, source.adapter_config)
+        try:
+            converted = convert(source.tensors, source.metadata, source.adapter_config)
+        except LoraFormatError as err:
+            raise LoraFormatError(f"{source.name}: {err}") from None
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, source.name, source.tensors)
-        registry = self._lora_registry
         record = registry.adapters[name]
         if planned.copies or planned.biases or planned.norms or any(p.widen for p in planned.modules):
             raise LoraError(f"{source.name}: hotswap of full module copies, biases, norm weights or a wider x_embedder is not supported")
@@ -217,16 +215,10 @@ class LoraHost(LoraResidency):
                 "a compiled model cannot grow new layers: load first the adapter with the most layers"
             )
         new = {id(p.module): p.delta for p in planned.modules}
-        for _, _, module in record.layers:  # check every kind and rank before changing anything
-            hotswap.check(module.lora_adapters[name], new.get(id(module)), source.name)
-        for p in planned.modules:
-            loaded = p.module.lora_adapters[name]
-            capacity = loaded.down.shape[0] if hasattr(loaded, "down") else p.delta.rank
-            if p.delta.rank > capacity:
-                raise LoraError(
-                    f"{source.name}: {p.component}.{p.path} has rank {p.delta.rank}, the loaded adapter room for "
-                    f"{capacity}; call lora_loader.prepare_hotswap(model, max_rank={p.delta.rank}) before compiling"
-                )
+        where = {id(module): f"{component}.{path}" for component, path, module in record.layers}
+        # Every check of every layer before the first tensor is written: a swap is all or nothing.
+        for _, _, module in record.layers:
+            hotswap.check(module.lora_adapters[name], new.get(id(module)), f"{source.name}: {where[id(module)]}")
         for _, _, module in record.layers:
             adapter = module.lora_adapters[name]
             if id(module) in new:
@@ -234,6 +226,7 @@ class LoraHost(LoraResidency):
             else:
                 hotswap.silence(adapter)
         record.source, record.format = source.name, converted.format
+        registry = self._lora_registry
         registry.push()
         counts: dict[str, int] = {}
         for p in planned.modules:
@@ -260,10 +253,7 @@ class LoraHost(LoraResidency):
             if weights is not None:
                 raise LoraError("pass either weights= or adapter_weights=, not both")
             weights = adapter_weights
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._lora_existing_registry().check_known(names)
-        if len(set(names)) != len(names):
-            raise LoraNameError(f"adapter names repeat in {names}")
+        names = self._lora_existing_registry().names(adapter_names, "set_adapters")
         if weights is None or not isinstance(weights, (list, tuple)):
             weights = [weights] * len(names)
         if len(weights) != len(names):
@@ -309,12 +299,10 @@ class LoraHost(LoraResidency):
 
     def delete_adapters(self, adapter_names) -> None:
         """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._lora_existing_registry().check_known(names)
+        existing = self._lora_existing_registry()
+        names = existing.names(adapter_names, "delete_adapters")
+        existing.refuse_fused(names, "deleting them")
         registry = self._lora_registry
-        fused = sorted({n for n, _ in registry.fused_pairs} & set(names))
-        if fused:
-            raise LoraError(f"adapter(s) {fused} are fused into the weights; call unfuse_lora() before deleting them")
         scope = self._lora_scope()
         for name in names:
             if len(scope) == 1 and COMPONENT_NAME in self.__dict__:  # pipe.unet.delete_adapters: the UNet's part only
@@ -402,12 +390,11 @@ class LoraLifecycle:
         from .fuse import fuse_layer, fuse_problem
 
         registry = self._lora_existing_registry()
-        given = None if adapter_names is None else ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
-        if given is not None:
-            registry.check_known(given)
+        given = None if adapter_names is None else registry.names(adapter_names, "fuse_lora")
+        lora_scale = _number(lora_scale, "lora_scale")
         scope = self._lora_scope()
         if components is not None:
-            if isinstance(components, str) or not components:
+            if isinstance(components, str) or not isinstance(components, (list, tuple)) or not components:
                 raise LoraError(f"components={components!r}: expected a non-empty list of component names")
             unknown = sorted(set(components) - set(scope) - set(LORA_COMPONENT_NAMES))
             if unknown:
@@ -564,9 +551,8 @@ class LoraLifecycle:
         >>> model.set_lora_device(["a"], "cpu"); model[0].lora_adapters["a"].down.device
         device(type='cpu')
         """
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         registry = self._lora_existing_registry()
-        registry.check_known(names)
+        names = registry.names(adapter_names, "set_lora_device")
         registry.residency.move(registry, names, device)
         registry.push()  # moved factor tensors are new objects: give the layers the current ones
 
@@ -603,7 +589,18 @@ def prepare_hotswap(host, max_rank: int) -> None:
     >>> lora_loader.prepare_hotswap(m, max_rank=8); m[0].lora_adapters["x"].down.shape
     torch.Size([8, 4])
     """
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+        raise LoraError(f"prepare_hotswap: max_rank must be a positive int, got {max_rank!r}")
     registry = host._lora_existing_registry()
+    # Every adapter checked before the first is padded: a refusal pads none.
+    too_big = {
+        f"'{record.name}' ({component}.{path}: rank {module.lora_adapters[record.name].down.shape[0]})": None
+        for record in registry.adapters.values()
+        for component, path, module in record.layers
+        if hasattr(module.lora_adapters[record.name], "down") and module.lora_adapters[record.name].down.shape[0] > max_rank
+    }
+    if too_big:
+        raise LoraError(f"prepare_hotswap: adapter(s) {', '.join(list(too_big)[:5])} are above max_rank={max_rank}; nothing was padded")
     for record in registry.adapters.values():
         _pad_for_hotswap(registry, record, max_rank)
 

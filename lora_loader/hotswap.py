@@ -37,10 +37,23 @@ def pad_adapter(adapter: LoraAdapter, max_rank: int) -> None:
 
 
 def check(adapter, delta, source_name: str) -> None:
-    """Raise before anything changes when ``delta`` (None: the layer is not in the new file) cannot swap in."""
+    """Raise before anything changes when ``delta`` (None: the layer is not in the new file) cannot swap in.
+
+    Every refusal `swap_in` and `silence` could meet is raised here, so that a swap that passed
+    the check of every layer writes all of them and one that did not writes none.
+    """
     if not isinstance(adapter, WeightDeltaAdapter):
         if isinstance(delta, WeightDelta):
             raise LoraError(f"{source_name}: hotswap of a LoRA adapter needs a LoRA file (got {delta.kind})")
+        if adapter.magnitude is not None or (delta is not None and (delta.magnitude is not None or delta.bias is not None)):
+            raise LoraError(f"{source_name}: hotswap of DoRA adapters or adapter biases is not supported")
+        if adapter.bias_delta is not None:
+            raise LoraError(f"{source_name}: hotswap of an adapter with a bias is not supported")
+        if delta is not None and delta.rank > adapter.down.shape[0]:
+            raise LoraError(
+                f"{source_name}: the new adapter has rank {delta.rank} where the loaded one has room for "
+                f"{adapter.down.shape[0]}; call lora_loader.prepare_hotswap(model, max_rank={delta.rank}) before compiling"
+            )
         return
     if delta is None:
         raise LoraError(f"{source_name}: hotswap of a {adapter.kind} adapter must target the same layers as the loaded one")

@@ -45,8 +45,12 @@ def read_source(
     token: str | bool | None = None,
     cache_dir: str | None = None,
     local_files_only: bool | None = None,
+    allow_pickle: bool | None = None,
 ) -> LoadedSource:
     """Read ``src``: a state dict, a ``.safetensors``/``.bin`` file, a folder, or a Hub repo id.
+
+    ``allow_pickle=False`` (diffusers' flag) refuses pickled files (``.bin``, ``.pt``), even
+    weights-only ones; by default they are read with ``torch.load(weights_only=True)``.
 
     >>> read_source({"x.lora_A.weight": torch.zeros(1, 2)}).name
     '<state dict>'
@@ -59,13 +63,13 @@ def read_source(
     if os.path.isfile(src):
         if weight_name is not None:
             raise LoraFileError(f"{src} is a file; weight_name={weight_name!r} only applies to a folder or repo")
-        return _read_local_file(src)
+        return _read_local_file(src, allow_pickle)
     folder = os.path.join(src, subfolder) if subfolder else src
     if os.path.isdir(folder):
-        return _read_from_folder(folder, weight_name)
+        return _read_from_folder(folder, weight_name, allow_pickle)
     if os.path.isdir(src) or _looks_like_path(src):
         raise LoraFileError(f"{folder} does not exist: expected a LoRA file, a folder or a Hub repo id")
-    return _read_from_hub(src, weight_name, subfolder, revision, token, cache_dir, local_files_only)
+    return _read_from_hub(src, weight_name, subfolder, revision, token, cache_dir, local_files_only, allow_pickle)
 
 
 def _looks_like_path(src: str) -> bool:
@@ -79,9 +83,14 @@ def _check_tensors(tensors: dict, name: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_local_file(path: str) -> LoadedSource:
+def _read_local_file(path: str, allow_pickle: bool | None = None) -> LoadedSource:
     if path.endswith(".safetensors"):
         tensors, metadata = _read_safetensors(path)
+    elif allow_pickle is False:
+        raise LoraFileError(
+            f"{path} is a pickled file and allow_pickle=False was passed; convert it to .safetensors, "
+            "or leave allow_pickle unset to read it with torch.load(weights_only=True)"
+        )
     else:
         tensors, metadata = _read_pickle(path), {}
     config = None
@@ -189,9 +198,12 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
 def _read_config(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise LoraFileError(f"{path}: not a valid adapter_config.json ({err})") from None
+            config = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise LoraFileError(f"{path}: not a valid adapter_config.json ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise LoraFileError(f"{path}: an adapter_config.json holds a JSON object of PEFT's LoraConfig fields, got a {type(config).__name__}")
+    return config
 
 
 def choose_weight_file(files: list[str], where: str) -> str:
@@ -210,20 +222,20 @@ def choose_weight_file(files: list[str], where: str) -> str:
     raise LoraFileError(f"{where} holds no .safetensors or .bin weights file (files: {sorted(files)[:20]})")
 
 
-def _read_from_folder(folder: str, weight_name: str | None) -> LoadedSource:
+def _read_from_folder(folder: str, weight_name: str | None, allow_pickle: bool | None = None) -> LoadedSource:
     if weight_name is None:
         weight_name = choose_weight_file(os.listdir(folder), folder)
     path = os.path.join(folder, weight_name)
     if not os.path.isfile(path):
         raise LoraFileError(f"{path} does not exist (weight_name={weight_name!r} in folder {folder})")
-    source = _read_local_file(path)
+    source = _read_local_file(path, allow_pickle)
     config_path = os.path.join(os.path.dirname(path), ADAPTER_CONFIG)
     if source.adapter_config is None and os.path.isfile(config_path) and weight_name.startswith("adapter_model"):
         source.adapter_config = _read_config(config_path)
     return source
 
 
-def _read_from_hub(repo_id, weight_name, subfolder, revision, token, cache_dir, local_files_only) -> LoadedSource:
+def _read_from_hub(repo_id, weight_name, subfolder, revision, token, cache_dir, local_files_only, allow_pickle=None) -> LoadedSource:
     import huggingface_hub
     from huggingface_hub import constants, hf_hub_download, snapshot_download
 
@@ -262,7 +274,7 @@ def _read_from_hub(repo_id, weight_name, subfolder, revision, token, cache_dir, 
         raise LoraFileError(
             f"could not fetch {weight_name or 'a weights file'} from {where}{hint}: {type(err).__name__}: {err}"
         ) from None
-    source = _read_local_file(path)
+    source = _read_local_file(path, allow_pickle)
     source.adapter_config = config if config is not None else source.adapter_config
     source.name = f"{repo_id}/{weight_name}"
     return source

@@ -207,6 +207,8 @@ def plan(
     shape_errors: list[str] = []
     # key -> why it cannot be applied; all-zero ones are skipped with a warning, not raised.
     unapplied: dict[str, str] = dict(converted.unknown)
+    invalid = set(converted.invalid)  # never "all zero": a NaN, an integer factor, a rank 0 are reported
+    unapplied.update(converted.invalid)
     for (symbolic, name), delta in converted.deltas.items():
         component = resolve_component(symbolic)
         if component is None:
@@ -237,6 +239,7 @@ def plan(
                 unapplied[key] = f"does not fit {component}.{path}: {problem}"
             continue
         result.modules.append(PlannedModule(component, path, module, delta, widening))
+    _refuse_twice_named(result.modules, source_name)
 
     lora_targets = {(p.component, p.path) for p in result.modules}
     for (symbolic, name), params in converted.module_copies.items():
@@ -325,7 +328,7 @@ def plan(
 
     zero, nonzero = [], []
     for key, why in unapplied.items():
-        (zero if _is_zero(tensors.get(key)) else nonzero).append((key, why))
+        (zero if key not in invalid and _is_zero(tensors.get(key)) else nonzero).append((key, why))
     # An alpha with no LoRA pair carries nothing to apply: reported with the all-zero keys.
     zero.extend((key, "an alpha with no LoRA pair") for key in converted.ignored)
     if nonzero and strict:
@@ -385,6 +388,20 @@ def _widened_shape(module: nn.Module, in_features: int) -> nn.Module:
     return nn.Linear(in_features, module.out_features, bias=module.bias is not None, device="meta")
 
 
+def _refuse_twice_named(planned: list[PlannedModule], source_name: str) -> None:
+    """Two deltas for one live module (a diffusers key and a Kohya key for the same layer): applying one
+    would drop the other and pushing both would apply the adapter twice; either way the file is ambiguous."""
+    first: dict[int, PlannedModule] = {}
+    for p in planned:
+        seen = first.setdefault(id(p.module), p)
+        if seen is not p:
+            raise LoraFormatError(
+                f"{source_name}: {p.component}.{p.path} is named twice, by '{seen.delta.keys[0]}' and "
+                f"'{p.delta.keys[0]}' (two spellings of one module); a file must give each module one LoRA. "
+                "Nothing was loaded."
+            )
+
+
 def _lookup(index: ModuleIndex, symbolic: str, name: str) -> str | None:
     """The module ``name`` names; a component prefix the converter split off may be a real module name
     (GPT-2's ``transformer.h.0``), so try it joined back too."""
@@ -415,7 +432,7 @@ def _copy_problem(module: nn.Module, params: dict, tensors: dict, is_lora_target
 
 
 def _is_zero(tensor) -> bool:
-    return tensor is not None and tensor.is_floating_point() and not bool(tensor.any())
+    return tensor is not None and tensor.is_floating_point() and tensor.numel() > 0 and not bool(tensor.any())
 
 
 def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, list]:

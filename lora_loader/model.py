@@ -24,7 +24,7 @@ from . import inject, offload
 from .adapters import AdapterRecord, ComponentWeight
 from .config import LoraConfig
 from .delta import LoraDelta
-from .errors import LoraError, LoraNameError
+from .errors import LoraError, LoraFileError, LoraNameError
 from .formats import ConvertedLora
 from .formats.diffusers import saved_module_matches
 from .host import _REGISTRY, COMPONENT_NAME, LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
@@ -157,9 +157,10 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         ``lora_dropout``, ``modules_to_save``, ``bias``, ``init_lora_weights``
         (True, False, ``"gaussian"``).
         """
+        registry = self._lora_existing_registry()
+        registry.check_new_name(adapter_name, self._lora_scope())
         config = _as_config(adapter_config)
         config.check_creatable()
-        self._lora_existing_registry().check_free(adapter_name, self._lora_scope())
         targets = _find_targets(self, config)
         converted = ConvertedLora(formats=["new"])
         tensors: dict[str, torch.Tensor] = {}
@@ -184,9 +185,15 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                     tensors[f"{name}.bias"] = offload.real_tensor(module, "bias").detach().clone()
                     converted.module_biases[(component, name)] = f"{name}.bias"
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, "add_adapter", tensors)
-        for p in self.parameters():
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        for p in trainable:
             p.requires_grad_(False)
-        layers, copies = inject.apply(planned, adapter_name)
+        try:
+            layers, copies = inject.apply(planned, adapter_name)
+        except BaseException:
+            for p in trainable:  # apply rolled its own changes back; the base's flags come back too
+                p.requires_grad_(True)
+            raise
         record = AdapterRecord(adapter_name, "new", "add_adapter", layers, [], copies, config)
         self._lora_registry.add(record)
         _set_trainable(record, True)
@@ -249,12 +256,14 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                     f"adapter '{record.name}' is a {adapter.kind} adapter on {path}, which PEFT's LoRA keys cannot "
                     "hold; save it with save_lora_weights(..., format='kohya')"
                 )
+            # [: r]: prepare_hotswap may have zero-padded the factors beyond the adapter's rank
+            down, up = adapter.down.detach()[: adapter.r], adapter.up.detach()[:, : adapter.r]
             if kind_of(module._lora_base_class) == "embedding":
-                out[f"{path}.lora_embedding_A"] = adapter.down.detach()
-                out[f"{path}.lora_embedding_B"] = adapter.up.detach()
+                out[f"{path}.lora_embedding_A"] = down
+                out[f"{path}.lora_embedding_B"] = up
             else:
-                out[f"{path}.lora_A.weight"] = adapter.down.detach()
-                out[f"{path}.lora_B.weight"] = adapter.up.detach()
+                out[f"{path}.lora_A.weight"] = down
+                out[f"{path}.lora_B.weight"] = up
             if adapter.magnitude is not None:
                 out[f"{path}.lora_magnitude_vector"] = adapter.magnitude.detach()
             if adapter.up_bias is not None:  # PEFT's lora_bias=True
@@ -277,19 +286,19 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
 
     def save_adapter(self, save_directory: str, adapter_name: str | None = None) -> None:
         """Write PEFT's layout, ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by PEFT itself."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         record = self._lora_record(adapter_name)
-        # A copy: the adapter may still be training, and its own config must not read inference_mode=True.
-        own = record.config_for(self._lora_component())
-        config = copy.deepcopy(own) if own is not None else _config_from_record(record, self)
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(self, "config", None), "_name_or_path", None) or None
-        os.makedirs(save_directory, exist_ok=True)
-        config.inference_mode = True
-        config.save_pretrained(save_directory)
+        config = _config_to_save(record, self)
         tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in self.get_adapter_state_dict(record.name).items()}
-        save_file(tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_directory = os.fspath(save_directory)
+        try:
+            os.makedirs(save_directory, exist_ok=True)
+            config.save_pretrained(save_directory)
+            save_file(tensors, os.path.join(save_directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # safetensors has its own error for an unwritable path
+            raise LoraFileError(f"{save_directory}: cannot write the adapter there ({type(err).__name__}: {err})") from None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """With adapters loaded, save them in PEFT's layout (as transformers does with peft); else the base model.
@@ -329,8 +338,13 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
 
     @contextlib.contextmanager
     def _lora_mixed_batch(self, adapter_names, batch_size: int | None):
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise LoraNameError(f"adapter_names must be a list with one adapter name (or '{BASE}') per row, got {adapter_names!r}")
         names = list(adapter_names)
         registry = self._lora_existing_registry()
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise LoraNameError(f"adapter_names must be strings (an adapter name or '{BASE}'), got {bad}")
         unknown = sorted({n for n in names if n != BASE and n not in registry.adapters})
         if unknown:
             raise LoraNameError(f"adapter_names name {unknown}, which are not loaded (loaded: {sorted(registry.adapters)})")
@@ -338,6 +352,8 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             raise LoraError(f"adapter_names has {len(names)} entries for a batch of {batch_size} rows; expected one per row")
         if self._lora_component() in registry.disabled:  # disabled: every row is the base model, as with PEFT
             names = [BASE] * len(names)
+        else:  # a fused weight is in every row: neither '__base__' nor another adapter's row could be right
+            registry.refuse_fused(None, "a mixed batch (adapter_names=)")
         token = MIXED_BATCH.set(names)
         try:
             yield
@@ -504,6 +520,35 @@ def _set_trainable(record: AdapterRecord, trainable: bool) -> None:
         )
         for p in extras[record.name].parameters():
             p.requires_grad_(trainable)
+
+
+def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
+    """The config `save_adapter` writes: the one the adapter came with, unless its rank, alpha or scaling
+    rule no longer describe the live adapter (a hotswap replaced its tensors): then those fields are
+    rebuilt from the live layers, so the saved folder loads back to the same outputs."""
+    live = _config_from_record(record, model)
+    here = model._lora_component() if isinstance(model, LoraModelMixin) else MODEL
+    own = record.config_for(here)
+    # A copy: the adapter may still be training, and its own config must not read inference_mode=True.
+    config = copy.deepcopy(own) if own is not None else live
+    current = True
+    for component, path, module in record.layers:
+        if component != here:
+            continue
+        adapter = module.lora_adapters[record.name]
+        if not hasattr(adapter, "down"):
+            continue
+        if (config.rank_for(path), config.alpha_for(path)) != (adapter.rank, adapter.alpha) or bool(config.use_rslora) != adapter.use_rslora:
+            current = False
+            break
+    if not current:
+        for name in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules"):
+            setattr(config, name, copy.deepcopy(getattr(live, name)))
+        config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config.inference_mode = True
+    return config
 
 
 def _config_from_record(record: AdapterRecord, model: nn.Module) -> LoraConfig:

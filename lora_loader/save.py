@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from .errors import LoraError
+from .errors import LoraError, LoraFileError
 from .kinds import NAMES, WeightDelta
 from .names import mangle, unet_sgm_prefixes, _sgm_name
 
@@ -89,17 +89,15 @@ DENOISERS = ("unet", "transformer", "model")
 def to_peft(deltas: dict) -> tuple[dict, dict]:
     """PEFT's own keys, ``base_model.model.{path}.lora_A.weight``; a text encoder's carry its component
     first (``text_encoder.base_model.model.*``). Rank and alpha ride in ``lora_adapter_metadata``."""
-    tensors, header = to_diffusers(deltas)
-    renamed = {}
-    for key, tensor in tensors.items():
-        component, _, rest = key.partition(".")
+    renamed, config = {}, {}
+    for component, modules in deltas.items():
+        # One component at a time as a plain model ("model": keys are the bare module paths), so a
+        # path that itself starts with a component-like word ("model.layers.0...") stays whole.
+        tensors, header = to_diffusers({"model": modules})
         prefix = "" if component in DENOISERS else f"{component}."
-        renamed[f"{prefix}base_model.model.{rest}"] = tensor
-    flat = json.loads(header["lora_adapter_metadata"])
-    config = {}
-    for key, value in flat.items():
-        component, _, field_name = key.partition(".")
-        config[field_name if component in DENOISERS else key] = value
+        renamed.update({f"{prefix}base_model.model.{key}": tensor for key, tensor in tensors.items()})
+        fields = json.loads(header["lora_adapter_metadata"])
+        config.update(fields if component in DENOISERS else {f"{component}.{k}": v for k, v in fields.items()})
     return renamed, {"lora_adapter_metadata": json.dumps(config, sort_keys=True)}
 
 
@@ -164,16 +162,21 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
 
 
 def write(path: str, tensors: dict, metadata: dict, fmt: str, family: str) -> str:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    if not path.endswith(".safetensors"):
-        os.makedirs(path, exist_ok=True)
-        path = os.path.join(path, "pytorch_lora_weights.safetensors")
     from . import __version__
 
     header = {"format": "pt", "lora_loader.version": __version__, "lora_loader.format": fmt, "lora_loader.base_model": family}
     header.update(metadata)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=header)
+    target = path
+    try:
+        if not path.endswith(".safetensors"):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, "pytorch_lora_weights.safetensors")
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=header)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # safetensors has its own error for an unwritable path
+        raise LoraFileError(f"{target}: cannot write the adapter there ({type(err).__name__}: {err})") from None
     return path
 
 

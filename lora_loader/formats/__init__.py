@@ -9,6 +9,7 @@ entry in `_CONVERTERS`; nothing else changes.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,9 @@ class ConvertedLora:
     module_biases: dict[tuple[str, str], str] = field(default_factory=dict)
     # Flux Control LoRAs: (component, module) -> key of a full replacement of that module's weight (norm scales).
     norm_weights: dict[tuple[str, str], str] = field(default_factory=dict)
+    # key -> why its tensor can be no part of a LoRA (NaN, an integer factor, an alpha of three values, ...);
+    # with the keys of its module. Never skipped as "all zero": always reported.
+    invalid: dict[str, str] = field(default_factory=dict)
 
     @property
     def format(self) -> str:
@@ -77,19 +81,89 @@ def adapter_configs(metadata: dict[str, str] | None, adapter_config: dict | None
     """
     configs: dict[str, dict] = {}
     if adapter_config:
+        _check_config(adapter_config, "adapter_config.json")
         configs[""] = dict(adapter_config)
     raw = (metadata or {}).get("lora_adapter_metadata")
     if raw:
+        where = "the safetensors header entry 'lora_adapter_metadata'"
         try:
             flat = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise LoraFormatError(f"the safetensors header entry 'lora_adapter_metadata' is not valid JSON ({err})") from None
+        except ValueError as err:
+            raise LoraFormatError(f"{where} is not valid JSON ({err})") from None
+        if not isinstance(flat, dict):
+            raise LoraFormatError(f"{where} must be a JSON object of PEFT config fields, got a {type(flat).__name__}: {raw:.80}")
+        from_header: dict[str, dict] = {}
         for key, value in flat.items():
             component, _, field_name = key.rpartition(".")
             if component not in COMPONENTS:
                 component, field_name = "", key
-            configs.setdefault(component, {})[field_name] = value
+            from_header.setdefault(component, {})[field_name] = value
+        for component, config in from_header.items():
+            _check_config(config, where + (f" ({component})" if component else ""))
+            configs.setdefault(component, {}).update(config)
     return configs
+
+
+# Buffers a modules_to_save copy may carry: integer by nature, not factors.
+_INTEGER_BUFFERS = ("num_batches_tracked", "position_ids")
+
+
+def _value_problem(tensor: torch.Tensor) -> str | None:
+    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
+        return None
+    values = tensor if tensor.dtype.itemsize > 1 else tensor.float()  # no isfinite for float8
+    if not bool(torch.isfinite(values).all()):
+        return "holds NaN or Inf values"
+    return None
+
+
+def tensor_problems(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Keys whose tensor can be no part of a LoRA, with why, before any converter reads a shape.
+
+    An ``alpha`` must be one finite real number (any dtype but bool and complex); every other
+    tensor a floating-point one (float8 included) with at least one dimension and one value,
+    finite. A bad alpha takes its module's other keys with it: without it they would load at
+    another strength.
+    """
+    problems: dict[str, str] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(".alpha") or key == "alpha":
+            if tensor.dtype == torch.bool or tensor.dtype.is_complex:
+                problems[key] = f"an alpha of dtype {tensor.dtype}; expected one number"
+            elif tensor.numel() != 1:
+                problems[key] = f"an alpha of shape {list(tensor.shape)}; expected one number (a scalar)"
+            elif tensor.dtype.is_floating_point and not math.isfinite(float(tensor.reshape(-1)[0].float())):
+                problems[key] = "an alpha that is NaN or Inf; expected one finite number"
+            continue
+        if key.endswith(_INTEGER_BUFFERS):
+            why = _value_problem(tensor)
+        elif not tensor.dtype.is_floating_point:
+            why = f"a {str(tensor.dtype).replace('torch.', '')} tensor; LoRA factors are floating point (float32, float16, bfloat16, float8)"
+        elif tensor.dim() == 0:
+            why = "a 0-d tensor (a single number); LoRA factors have a rank dimension"
+        elif tensor.numel() == 0:
+            why = f"an empty tensor of shape {list(tensor.shape)} (rank 0?); LoRA factors hold values"
+        else:
+            why = _value_problem(tensor)
+        if why is not None:
+            problems[key] = why
+    for key in [k for k in problems if k.endswith(".alpha")]:
+        stem = key[: -len("alpha")]
+        for sibling in tensors:
+            if sibling.startswith(stem) and sibling not in problems:
+                problems[sibling] = f"its module's alpha '{key}' is unusable ({problems[key]})"
+    return {key: f"'{key}' is {why}" if not why.startswith("its") else why for key, why in problems.items()}
+
+
+def _check_config(config, where: str) -> None:
+    """A config a converter will read: PEFT's fields with PEFT's types (see `LoraConfig.check_fields`)."""
+    from ..config import LoraConfig
+    from ..errors import LoraError
+
+    try:
+        LoraConfig.from_dict(config, where)
+    except LoraError as err:
+        raise LoraFormatError(str(err)) from None
 
 
 def convert(
@@ -108,7 +182,8 @@ def convert(
     """
     configs = adapter_configs(metadata, adapter_config)
     result = ConvertedLora()
-    remaining = dict(tensors)
+    result.invalid = tensor_problems(tensors)
+    remaining = {k: v for k, v in tensors.items() if k not in result.invalid}
     for name, claims, converter in _CONVERTERS:
         mine = {k: v for k, v in remaining.items() if claims(k)}
         if not mine:
