@@ -22,7 +22,8 @@ from diffusers import StableDiffusionPipeline
 from llm_tiny import input_ids, logits, peft_adapter, tiny_llama
 from peft.utils import set_peft_model_state_dict
 from producers import peft_lora, save_diffusers_lora
-from tiny import outputs, tiny_sd_pipeline
+from tiny import outputs, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tiny_dit import run, tiny_flux_pipeline, tiny_sd3_pipeline
 
 import lora_loader
 from lora_loader import LoraConfig, LoraError, LoraFileError
@@ -125,11 +126,13 @@ def test_a_model_activates_after_two_load_adapter_calls_as_transformers(tmp_path
 # -- component-level adapters ---------------------------------------------------------------------------
 
 
-def add_on_components(mine, theirs, name: str, seed: int) -> None:
-    """``add_adapter`` on the UNet and the text encoder of both pipelines, with the same factors: ours are
-    randomised (lora_B starts at zero), read back with ``get_adapter_state_dict`` and given to peft's."""
+def add_on_components(mine, theirs, name: str, seed: int, targets_by_component=None) -> None:
+    """``add_adapter`` on each component (default: the UNet and the text encoder) of both pipelines, with
+    the same factors: ours are randomised (lora_B starts at zero), read back with
+    ``get_adapter_state_dict`` and given to peft's."""
     gen = torch.Generator().manual_seed(seed)
-    for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TE_TARGETS)):
+    targets_by_component = targets_by_component or {"unet": UNET_TARGETS, "text_encoder": TE_TARGETS}
+    for component, targets in targets_by_component.items():
         ours, reference = getattr(mine, component), getattr(theirs, component)
         before = {id(p) for p in ours.parameters()}
         ours.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets), adapter_name=name)
@@ -375,3 +378,56 @@ def test_from_pipe_takes_the_attached_components_and_their_adapters_along_as_wit
     assert_same(outputs(mine2), outputs(theirs2))
     mine2.disable_lora()  # one registry: the first pipeline sees it too
     assert all(torch.equal(v, w) for v, w in zip(outputs(mine).values(), outputs(tiny_sd_pipeline(0)).values()))
+
+
+# -- the same component-level flow on SDXL, SD3 and Flux ------------------------------------------------------
+
+DIT_TARGETS = ["to_q", "to_k", "to_v"]
+FAMILIES = {
+    "sdxl": (tiny_sdxl_pipeline, outputs, {"unet": UNET_TARGETS, "text_encoder": TE_TARGETS, "text_encoder_2": TE_TARGETS}),
+    "sd3": (tiny_sd3_pipeline, lambda pipe: {"latents": run(pipe)},
+            {"transformer": DIT_TARGETS, "text_encoder": TE_TARGETS, "text_encoder_2": TE_TARGETS}),
+    "flux": (tiny_flux_pipeline, lambda pipe: {"latents": run(pipe)}, {"transformer": DIT_TARGETS, "text_encoder": TE_TARGETS}),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_component_level_adapters_blend_disable_fuse_delete_and_unload_as_diffusers(family):
+    factory, forward, targets = FAMILIES[family]
+    mine, theirs = lora_loader.attach(factory(0)), factory(0)
+    with torch.no_grad():
+        base = forward(factory(0))
+    add_on_components(mine, theirs, "a", 1, targets)
+    add_on_components(mine, theirs, "b", 2, targets)
+    everywhere = {component: ["a", "b"] for component in targets}
+    assert mine.get_list_adapters() == theirs.get_list_adapters() == everywhere
+    assert mine.get_active_adapters() == theirs.get_active_adapters() == ["b"]
+    steps = [
+        ("after two adds", lambda p: None),
+        ("blend", lambda p: p.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])),
+        ("disabled", lambda p: p.disable_lora()),
+        ("enabled", lambda p: p.enable_lora()),
+        ("a alone, fused", lambda p: (p.set_adapters("a"), p.fuse_lora(components=list(targets), adapter_names=["a"]))),
+        ("unfused", lambda p: p.unfuse_lora(components=list(targets))),
+        ("b deleted", lambda p: p.delete_adapters("b")),
+    ]
+    with torch.no_grad():
+        for what, step in steps:
+            for pipe in (mine, theirs):
+                step(pipe)
+            got = forward(mine)
+            assert_same(got, forward(theirs))
+            assert (mine.num_fused_loras, mine.fused_loras) == (theirs.num_fused_loras, theirs.fused_loras), what
+            assert differs(got, base) != (what == "disabled"), what
+        assert all(torch.equal(v, base[k]) for k, v in _disabled(mine, forward).items())
+        for pipe in (mine, theirs):
+            pipe.unload_lora_weights()
+        assert mine.get_list_adapters() == {} and all(torch.equal(v, base[k]) for k, v in forward(mine).items())
+
+
+def _disabled(pipe, forward) -> dict:
+    pipe.disable_lora()
+    try:
+        return forward(pipe)
+    finally:
+        pipe.enable_lora()
