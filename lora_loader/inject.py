@@ -242,15 +242,21 @@ def plan(
     _refuse_twice_named(result.modules, source_name)
 
     lora_targets = {(p.component, p.path) for p in result.modules}
-    for (symbolic, name), params in converted.module_copies.items():
+
+    def locate(symbolic: str, name: str) -> tuple[str | None, str | None, nn.Module | None]:
+        """(component, path, module) a side table's entry targets (module copies, biases, norm weights,
+        base weights); path and module None when it names no module of the model."""
         component = resolve_component(symbolic)
         index = _index(indexes, components, component)
         path = _lookup(index, symbolic, name) if index else None
+        return component, path, (index.modules[path] if path is not None else None)
+
+    for (symbolic, name), params in converted.module_copies.items():
+        component, path, module = locate(symbolic, name)
         if path is None:
             for key in params.values():
                 unapplied[key] = f"a modules_to_save copy of '{name}', which is no module of this model"
             continue
-        module = index.modules[path]
         problem = _copy_problem(module, params, tensors, (component, path) in lora_targets)
         if problem is not None:
             if strict:
@@ -261,13 +267,10 @@ def plan(
         result.copies.append(PlannedCopy(component, path, module, {p: tensors[k] for p, k in params.items()}))
     copy_targets = {(c.component, c.path) for c in result.copies}
     for (symbolic, name), key in converted.module_biases.items():
-        component = resolve_component(symbolic)
-        index = _index(indexes, components, component)
-        path = _lookup(index, symbolic, name) if index else None
+        component, path, module = locate(symbolic, name)
         if path is None:
             unapplied[key] = f"the bias of '{name}', which is no module of this model"
             continue
-        module = index.modules[path]
         base_bias = getattr(module, "bias", None)
         if not isinstance(base_bias, torch.Tensor) or tuple(base_bias.shape) != tuple(tensors[key].shape):
             what = "has no bias" if not isinstance(base_bias, torch.Tensor) else f"has a bias of {_shape(base_bias)}"
@@ -283,13 +286,10 @@ def plan(
             shape_errors.append(f"'{key}' does not fit: {problem}")
         unapplied[key] = problem
     for (symbolic, name), key in converted.norm_weights.items():
-        component = resolve_component(symbolic)
-        index = _index(indexes, components, component)
-        path = _lookup(index, symbolic, name) if index else None
+        component, path, module = locate(symbolic, name)
         if path is None:
             unapplied[key] = f"a norm weight for '{name}', which is no module of this model"
             continue
-        module = index.modules[path]
         own = offload.real_tensor(module, "weight") if isinstance(getattr(module, "weight", None), torch.Tensor) else None
         if own is None:
             problem = f"{component}.{path} has no weight for the adapter's norm weight to replace (expected a norm with a weight)"
@@ -306,10 +306,8 @@ def plan(
             shape_errors.append(f"'{key}' does not fit: {problem}")
         unapplied[key] = problem
     for key, (symbolic, name, param) in converted.base_weights.items():
-        component = resolve_component(symbolic)
-        index = _index(indexes, components, component)
-        path = _lookup(index, symbolic, name) if index else None
-        live = offload.real_tensor(index.modules[path], param) if path is not None else None
+        component, path, module = locate(symbolic, name)
+        live = offload.real_tensor(module, param) if module is not None else None
         if live is None or tuple(live.shape) != tuple(tensors[key].shape):
             unapplied[key] = f"a base weight for '{name}', which does not match any weight of this model"
         elif not torch.equal(tensors[key].to(device=live.device, dtype=live.dtype), live.detach()):
