@@ -14,7 +14,7 @@ from torch import nn
 from .blocks import BlockWeights, PathWeights
 from .errors import LoraError, LoraNameError
 from .fuse import show_fused
-from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer
+from .layers import BASE, BiasLayer, LoraAdapter, LoraLayer, NormWeightLayer, SavedCopyLayer
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -262,6 +262,19 @@ class AdapterRegistry:
                 self.weights[name] = weight
         self.push()
 
+    def mark_fused(self, component: str, module: nn.Module, names: list[str]) -> None:
+        """``names`` are now written into ``module``'s weights: their unfused forward stops there."""
+        self.fused_modules.append((component, module))
+        self.fused_pairs.update((name, id(module)) for name in names)
+
+    def forget_fused(self, components: list[str]) -> list[nn.Module]:
+        """Forget the fusions of ``components``' layers and return those layers (to unfuse or keep fused)."""
+        taken = [module for component, module in self.fused_modules if component in components]
+        ids = {id(module) for module in taken}
+        self.fused_modules = [(c, m) for c, m in self.fused_modules if id(m) not in ids]
+        self.fused_pairs = {(n, i) for n, i in self.fused_pairs if i not in ids}
+        return taken
+
     def set_enabled(self, enabled: bool, components) -> None:
         if enabled:
             self.disabled -= set(components)
@@ -277,48 +290,31 @@ class AdapterRegistry:
         return spec.weight_for(path) if isinstance(spec, _BY_PATH) else float(spec)
 
     def push(self) -> None:
-        """Give every wrapped layer its list of (adapter, weight * scale) for the current blend.
+        """Give every wrapped layer what it shows for the current blend: `shown` decides it per adapter
+        and layer; the layers store it (`LoraLayer.set_lora_active`, `set_blend_weight`).
 
         Only the layers of the adapters active now or at the last push are visited,
         so the cost follows the active set, not the number of adapters loaded; a
         factor tensor is written only when its value changes.
         """
         lists: dict[nn.Module, list] = {}  # modules hash by identity
-        fused = self.fused_pairs
         for component, names in self.active_in.items():
             if component in self.disabled:
                 continue
             for name in names:
-                given = self.weights.get(name) or {}
                 entries = self.adapters[name].by_component().get(component)
                 if entries:
-                    spec = given.get(component, given.get("*", 1.0))
-                    blocks = isinstance(spec, _BY_PATH)
-                    for path, module, adapter in entries:
-                        w = spec.weight_for(path) if blocks else spec
-                        if w == 0.0 or (fused and (name, id(module)) in fused):
-                            continue
-                        value = w * adapter.scale
-                        factor = adapter._buffers["factor"]
-                        if adapter._factor_value != value:
-                            factor.fill_(value)
-                            adapter.__dict__["_factor_value"] = value
+                    for module, pair in self._shown(name, component, entries):
                         active = lists.get(module)
                         if active is None:
-                            lists[module] = [(adapter, factor)]
+                            lists[module] = [pair]
                         else:
-                            active.append((adapter, factor))
+                            active.append(pair)
         for module in self._pushed:
-            if module not in lists:
-                state = module.__dict__
-                if state.get("_lora_active"):  # None once the module was unwrapped
-                    state["_lora_active"] = []
-                    state["_lora_concat"] = None
+            if module not in lists and isinstance(module, LoraLayer) and module._lora_active:
+                module.set_lora_active([])
         for module, active in lists.items():
-            state = module.__dict__
-            state["_lora_active"] = active
-            if len(active) < 2:  # a concatenation is kept (and checked) only where two or more adapters run
-                state["_lora_concat"] = None
+            module.set_lora_active(active)
         self._pushed = lists
         for component, module in self.fused_modules:
             show_fused(module, component not in self.disabled)
@@ -326,27 +322,34 @@ class AdapterRegistry:
             self._push_copies()
 
     def _push_added(self, record: AdapterRecord) -> None:
-        """What `push` gives after `add`, touching only the new adapter's layers: it is active last,
-        at weight 1.0 and fused nowhere, so each of its layers gets its list with the new adapter
-        appended, and every other layer keeps its list. Keeps a load's cost flat in the number of
-        adapters already active."""
+        """What `push` gives after `add`, touching only the new adapter's layers: it is active last
+        in each of its components, fused nowhere, so each of its layers gets its list with the new
+        adapter appended, and every other layer keeps its list. Keeps a load's cost flat in the number
+        of adapters already active."""
         pushed = self._pushed
-        for entries in record.by_component().values():
-            for _, module, adapter in entries:
-                value = adapter.scale
-                factor = adapter._buffers["factor"]
-                if adapter._factor_value != value:
-                    factor.fill_(value)
-                    adapter.__dict__["_factor_value"] = value
+        for component, entries in record.by_component().items():
+            for module, pair in self._shown(record.name, component, entries):
                 before = pushed.get(module)
-                active = [(adapter, factor)] if not before else before + [(adapter, factor)]
+                active = [pair] if not before else before + [pair]
                 pushed[module] = active
-                state = module.__dict__
-                state["_lora_active"] = active
-                if len(active) < 2:
-                    state["_lora_concat"] = None
+                module.set_lora_active(active)
         if self._copies_pushed or record.copies:
             self._push_copies()
+
+    def _shown(self, name: str, component: str, entries):
+        """The rule of what a layer shows, in one place: adapter ``name`` on each of ``component``'s layers
+        ``entries``, at its blend weight there, unless that weight is 0 or the adapter is fused into the
+        layer. Yields ``(module, (adapter, factor))`` with each shown adapter's blend weight set."""
+        given = self.weights.get(name) or {}
+        spec = given.get(component, given.get("*", 1.0))  # "*": one number for every component
+        by_path = isinstance(spec, _BY_PATH)
+        fused = self.fused_pairs
+        for path, module, adapter in entries:
+            weight = spec.weight_for(path) if by_path else spec
+            if weight == 0.0 or (fused and (name, id(module)) in fused):
+                continue
+            adapter.set_blend_weight(weight)
+            yield module, (adapter, adapter._buffers["weighted_scale"])
 
     def _push_copies(self) -> None:
         # modules_to_save: a module runs the copy of the first active adapter that has one.

@@ -8,11 +8,11 @@ from torch import nn
 
 from .errors import LoraError
 from .host import LoraHost
+from .instance_class import swap_in_mixin
 from .model import LoraModelMixin
 from .pipeline import LoraPipelineMixin
 
 T = TypeVar("T")
-_attached: dict[tuple[type, type], type] = {}
 
 
 def _is_pipeline(obj) -> bool:
@@ -21,28 +21,6 @@ def _is_pipeline(obj) -> bool:
     except ImportError:  # pragma: no cover - diffusers is a runtime dependency
         return False
     return isinstance(obj, DiffusionPipeline)
-
-
-_metaclasses: dict[type, type] = {}
-
-
-def _attached_metaclass(meta: type) -> type:
-    """A metaclass under which an attached class compares equal to the class it attaches to.
-
-    diffusers' ``from_pipe`` keeps a model component only if ``type(component) in <the new pipeline's
-    type hints>``, a tuple test that compares classes with ``==``: with this, ``pipe.unet`` of an attached
-    pipeline still passes as a ``UNet2DConditionModel``, and its adapters go along, as with peft.
-    Identity (``is``), ``issubclass`` and hashing are unchanged.
-    """
-    found = _metaclasses.get(meta)
-    if found is None:
-
-        def __eq__(cls, other):
-            return cls is other or other is cls.__dict__.get("_lora_attached_to", cls)
-
-        found = meta.__class__(f"LoraAttached{meta.__name__.title()}", (meta,), {"__eq__": __eq__, "__hash__": meta.__hash__})
-        _metaclasses[meta] = found
-    return found
 
 
 def attach(obj: T) -> T:
@@ -66,13 +44,7 @@ def attach(obj: T) -> T:
         mixin = LoraModelMixin
     else:
         raise LoraError(f"attach() takes a diffusers pipeline or a torch.nn.Module, got {type(obj).__name__}")
-    base = type(obj)
-    cls = _attached.get((mixin, base))
-    if cls is None:
-        namespace = {"__module__": base.__module__, "__qualname__": base.__qualname__, "_lora_attached_to": base}
-        cls = _attached_metaclass(type(base))(base.__name__, (mixin, base), namespace)
-        _attached[(mixin, base)] = cls
-    obj.__class__ = cls
+    swap_in_mixin(obj, mixin)
     if mixin is LoraPipelineMixin:
         obj._lora_components()  # its components take component-level calls on the pipeline's registry
     return obj

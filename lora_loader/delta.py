@@ -1,8 +1,16 @@
-"""The canonical form every format converts to: one `Delta` per targeted module.
+"""The canonical form every format converts to: one delta per targeted module.
 
-A converter turns a file's raw keys into ``{(component, module_name): Delta}``;
+A converter turns a file's raw keys into ``{(component, module_name): delta}``;
 `inject` then matches the names to live modules and builds layers from the
 deltas. Saving goes the other way, from live adapters back to deltas.
+
+Two kinds of delta, one vocabulary (``rank``, ``scale``, ``keys``, ``tensors()``):
+
+- `LoraDelta`: a low-rank pair ``down`` / ``up`` as PEFT and diffusers name it, with
+  PEFT's extras (DoRA magnitude, dropout, biases). Runs unfused as two matmuls.
+- `FactorDelta`: any algorithm's factors as the file names them (LoHa, LoKr, full and
+  norm diffs, LoCon with Tucker, a Kohya LoRA with ``dora_scale``); its algorithm
+  (`algorithms`) rebuilds the dense delta.
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .algorithms import algorithm
+from .algorithms.lora import low_rank_product
 
 
 @dataclass
@@ -59,11 +70,79 @@ class LoraDelta:
     def is_all_zero(self) -> bool:
         return all(not bool(t.any()) for t in self.tensors())
 
-    def delta_weight(self) -> torch.Tensor:
-        """The dense ``scale * up @ down`` in the base weight's layout, computed in fp32."""
-        down = self.down.float()
-        up = self.up.float()
-        if down.dim() == 2:
-            return self.scale * (up.flatten(1) @ down)
-        # Conv: up is 1x1, so the product is a channel mix of the kxk down kernel.
-        return self.scale * torch.einsum("or,rihw->oihw", up.flatten(1), down)
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The unscaled ``up @ down`` in the base weight's layout."""
+        return low_rank_product(self.up.to(dtype), self.down.to(dtype))
+
+
+@dataclass
+class FactorDelta:
+    """A delta its algorithm rebuilds densely from the file's named factors (see `algorithms`).
+
+    >>> d = FactorDelta("loha", {"hada_w1_a": torch.ones(6, 2), "hada_w1_b": torch.ones(2, 4),
+    ...                          "hada_w2_a": torch.ones(6, 2), "hada_w2_b": torch.ones(2, 4)}, alpha=1.0)
+    >>> d.rank, d.scale, tuple(d.dense().shape)
+    (2, 0.5, (6, 4))
+    """
+
+    kind: str
+    factors: dict[str, torch.Tensor]
+    alpha: float | None = None
+    keys: tuple[str, ...] = field(default_factory=tuple)
+    dora_scale: torch.Tensor | None = None
+    # Row ranges [start, stop) of the factors' dense product, concatenated: one part of a fused
+    # projection (Flux's qkv, linear1) whose factors are shared with the other parts, as a fused
+    # LoRA shares its A, or rows in another order (Flux's final modulation, (shift, scale) swapped).
+    rows: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def algorithm(self):
+        return algorithm(self.kind)
+
+    @property
+    def rank(self) -> int:
+        return self.algorithm.rank(self.factors)
+
+    @property
+    def scale(self) -> float:
+        return self.algorithm.scale(self.factors, self.alpha)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        bias_factor = self.algorithm.bias_factor
+        return None if bias_factor is None else self.factors.get(bias_factor)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.factors.values()) + ([self.dora_scale] if self.dora_scale is not None else [])
+
+    def is_all_zero(self) -> bool:
+        # A DoRA scale is never "nothing": with a zero delta it still rescales the rows.
+        return self.dora_scale is None and all(not bool(t.any()) for t in self.factors.values())
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """The unscaled dense weight delta (None for a bias-only diff)."""
+        return take_rows(self.algorithm.dense({k: v.to(dtype) for k, v in self.factors.items()}), self.rows)
+
+    def dense_shape(self) -> tuple[int, ...] | None:
+        """The dense delta's shape, from the factor shapes alone (None when they do not chain)."""
+        try:
+            shape = self.algorithm.dense_shape({k: tuple(v.shape) for k, v in self.factors.items()})
+        except (KeyError, IndexError):
+            return None
+        if self.rows is None or shape is None:
+            return shape
+        if not all(0 <= start < stop <= shape[0] for start, stop in self.rows):
+            return None
+        return (sum(stop - start for start, stop in self.rows), *shape[1:])
+
+
+Delta = LoraDelta | FactorDelta
+
+
+def take_rows(tensor: torch.Tensor | None, rows: tuple[tuple[int, int], ...] | None) -> torch.Tensor | None:
+    """``tensor``'s row ranges, concatenated (all of it when ``rows`` is None)."""
+    if tensor is None or rows is None:
+        return tensor
+    if len(rows) == 1:
+        return tensor[rows[0][0] : rows[0][1]]
+    return torch.cat([tensor[start:stop] for start, stop in rows])

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from .attach import attach
 from .errors import LoraError
 
 if TYPE_CHECKING:
@@ -228,8 +229,6 @@ def run_llm_demo(
 
     import torch
 
-    import lora_loader
-
     try:
         from transformers.utils import logging as hf_logging
 
@@ -242,7 +241,7 @@ def run_llm_demo(
     start = clock()
     model, tokenizer = load_smollm2(verbose=True)
     result.seconds["load model" + (" (first run: GGUF conversion)" if converted else "")] = clock() - start
-    model = lora_loader.attach(model)
+    model = attach(model)
     bar = _progress(len(MODES) * len(prompts), "generating")
 
     def answer_all(mode: str) -> None:

@@ -21,9 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+
 from . import offload, quantized
-from .kinds import dora_weight
-from .layers import LoraAdapter, LoraLayer, WeightDeltaAdapter, dense_base_weight, supported_kind
+from .algorithms import dora
+from .algorithms.lora import low_rank_product
+from .layers import FactorAdapter, LoraAdapter, LoraLayer, dense_base_weight, layer_type
 
 
 def _base_dense(module: nn.Module) -> torch.Tensor:
@@ -33,22 +36,15 @@ def _base_dense(module: nn.Module) -> torch.Tensor:
 
 def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight delta in the base layout, bias delta or None)`` of one adapter at blend weight ``weight``, in fp32."""
-    kind = supported_kind(module)
-    if isinstance(adapter, WeightDeltaAdapter):
-        return _weight_kind_delta(module, adapter, weight)
-    up, down = adapter.up.detach().float(), adapter.down.detach().float()
-    if kind == "conv2d":
-        product = torch.einsum("or,rihw->oihw", up.flatten(1), down)
-    else:
-        product = up @ down
+    if isinstance(adapter, FactorAdapter):
+        return _factor_delta(module, adapter, weight)
+    product = low_rank_product(adapter.up.detach().float(), adapter.down.detach().float())
     if adapter.magnitude is None:
         delta = weight * adapter.scale * product
     else:  # DoRA: rows of W + s*BA rescaled to the magnitude; weight w interpolates from W to that
         base = _base_dense(module)
-        combined = base + adapter.scale * product
-        norm = torch.linalg.norm(combined.flatten(1), dim=1).view(-1, *([1] * (combined.dim() - 1)))
-        delta = weight * (adapter.magnitude.detach().float().view_as(norm) / norm * combined - base)
-    if kind in ("conv1d", "embedding"):
+        delta = weight * (dora.rescale(base + adapter.scale * product, adapter.magnitude.detach().float()) - base)
+    if layer_type(module) in ("conv1d", "embedding"):
         delta = delta.T
     bias = None if adapter.bias_delta is None else weight * adapter.bias_delta.detach().float()
     if adapter.up_bias is not None:  # lora_B.bias, scaled like the LoRA
@@ -57,8 +53,8 @@ def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple
     return delta, bias
 
 
-def _weight_kind_delta(module: nn.Module, adapter: WeightDeltaAdapter, weight: float):
-    """A LyCORIS kind's ``weight * scale * dense`` (or its DoRA ``weight * (W_dora - W)``), base layout, fp32."""
+def _factor_delta(module: nn.Module, adapter: FactorAdapter, weight: float):
+    """A `FactorAdapter`'s ``weight * scale * dense`` (or its DoRA ``weight * (W_dora - W)``), base layout, fp32."""
     with torch.no_grad():
         dense = adapter.dense(torch.float32)
         if adapter.dora_scale is None:
@@ -66,8 +62,8 @@ def _weight_kind_delta(module: nn.Module, adapter: WeightDeltaAdapter, weight: f
         else:
             base = _base_dense(module)
             combined = base if dense is None else base + adapter.scale * dense
-            delta = weight * (dora_weight(combined, adapter.dora_scale.float()) - base)
-        if delta is not None and supported_kind(module) in ("conv1d", "embedding"):
+            delta = weight * (dora.lycoris_weight(combined, adapter.dora_scale.float()) - base)
+        if delta is not None and layer_type(module) in ("conv1d", "embedding"):
             delta = delta.T
         bias = None if adapter.bias_delta is None else weight * adapter.bias_delta.detach().float()
     return delta, bias
@@ -94,7 +90,7 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
     else:  # an offloaded layer (accelerate) holds meta tensors: its weights are in the hook's weights map
         original_weight = offload.real_tensor(module, "weight").data
         base = original_weight if original_weight.dtype == torch.float32 else original_weight.float()
-    kind = supported_kind(module)
+    kind = layer_type(module)
     plain = [(a, w) for a, w in adapters if type(a) is LoraAdapter and a.magnitude is None]
     if plain:
         up = torch.cat([a.up.detach().flatten(1).float() * (w * a.scale) for a, w in plain], dim=1)
@@ -108,7 +104,7 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
         fused = base.clone()
     bias_delta = None
     for adapter, w in adapters:
-        if type(adapter) is WeightDeltaAdapter or adapter.magnitude is not None:
+        if type(adapter) is FactorAdapter or adapter.magnitude is not None:
             d, _ = dense_delta(module, adapter, w)
             if d is not None:
                 fused += d.to(fused.device).view(fused.shape)
@@ -126,12 +122,40 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
     if bias_delta is not None:
         original_bias = offload.real_tensor(module, "bias").data
         fused_bias = (original_bias.float() + bias_delta.to(original_bias.device)).to(original_bias.dtype)
-    fusion = {"base": (original_weight, original_bias), "fused": (fused_weight, fused_bias)}
+    fusion = Fusion(base=(original_weight, original_bias), fused=(fused_weight, fused_bias))
     if offload.is_offloaded(module):
         # Which originals the hook keeps in memory (restored as they are) rather than reads from disk (forgotten).
-        fusion["in_memory"] = {name: offload.stored_here(module, name) for name in _own_tensors(module)}
-    module.__dict__["_lora_fusion"] = fusion
+        fusion.in_memory = {name: offload.stored_here(module, name) for name in _own_tensors(module)}
+    module.set_lora_fusion(fusion)
     show_fused(module, True)
+
+
+@dataclass
+class Fusion:
+    """What a fused layer keeps: its original and its fused ``(weight, bias)`` tensors, which one it shows,
+    and for a layer offloaded by accelerate which originals its hook holds in memory."""
+
+    base: tuple
+    fused: tuple
+    shown_fused: bool = False
+    in_memory: dict[str, bool] | None = None
+
+    def follow_conversion(self, module: LoraLayer, fn) -> None:
+        """After ``module._apply(fn)`` (``.to(device)``, ``.to(dtype)``, ``.half()``, ``.cuda()``), convert the
+        tensor kept aside too, so a later swap (unfuse, disable) gives a tensor on the model's device and
+        dtype. The original converted is exactly what converting the unfused model gives, so unfuse stays
+        bit-exact, and the kept tensor leaves the old device with the model."""
+        if self.in_memory is not None or isinstance(self.base[0], tuple):
+            return  # offloaded: the hook's weights map holds both; quantized: bitsandbytes owns its state
+        with torch.no_grad():
+            if self.shown_fused:
+                weight, bias = self.base
+                self.base = (fn(weight), None if bias is None else fn(bias))
+                self.fused = (module.weight.data, None if self.fused[1] is None else module.bias.data)
+            else:
+                weight, bias = self.fused
+                self.fused = (fn(weight), None if bias is None else fn(bias))
+                self.base = (module.weight.data, None if self.base[1] is None else module.bias.data)
 
 
 def _own_tensors(module: nn.Module) -> list[str]:
@@ -144,16 +168,15 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
     fusion = module.__dict__.get("_lora_fusion")
     if fusion is None:
         return
-    weight, bias = fusion["fused" if fused else "base"]
-    fusion["shown_fused"] = fused
-    in_memory = fusion.get("in_memory")
-    if in_memory is None and offload.is_offloaded(module):
+    weight, bias = fusion.fused if fused else fusion.base
+    fusion.shown_fused = fused
+    if fusion.in_memory is None and offload.is_offloaded(module):
         # Offloaded after fusing: the hook's map holds what was shown then; both tensors are here, in memory.
-        in_memory = fusion["in_memory"] = {name: True for name in _own_tensors(module)}
-    if in_memory is not None:  # offloaded: the hook loads what its weights map holds for each call
+        fusion.in_memory = {name: True for name in _own_tensors(module)}
+    if fusion.in_memory is not None:  # offloaded: the hook loads what its weights map holds for each call
         for name, value in (("weight", weight), ("bias", bias)):
             if value is not None:
-                offload.store(module, name, value if fused or in_memory[name] else None)
+                offload.store(module, name, value if fused or fusion.in_memory[name] else None)
         return
     if isinstance(weight, tuple):  # a bitsandbytes parameter and its scales
         quantized.restore(module, weight)
@@ -163,29 +186,13 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
         module.bias.data = bias
 
 
-def follow_conversion(module: LoraLayer, fn) -> None:
-    """After ``module._apply(fn)`` (``.to(device)``, ``.to(dtype)``, ``.half()``, ``.cuda()``), convert the
-    tensor the fusion keeps aside too, so a later swap (unfuse, disable) gives a tensor on the model's
-    device and dtype. The original converted is exactly what converting the unfused model gives, so
-    unfuse stays bit-exact, and the kept tensor leaves the old device with the model.
-    """
-    fusion = module.__dict__.get("_lora_fusion")
-    if fusion is None or "in_memory" in fusion or isinstance(fusion["base"][0], tuple):
-        return  # offloaded: the hook's weights map holds both; quantized: bitsandbytes owns its state
-    shown, hidden = ("fused", "base") if fusion["shown_fused"] else ("base", "fused")
-    weight, bias = fusion[hidden]
-    with torch.no_grad():
-        fusion[hidden] = (fn(weight), None if bias is None else fn(bias))
-    fusion[shown] = (module.weight.data, None if fusion[shown][1] is None else module.bias.data)
-
-
 def unfuse_layer(module: LoraLayer) -> None:
     """Restore the exact original tensors and forget the fusion."""
     show_fused(module, False)
-    module.__dict__.pop("_lora_fusion", None)
+    module.set_lora_fusion(None)
 
 
 def keep_fused(module: LoraLayer) -> None:
     """Make the fused weights the module's own for good (diffusers' "fuse, then unload")."""
     show_fused(module, True)
-    module.__dict__.pop("_lora_fusion", None)
+    module.set_lora_fusion(None)

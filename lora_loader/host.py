@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import inject
+from . import hotswap, inject, save
 from .adapters import AdapterRecord, AdapterRegistry, ComponentWeight
 from .blocks import BlockWeights, expand_block_weights, expand_path_weights
 from .config import LoraConfig
 from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
+from .fuse import dense_delta, fuse_layer, fuse_problem, keep_fused, unfuse_layer
 from .hub import read_source
 from .layers import CALL_SCALE
 from .residency import LoraResidency
@@ -194,8 +195,6 @@ class LoraHost(LoraResidency):
 
     def _lora_hotswap(self, src, weight_name, name: str, source_kwargs: dict) -> LoadReport:
         """Replace adapter ``name``'s tensors in place with the file's (see hotswap.py); nothing else changes."""
-        from . import hotswap
-
         registry = self._lora_existing_registry()
         registry.refuse_fused([name], f"hotswapping '{name}'")
         source = read_source(src, weight_name, **source_kwargs)
@@ -272,11 +271,33 @@ class LoraHost(LoraResidency):
         self._lora_registry.set_active(names, normalized, self._lora_scope(), update=on_component)
 
     def disable_lora(self) -> None:
-        """Bypass every adapter: outputs equal the base model's exactly, until `enable_lora`."""
+        """Bypass every adapter: outputs equal the base model's exactly, until `enable_lora`.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> x = torch.randn(1, 4)
+        >>> base = model(x)
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> model.disable_lora()
+        >>> torch.equal(model(x), base)
+        True
+        """
         self._lora_registry.set_enabled(False, self._lora_scope())
 
     def enable_lora(self) -> None:
-        """Restore the adapters and weights of the last `set_adapters` (or loads) after `disable_lora`."""
+        """Restore the adapters and weights of the last `set_adapters` (or loads) after `disable_lora`.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> x = torch.randn(1, 4)
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> with_lora = model(x)
+        >>> model.disable_lora(); model.enable_lora()
+        >>> torch.equal(model(x), with_lora)
+        True
+        """
         self._lora_registry.set_enabled(True, self._lora_scope())
 
     def get_active_adapters(self) -> list[str]:
@@ -285,6 +306,17 @@ class LoraHost(LoraResidency):
         On a pipeline, those of the last component that has adapters, in diffusers' order (denoiser,
         then text encoders), as diffusers reports them; each component keeps its own list (see
         `AdapterRegistry`), so after a UNet-only load this can name the text encoder's.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> for name in ("a", "b"):
+        ...     _ = model.load_lora_weights(lora, adapter_name=name)
+        >>> model.get_active_adapters()
+        ['b']
+        >>> model.set_adapters(["a", "b"], [0.5, 1.0])
+        >>> model.get_active_adapters()
+        ['a', 'b']
         """
         registry = self._lora_existing_registry()
         adapted = set(registry.list_by_component())
@@ -294,11 +326,31 @@ class LoraHost(LoraResidency):
         return []
 
     def get_list_adapters(self) -> dict[str, list[str]]:
-        """``{component: [adapter names]}`` for every component an adapter touches."""
+        """``{component: [adapter names]}`` for every component an adapter touches.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> model.get_list_adapters()
+        {'model': ['a']}
+        """
         return self._lora_existing_registry().list_by_component()
 
     def delete_adapters(self, adapter_names) -> None:
-        """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again."""
+        """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again.
+
+        ``adapter_names`` is a name or a list of names, each loaded and not fused
+        (`unfuse_lora` first); otherwise `LoraError` and nothing changes.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> model.delete_adapters("a")
+        >>> model.get_list_adapters(), type(model[0]) is torch.nn.Linear
+        ({}, True)
+        """
         existing = self._lora_existing_registry()
         names = existing.names(adapter_names, "delete_adapters")
         existing.refuse_fused(names, "deleting them")
@@ -386,9 +438,19 @@ class LoraLifecycle:
 
         ``lora_scale`` multiplies this fuse only; the weights `set_adapters` set are
         unchanged. `unfuse_lora` restores the original weights bit for bit.
-        """
-        from .fuse import fuse_layer, fuse_problem
 
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> original = model[0].weight.clone()
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> model.fuse_lora()
+        >>> torch.equal(model[0].weight, original + 2.0)  # up @ down = 2 everywhere, scale 1
+        True
+        >>> model.unfuse_lora()
+        >>> torch.equal(model[0].weight, original)
+        True
+        """
         registry = self._lora_existing_registry()
         given = None if adapter_names is None else registry.names(adapter_names, "fuse_lora")
         lora_scale = _number(lora_scale, "lora_scale")
@@ -419,7 +481,6 @@ class LoraLifecycle:
                 where = f"{component}.{paths[id(module)]}"
                 raise LoraError(f"cannot fuse {sorted(n for n, _, _ in items)} into {where}: {problem}; nothing fused")
         if safe_fusing:
-            from .fuse import dense_delta
 
             for component, module, items in per_module.values():
                 for name, adapter, w in items:
@@ -428,41 +489,46 @@ class LoraLifecycle:
         registry = self._lora_registry
         for component, module, items in per_module.values():
             fuse_layer(module, [(adapter, w) for _, adapter, w in items if w != 0.0])
-            registry.fused_modules.append((component, module))
-            registry.fused_pairs.update((name, id(module)) for name, _, _ in items)
+            registry.mark_fused(component, module, [name for name, _, _ in items])
         registry.push()
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
-        """Restore the weights `fuse_lora` changed, bit for bit; the adapters run unfused again."""
-        from .fuse import unfuse_layer
+        """Restore the weights `fuse_lora` changed, bit for bit; the adapters run unfused again.
 
+        ``components`` (a pipeline's, e.g. ``["unet"]``) unfuses only those.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> original = model[0].weight.clone()
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> model.fuse_lora(); model.unfuse_lora()
+        >>> torch.equal(model[0].weight, original), model.get_active_adapters()
+        (True, ['a'])
+        """
         registry = self._lora_existing_registry()
-        keep = []
-        scope = self._lora_scope()
-        for component, module in registry.fused_modules:
-            if component not in scope or (components is not None and component not in components):
-                keep.append((component, module))
-                continue
+        scope = [c for c in self._lora_scope() if components is None or c in components]
+        for module in registry.forget_fused(scope):
             unfuse_layer(module)
-            registry.fused_pairs = {(n, i) for n, i in registry.fused_pairs if i != id(module)}
-        registry.fused_modules = keep
         registry.push()
 
     def unload_lora_weights(self, *args, **kwargs) -> None:
         """Remove every adapter and every injected layer: the model is structurally the base model again.
 
         Weights fused before the unload stay fused (diffusers' "fuse, then unload" way of baking a LoRA in).
-        """
-        from .fuse import keep_fused
 
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> model.unload_lora_weights()
+        >>> model.get_list_adapters(), type(model[0]) is torch.nn.Linear
+        ({}, True)
+        """
         registry = self._lora_existing_registry()
         scope = self._lora_scope()
-        fused_here = {id(m) for c, m in registry.fused_modules if c in scope}
-        for component, module in registry.fused_modules:
-            if component in scope:
-                keep_fused(module)
-        registry.fused_modules = [(c, m) for c, m in registry.fused_modules if c not in scope]
-        registry.fused_pairs = {(n, i) for n, i in registry.fused_pairs if i not in fused_here}
+        for module in registry.forget_fused(scope):
+            keep_fused(module)
         whole_host = not (len(scope) == 1 and COMPONENT_NAME in self.__dict__)
         for name in list(registry.adapters):
             if whole_host:
@@ -473,8 +539,7 @@ class LoraLifecycle:
             else:
                 continue
             inject.remove(name, [module for _, _, module in part])
-        registry.disabled -= set(scope)
-        registry.push()
+        registry.set_enabled(True, scope)  # pushes
         self._lora_release_registry_if_empty()
 
     @_or_diffusers_classmethod
@@ -490,9 +555,17 @@ class LoraLifecycle:
         the format and base model family. ``save_directory`` is a folder (the
         file is ``pytorch_lora_weights.safetensors``) or a ``.safetensors`` path.
         Returns the path written.
-        """
-        from . import save
 
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> import os, tempfile
+        >>> _ = model.load_lora_weights(lora, adapter_name="a")
+        >>> path = model.save_lora_weights(tempfile.mkdtemp(), adapter_name="a", format="kohya")
+        >>> os.path.basename(path)
+        'pytorch_lora_weights.safetensors'
+        >>> _ = model.load_lora_weights(path, adapter_name="again")  # the file reads back
+        """
         registry = self._lora_existing_registry()
         if adapter_name is None:
             if len(registry.adapters) != 1:
@@ -606,11 +679,9 @@ def prepare_hotswap(host, max_rank: int) -> None:
 
 
 def _pad_for_hotswap(registry, record, max_rank: int) -> None:
-    from .hotswap import pad_adapter
-
     for _, _, module in record.layers:
         adapter = module.lora_adapters[record.name]
         if hasattr(adapter, "down"):  # LyCORIS kinds swap only into factors of the same shapes
-            pad_adapter(adapter, max_rank)
-        module.set_lora_active(list(module._lora_active))
+            hotswap.pad_adapter(adapter, max_rank)
+        module.drop_lora_cache()  # the padded factors are new tensors
     registry.push()

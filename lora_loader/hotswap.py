@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .errors import LoraError
-from .kinds import WeightDelta
-from .layers import LoraAdapter, WeightDeltaAdapter
+from .delta import FactorDelta
+from .layers import FactorAdapter, LoraAdapter
 
 
 def pad_adapter(adapter: LoraAdapter, max_rank: int) -> None:
@@ -42,8 +42,8 @@ def check(adapter, delta, source_name: str) -> None:
     Every refusal `swap_in` and `silence` could meet is raised here, so that a swap that passed
     the check of every layer writes all of them and one that did not writes none.
     """
-    if not isinstance(adapter, WeightDeltaAdapter):
-        if isinstance(delta, WeightDelta):
+    if not isinstance(adapter, FactorAdapter):
+        if isinstance(delta, FactorDelta):
             raise LoraError(f"{source_name}: hotswap of a LoRA adapter needs a LoRA file (got {delta.kind})")
         if adapter.magnitude is not None or (delta is not None and (delta.magnitude is not None or delta.bias is not None)):
             raise LoraError(f"{source_name}: hotswap of DoRA adapters or adapter biases is not supported")
@@ -58,18 +58,18 @@ def check(adapter, delta, source_name: str) -> None:
     if delta is None:
         raise LoraError(f"{source_name}: hotswap of a {adapter.kind} adapter must target the same layers as the loaded one")
     have = adapter.factors()
-    new = dict(delta.factors) if isinstance(delta, WeightDelta) else {}
-    if not isinstance(delta, WeightDelta) or delta.kind != adapter.kind or set(new) != set(have) or any(
+    new = dict(delta.factors) if isinstance(delta, FactorDelta) else {}
+    if not isinstance(delta, FactorDelta) or delta.kind != adapter.kind or set(new) != set(have) or any(
         tuple(new[k].shape) != tuple(have[k].shape) for k in have
     ) or (delta.dora_scale is None) != (adapter.dora_scale is None) or delta.rows != adapter.rows:
-        got = delta.kind if isinstance(delta, WeightDelta) else "lora"
+        got = delta.kind if isinstance(delta, FactorDelta) else "lora"
         raise LoraError(
             f"{source_name}: hotswap of a {adapter.kind} adapter needs a {adapter.kind} file with the same factor "
             f"shapes (got {got}: {sorted((k, list(v.shape)) for k, v in new.items())})"
         )
 
 
-def swap_in_kind(adapter: WeightDeltaAdapter, delta) -> None:
+def swap_in_kind(adapter: FactorAdapter, delta) -> None:
     """A LyCORIS kind: copy the new factors (same names and shapes, see `check`) in place."""
     check(adapter, delta, "hotswap")
     have = adapter.factors()
@@ -79,16 +79,14 @@ def swap_in_kind(adapter: WeightDeltaAdapter, delta) -> None:
             tensor.copy_(new[k])
         if adapter.dora_scale is not None:
             adapter.dora_scale.copy_(delta.dora_scale)
-    adapter.r = delta.rank
-    adapter.alpha = float(delta.rank if delta.alpha in (None, 0) else delta.alpha)
-    adapter.scale = delta.scale
+    adapter.set_scaling(delta.rank, float(delta.rank if delta.alpha in (None, 0) else delta.alpha), delta.scale)
 
 
 def swap_in(adapter: LoraAdapter, delta) -> None:
     """Copy ``delta`` into ``adapter``'s (possibly padded) tensors in place."""
-    if isinstance(adapter, WeightDeltaAdapter):
+    if isinstance(adapter, FactorAdapter):
         return swap_in_kind(adapter, delta)
-    if isinstance(delta, WeightDelta):
+    if isinstance(delta, FactorDelta):
         raise LoraError(f"hotswap of a LoRA adapter needs a LoRA file (got {delta.kind})")
     capacity = adapter.down.shape[0]
     if delta.rank > capacity:
@@ -109,15 +107,12 @@ def swap_in(adapter: LoraAdapter, delta) -> None:
         adapter.up.zero_()
         adapter.down[: delta.rank].copy_(down)
         adapter.up[:, : delta.rank].copy_(up)
-    adapter.r = delta.rank
-    adapter.alpha = float(delta.rank if delta.alpha is None else delta.alpha)
-    adapter.scale = delta.scale
-    adapter.use_rslora = delta.use_rslora
+    adapter.set_scaling(delta.rank, float(delta.rank if delta.alpha is None else delta.alpha), delta.scale, delta.use_rslora)
 
 
 def silence(adapter: LoraAdapter) -> None:
     """A layer the new adapter does not target: keep it, contributing nothing."""
-    if isinstance(adapter, WeightDeltaAdapter):
+    if isinstance(adapter, FactorAdapter):
         raise LoraError("hotswap of a LyCORIS-kind adapter must target the same layers as the loaded one")
     with torch.no_grad():
         adapter.up.zero_()

@@ -10,6 +10,7 @@ anything fails midway.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ import torch
 from torch import nn
 
 from . import offload, widen
-from .delta import LoraDelta
+from .algorithms.dora import dora_problem
+from .delta import FactorDelta, LoraDelta
 from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
 from .formats import ConvertedLora
 from .layers import (
-    LORA_KINDS,
+    LORA_LAYER_TYPES,
     BiasLayer,
     LoraAdapter,
     LoraLayer,
@@ -33,7 +35,7 @@ from .layers import (
     dense_weight_shape,
     make_saved_copy,
     norm_weight,
-    supported_kind,
+    layer_type,
     unwrap,
     unwrap_bias,
     unwrap_norm,
@@ -80,12 +82,32 @@ class PlannedNorm:
     weight: torch.Tensor  # the adapter's full replacement of the module's weight (Flux Control LoRAs' norms)
 
 
+# Why a key of a file is not applied. Callers test these codes, never the messages.
+UNKNOWN_KEY = "unknown-key"  # no converter could use it (the converter says why)
+INVALID_TENSOR = "invalid-tensor"  # a NaN, an integer factor, a rank 0: never skipped as "all zero"
+NO_COMPONENT = "no-component"  # targets a component the model does not have
+NO_MODULE = "no-module"  # names no module of its component
+UNSUPPORTED_MODULE = "unsupported-module"  # a module no adapter applies to
+DOES_NOT_FIT = "does-not-fit"  # shapes, or a part that clashes with another part of the file
+BASE_WEIGHT_DIFFERS = "base-weight-differs"  # a saved base weight unlike the model's
+NOTHING_TO_APPLY = "nothing-to-apply"  # an alpha with no LoRA pair
+TARGET_CODES = frozenset({NO_COMPONENT, NO_MODULE, UNSUPPORTED_MODULE})
+
+
+@dataclass
+class Unapplied:
+    key: str
+    code: str  # one of the codes above
+    why: str  # for people
+
+
 @dataclass
 class Plan:
     modules: list[PlannedModule] = field(default_factory=list)
     copies: list[PlannedCopy] = field(default_factory=list)
     biases: list[PlannedBias] = field(default_factory=list)
     norms: list[PlannedNorm] = field(default_factory=list)
+    unapplied: dict[str, Unapplied] = field(default_factory=dict)  # every key not applied, with its reason
     skipped: list[str] = field(default_factory=list)  # keys not applied (all-zero, or strict=False)
 
 
@@ -93,31 +115,27 @@ def _shape(t) -> list[int]:
     return list(t.shape)
 
 
-def weight_delta_problem(delta, module: nn.Module) -> str | None:
+def factor_delta_problem(delta, module: nn.Module) -> str | None:
     """Why a LyCORIS-kind delta cannot apply to ``module``: its dense shape must be the weight's."""
-    import math
-
-    from .kinds import NAMES, dora_problem
-
     weight_shape = dense_weight_shape(module)
     what = f"{type(module).__name__} with weight [out, in, ...] = {list(weight_shape)}"
-    is_norm = supported_kind(module) in ("layernorm", "groupnorm")
+    is_norm = layer_type(module) in ("layernorm", "groupnorm")
     if is_norm and delta.kind not in ("norm", "full"):
         return f"module is a {type(module).__name__}: only norm (w_norm/b_norm) and full (diff/diff_b) diffs apply to norms"
     if is_norm and delta.dora_scale is not None:
         return f"module is a {type(module).__name__}: dora_scale applies to weight matrices, not norms"
-    if supported_kind(module) == "conv2d" and module.groups != 1:
-        return f"Conv2d with groups={module.groups}; {NAMES[delta.kind]} supports groups=1 only"
+    if layer_type(module) == "conv2d" and module.groups != 1:
+        return f"Conv2d with groups={module.groups}; {delta.algorithm.title} supports groups=1 only"
     shape = delta.dense_shape()
     if shape is None and (delta.kind != "full" or "diff" in delta.factors):
         factors = ", ".join(f"{k} {_shape(v)}" for k, v in delta.factors.items())
-        return f"the {NAMES[delta.kind]} factors do not chain ({factors})"
+        return f"the {delta.algorithm.title} factors do not chain ({factors})"
     if shape is not None:
         same = tuple(shape) == weight_shape if len(shape) != 2 or len(weight_shape) < 2 else (
             shape[0] == weight_shape[0] and shape[1] == math.prod(weight_shape[1:])
         )
         if not same:
-            return f"module is {what}: the {NAMES[delta.kind]} delta is {list(shape)}"
+            return f"module is {what}: the {delta.algorithm.title} delta is {list(shape)}"
     bias = delta.factors.get("diff_b")
     if bias is not None:
         base_bias = getattr(module, "bias", None)
@@ -131,11 +149,11 @@ def weight_delta_problem(delta, module: nn.Module) -> str | None:
 def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
     """Why ``delta`` cannot apply to ``module``, or None if it fits."""
     if not isinstance(delta, LoraDelta):
-        return weight_delta_problem(delta, module)
-    if supported_kind(module) not in LORA_KINDS:
+        return factor_delta_problem(delta, module)
+    if layer_type(module) not in LORA_LAYER_TYPES:
         return f"module is a {type(module).__name__}: LoRA factors apply to Linear, Conv2d, Conv1D and Embedding"
     down, up = delta.down, delta.up
-    kind = supported_kind(module)
+    kind = layer_type(module)
     weight_shape = dense_weight_shape(module)  # [out, in, ...] whatever the storage (transposed, quantized)
     if down.dim() not in (2, 4) or up.dim() not in (2, 4):
         return f"lora_down is {_shape(down)} and lora_up is {_shape(up)}; expected 2-D or 4-D tensors"
@@ -201,138 +219,60 @@ def plan(
     tensors: dict,
     strict: bool = True,
 ) -> Plan:
-    """Match and shape-check every delta; raise (or skip, if not strict) what does not fit. Touches nothing."""
+    """Match and shape-check every delta; raise (or skip, if not strict) what does not fit. Touches nothing.
+
+    One walk over the file's parts (LoRA deltas, then module copies, biases, norm weights and
+    saved base weights); each part's handler plans it or refuses it with a reason code.
+    """
+    walk = _Walk(components, resolve_component, tensors)
     result = Plan()
-    indexes: dict[str, ModuleIndex] = {}
+    for key, why in converted.unknown.items():
+        result.unapplied[key] = Unapplied(key, UNKNOWN_KEY, why)
+    for key, why in converted.invalid.items():
+        result.unapplied[key] = Unapplied(key, INVALID_TENSOR, why)
     shape_errors: list[str] = []
-    # key -> why it cannot be applied; all-zero ones are skipped with a warning, not raised.
-    unapplied: dict[str, str] = dict(converted.unknown)
-    invalid = set(converted.invalid)  # never "all zero": a NaN, an integer factor, a rank 0 are reported
-    unapplied.update(converted.invalid)
-    for (symbolic, name), delta in converted.deltas.items():
-        component = resolve_component(symbolic)
-        if component is None:
-            for key in delta.keys:
-                unapplied[key] = f"targets component '{symbolic}', which is not in this model ({sorted(components)})"
-            continue
-        index = _index(indexes, components, component)
-        path = _lookup(index, symbolic, name)
-        if path is None:
-            for key in delta.keys:
-                unapplied[key] = f"targets no module of {component} (looked for '{name}')"
-            continue
-        module = index.modules[path]
-        if supported_kind(module) is None:
-            for key in delta.keys:
-                unapplied[key] = (
-                    f"targets {component}.{path}, a {type(module).__name__}; "
-                    "LoRA applies to Linear, Conv2d, Conv1D and Embedding"
-                )
-            continue
-        delta, widening, problem = _fit_input_width(delta, components[component], path, module)
-        if problem is None:
-            problem = shape_problem(delta, module if widening is None else _widened_shape(module, widening[2]))
-        if problem is not None:
-            if strict and not delta.is_all_zero():
-                shape_errors.append(f"'{delta.keys[0]}' does not fit {component}.{path}: {problem}")
-            for key in delta.keys:
-                unapplied[key] = f"does not fit {component}.{path}: {problem}"
-            continue
-        result.modules.append(PlannedModule(component, path, module, delta, widening))
-    _refuse_twice_named(result.modules, source_name)
-
-    lora_targets = {(p.component, p.path) for p in result.modules}
-
-    def locate(symbolic: str, name: str) -> tuple[str | None, str | None, nn.Module | None]:
-        """(component, path, module) a side table's entry targets (module copies, biases, norm weights,
-        base weights); path and module None when it names no module of the model."""
-        component = resolve_component(symbolic)
-        index = _index(indexes, components, component)
-        path = _lookup(index, symbolic, name) if index else None
-        return component, path, (index.modules[path] if path is not None else None)
-
-    for (symbolic, name), params in converted.module_copies.items():
-        component, path, module = locate(symbolic, name)
-        if path is None:
-            for key in params.values():
-                unapplied[key] = f"a modules_to_save copy of '{name}', which is no module of this model"
-            continue
-        problem = _copy_problem(module, params, tensors, (component, path) in lora_targets)
-        if problem is not None:
-            if strict:
-                shape_errors.append(f"'{next(iter(params.values()))}' does not fit {component}.{path}: {problem}")
-            for key in params.values():
-                unapplied[key] = f"does not fit {component}.{path}: {problem}"
-            continue
-        result.copies.append(PlannedCopy(component, path, module, {p: tensors[k] for p, k in params.items()}))
-    copy_targets = {(c.component, c.path) for c in result.copies}
-    for (symbolic, name), key in converted.module_biases.items():
-        component, path, module = locate(symbolic, name)
-        if path is None:
-            unapplied[key] = f"the bias of '{name}', which is no module of this model"
-            continue
-        base_bias = getattr(module, "bias", None)
-        if not isinstance(base_bias, torch.Tensor) or tuple(base_bias.shape) != tuple(tensors[key].shape):
-            what = "has no bias" if not isinstance(base_bias, torch.Tensor) else f"has a bias of {_shape(base_bias)}"
-            problem = f"{component}.{path} {what}; the adapter's is {_shape(tensors[key])}"
-        elif (component, path) in lora_targets or (component, path) in copy_targets or isinstance(
-            module, (LoraLayer, SavedCopyLayer)
-        ):
-            problem = f"{component}.{path} carries LoRA or a full copy; its bias belongs with that"
-        else:
-            result.biases.append(PlannedBias(component, path, module, tensors[key]))
-            continue
-        if strict:
-            shape_errors.append(f"'{key}' does not fit: {problem}")
-        unapplied[key] = problem
-    for (symbolic, name), key in converted.norm_weights.items():
-        component, path, module = locate(symbolic, name)
-        if path is None:
-            unapplied[key] = f"a norm weight for '{name}', which is no module of this model"
-            continue
-        own = offload.real_tensor(module, "weight") if isinstance(getattr(module, "weight", None), torch.Tensor) else None
-        if own is None:
-            problem = f"{component}.{path} has no weight for the adapter's norm weight to replace (expected a norm with a weight)"
-        elif tuple(own.shape) != tuple(tensors[key].shape):
-            problem = f"the adapter's norm weight is {_shape(tensors[key])}, expected {_shape(own)} as {component}.{path}'s weight"
-        elif (component, path) in lora_targets or (component, path) in copy_targets or isinstance(
-            module, (LoraLayer, SavedCopyLayer, BiasLayer)
-        ):
-            problem = f"{component}.{path} carries LoRA, a full copy or a bias; a norm weight cannot replace its weight"
-        else:
-            result.norms.append(PlannedNorm(component, path, module, tensors[key]))
-            continue
-        if strict:
-            shape_errors.append(f"'{key}' does not fit: {problem}")
-        unapplied[key] = problem
-    for key, (symbolic, name, param) in converted.base_weights.items():
-        component, path, module = locate(symbolic, name)
-        live = offload.real_tensor(module, param) if module is not None else None
-        if live is None or tuple(live.shape) != tuple(tensors[key].shape):
-            unapplied[key] = f"a base weight for '{name}', which does not match any weight of this model"
-        elif not torch.equal(tensors[key].to(device=live.device, dtype=live.dtype), live.detach()):
-            unapplied[key] = (
-                f"a base weight for {component}.{path} that differs from the model's own "
-                "(a resized vocabulary?); lora_loader never overwrites base weights"
-            )
-        # else: PEFT saved the unchanged base embedding beside its LoRA; nothing to apply.
-
+    parts = (
+        (converted.deltas.items(), walk.lora_delta),
+        (converted.module_copies.items(), walk.module_copy),
+        (converted.module_biases.items(), walk.module_bias),
+        (converted.norm_weights.items(), walk.norm_weight),
+        (converted.base_weights.items(), walk.base_weight),
+    )
+    for items, handler in parts:
+        for target, part in items:
+            outcome = handler(target, part)
+            if isinstance(outcome, _Refusal):
+                for key in outcome.keys:
+                    result.unapplied[key] = Unapplied(key, outcome.code, outcome.why)
+                if strict and outcome.error is not None:
+                    shape_errors.append(outcome.error)
+            elif outcome is not None:
+                walk.planned(outcome, result)
+        if handler == walk.lora_delta:
+            _refuse_twice_named(result.modules, source_name)
     if shape_errors:
         more = f" ({len(shape_errors) - 1} more modules do not fit)" if len(shape_errors) > 1 else ""
         raise LoraShapeError(
             f"{source_name}: {shape_errors[0]}{more}. Is this LoRA made for another base model "
             f"(e.g. SDXL vs SD 1.5)? Nothing was loaded."
         )
+    for key in converted.ignored:
+        result.unapplied[key] = Unapplied(key, NOTHING_TO_APPLY, "an alpha with no LoRA pair")
+    _report_unapplied(result, converted, source_name, tensors, strict)
+    return result
 
+
+def _report_unapplied(result: Plan, converted: ConvertedLora, source_name: str, tensors: dict, strict: bool) -> None:
+    """Raise for keys that would change the model and cannot be applied (unless not strict); warn about
+    and record as skipped those that change nothing (all-zero tensors, alphas without a pair)."""
     zero, nonzero = [], []
-    for key, why in unapplied.items():
-        (zero if key not in invalid and _is_zero(tensors.get(key)) else nonzero).append((key, why))
-    # An alpha with no LoRA pair carries nothing to apply: reported with the all-zero keys.
-    zero.extend((key, "an alpha with no LoRA pair") for key in converted.ignored)
+    for u in result.unapplied.values():
+        harmless = u.code == NOTHING_TO_APPLY or (u.code != INVALID_TENSOR and _is_zero(tensors.get(u.key)))
+        (zero if harmless else nonzero).append(u)
     if nonzero and strict:
-        lines = "\n".join(f"  {key}: {why}" for key, why in nonzero[:20])
+        lines = "\n".join(f"  {u.key}: {u.why}" for u in nonzero[:20])
         more = f"\n  ... and {len(nonzero) - 20} more" if len(nonzero) > 20 else ""
-        error = LoraTargetError if all("targets" in why for _, why in nonzero) else LoraFormatError
+        error = LoraTargetError if all(u.code in TARGET_CODES for u in nonzero) else LoraFormatError
         raise error(
             f"{source_name}: {len(nonzero)} key(s) with non-zero tensors cannot be applied:\n{lines}{more}\n"
             "Nothing was loaded. Pass strict=False to load the rest and skip these."
@@ -340,25 +280,135 @@ def plan(
     if zero:
         warnings.warn(
             f"{source_name}: skipped {len(zero)} key(s) that change nothing and apply to nothing "
-            "(all-zero tensors, alphas without a LoRA pair): " + ", ".join(key for key, _ in zero[:20]),
+            "(all-zero tensors, alphas without a LoRA pair): " + ", ".join(u.key for u in zero[:20]),
             LoraWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        result.skipped.extend(key for key, _ in zero)
+        result.skipped.extend(u.key for u in zero)
     if nonzero:  # not strict
         warnings.warn(
             f"{source_name}: strict=False, skipped {len(nonzero)} key(s) that cannot be applied: "
-            + "; ".join(f"{key} ({why})" for key, why in nonzero[:20]),
+            + "; ".join(f"{u.key} ({u.why})" for u in nonzero[:20]),
             LoraWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        result.skipped.extend(key for key, _ in nonzero)
+        result.skipped.extend(u.key for u in nonzero)
     if not result.modules and not result.copies and not result.biases and not result.norms:
         raise LoraFormatError(
             f"{source_name}: no module of this model matched any LoRA in the file "
             f"(format detected: {converted.format}). Nothing was loaded."
         )
-    return result
+
+
+@dataclass
+class _Refusal:
+    """A part of the file that cannot be applied: its keys, the reason, and the error it is when strict."""
+
+    keys: tuple[str, ...]
+    code: str
+    why: str
+    error: str | None = None  # a strict load raises LoraShapeError with it; None: reported with the other keys
+
+
+class _Walk:
+    """The handlers of `plan`'s walk: each takes one part of the file and returns what to plan,
+    a `_Refusal`, or None (nothing to do). Parts are walked in order, so a later part sees the
+    modules the earlier ones claimed."""
+
+    def __init__(self, components: dict[str, nn.Module], resolve_component: Callable, tensors: dict):
+        self.components, self.resolve_component, self.tensors = components, resolve_component, tensors
+        self.indexes: dict[str, ModuleIndex] = {}
+        self.claimed: dict[type, set] = {PlannedModule: set(), PlannedCopy: set(), PlannedBias: set(), PlannedNorm: set()}
+
+    def locate(self, symbolic: str, name: str) -> tuple[str | None, str | None, nn.Module | None]:
+        """(component, path, module) a part targets; path and module None when it names no module of the model."""
+        component = self.resolve_component(symbolic)
+        index = _index(self.indexes, self.components, component)
+        path = _lookup(index, symbolic, name) if index else None
+        return component, path, (index.modules[path] if path is not None else None)
+
+    def planned(self, item, result: Plan) -> None:
+        self.claimed[type(item)].add((item.component, item.path))
+        {PlannedModule: result.modules, PlannedCopy: result.copies, PlannedBias: result.biases, PlannedNorm: result.norms}[type(item)].append(item)
+
+    def _claimed_by(self, where, *kinds) -> bool:
+        return any(where in self.claimed[kind] for kind in kinds)
+
+    def lora_delta(self, target: tuple[str, str], delta) -> PlannedModule | _Refusal:
+        symbolic, name = target
+        component = self.resolve_component(symbolic)
+        if component is None:
+            why = f"targets component '{symbolic}', which is not in this model ({sorted(self.components)})"
+            return _Refusal(delta.keys, NO_COMPONENT, why)
+        _, path, module = self.locate(symbolic, name)
+        if path is None:
+            return _Refusal(delta.keys, NO_MODULE, f"targets no module of {component} (looked for '{name}')")
+        if layer_type(module) is None:
+            why = f"targets {component}.{path}, a {type(module).__name__}; LoRA applies to Linear, Conv2d, Conv1D and Embedding"
+            return _Refusal(delta.keys, UNSUPPORTED_MODULE, why)
+        delta, widening, problem = _fit_input_width(delta, self.components[component], path, module)
+        if problem is None:
+            problem = shape_problem(delta, module if widening is None else _widened_shape(module, widening[2]))
+        if problem is not None:
+            error = None if delta.is_all_zero() else f"'{delta.keys[0]}' does not fit {component}.{path}: {problem}"
+            return _Refusal(delta.keys, DOES_NOT_FIT, f"does not fit {component}.{path}: {problem}", error)
+        return PlannedModule(component, path, module, delta, widening)
+
+    def module_copy(self, target: tuple[str, str], params: dict[str, str]) -> PlannedCopy | _Refusal:
+        component, path, module = self.locate(*target)
+        keys = tuple(params.values())
+        if path is None:
+            return _Refusal(keys, NO_MODULE, f"a modules_to_save copy of '{target[1]}', which is no module of this model")
+        problem = _copy_problem(module, params, self.tensors, self._claimed_by((component, path), PlannedModule))
+        if problem is not None:
+            return _Refusal(keys, DOES_NOT_FIT, f"does not fit {component}.{path}: {problem}", f"'{keys[0]}' does not fit {component}.{path}: {problem}")
+        return PlannedCopy(component, path, module, {p: self.tensors[k] for p, k in params.items()})
+
+    def module_bias(self, target: tuple[str, str], key: str) -> PlannedBias | _Refusal:
+        component, path, module = self.locate(*target)
+        if path is None:
+            return _Refusal((key,), NO_MODULE, f"the bias of '{target[1]}', which is no module of this model")
+        tensor, base_bias = self.tensors[key], getattr(module, "bias", None)
+        if not isinstance(base_bias, torch.Tensor) or tuple(base_bias.shape) != tuple(tensor.shape):
+            what = "has no bias" if not isinstance(base_bias, torch.Tensor) else f"has a bias of {_shape(base_bias)}"
+            problem = f"{component}.{path} {what}; the adapter's is {_shape(tensor)}"
+        elif self._claimed_by((component, path), PlannedModule, PlannedCopy) or isinstance(module, (LoraLayer, SavedCopyLayer)):
+            problem = f"{component}.{path} carries LoRA or a full copy; its bias belongs with that"
+        else:
+            return PlannedBias(component, path, module, tensor)
+        return _Refusal((key,), DOES_NOT_FIT, problem, f"'{key}' does not fit: {problem}")
+
+    def norm_weight(self, target: tuple[str, str], key: str) -> PlannedNorm | _Refusal:
+        component, path, module = self.locate(*target)
+        if path is None:
+            return _Refusal((key,), NO_MODULE, f"a norm weight for '{target[1]}', which is no module of this model")
+        tensor = self.tensors[key]
+        own = offload.real_tensor(module, "weight") if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+        if own is None:
+            problem = f"{component}.{path} has no weight for the adapter's norm weight to replace (expected a norm with a weight)"
+        elif tuple(own.shape) != tuple(tensor.shape):
+            problem = f"the adapter's norm weight is {_shape(tensor)}, expected {_shape(own)} as {component}.{path}'s weight"
+        elif self._claimed_by((component, path), PlannedModule, PlannedCopy) or isinstance(
+            module, (LoraLayer, SavedCopyLayer, BiasLayer)
+        ):
+            problem = f"{component}.{path} carries LoRA, a full copy or a bias; a norm weight cannot replace its weight"
+        else:
+            return PlannedNorm(component, path, module, tensor)
+        return _Refusal((key,), DOES_NOT_FIT, problem, f"'{key}' does not fit: {problem}")
+
+    def base_weight(self, key: str, target: tuple[str, str, str]) -> _Refusal | None:
+        """PEFT saves the unchanged base embedding beside its LoRA: nothing to apply when it equals the model's."""
+        symbolic, name, param = target
+        component, path, module = self.locate(symbolic, name)
+        live = offload.real_tensor(module, param) if module is not None else None
+        tensor = self.tensors[key]
+        if live is None or tuple(live.shape) != tuple(tensor.shape):
+            return _Refusal((key,), NO_MODULE, f"a base weight for '{name}', which does not match any weight of this model")
+        if not torch.equal(tensor.to(device=live.device, dtype=live.dtype), live.detach()):
+            why = (f"a base weight for {component}.{path} that differs from the model's own "
+                   "(a resized vocabulary?); lora_loader never overwrites base weights")
+            return _Refusal((key,), BASE_WEIGHT_DIFFERS, why)
+        return None
 
 
 def _fit_input_width(delta, root: nn.Module, path: str, module: nn.Module):
@@ -518,18 +568,8 @@ def remove(adapter_name: str, modules) -> None:
         ):
             if not isinstance(module, kind) or adapter_name not in getattr(module, container):
                 continue
-            del getattr(module, container)[adapter_name]
+            module.drop_lora_adapter(adapter_name)  # the registry's push() refreshes what stays shown
             if len(getattr(module, container)) == 0:
                 unwrap_kind(module)
                 if kind is LoraLayer:
                     widen.restore(module)  # an x_embedder a Control LoRA widened: the original is back
-            # The registry's push() refreshes what stays; drop the removed adapter's entries now.
-            elif kind is LoraLayer:
-                module.set_lora_active([(a, f) for a, f in module._lora_active if a in module.lora_adapters.values()])
-            elif kind is BiasLayer:
-                module.set_lora_bias_active([(a, w) for a, w in module._lora_bias_active if a in module.lora_biases.values()])
-            elif kind is NormWeightLayer:
-                if module._lora_norm is not None and not any(n.weight is module._lora_norm for n in module.lora_norms.values()):
-                    module.set_lora_norm(None)
-            else:
-                module.set_lora_copy(None)

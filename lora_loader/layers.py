@@ -8,9 +8,12 @@ identity, its parameters and its ``state_dict`` keys (``to_q.weight`` stays
 removes every attribute wrapping added, so the module is structurally the
 original again.
 
-The forward is ``base(x) + sum_i factor_i * up_i(down_i(x))``, where
-``factor_i = weight_i * scale_i`` is pushed in by the adapter registry when the
-blend changes. With several plain adapters active and no gradients needed,
+The forward is ``base(x) + sum_i s_i * up_i(down_i(x))``, where
+``s_i = weight_i * scale_i`` is adapter i's ``weighted_scale`` (blend weight times
+its alpha / rank). Each piece of state has one writer: the
+adapter registry decides what each layer shows and calls the layer's
+`LoraLayer.set_lora_active` and each adapter's `set_blend_weight`; nothing
+else writes them. With several plain adapters active and no gradients needed,
 the down's and the factor-folded up's are concatenated once, so k adapters
 cost two matmuls instead of 2k.
 
@@ -30,7 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import offload, quantized
-from .delta import LoraDelta
+from .algorithms import algorithm
+from .algorithms import dora as dora_math
+from .algorithms.lora import low_rank_product
+from .delta import FactorDelta, LoraDelta, take_rows
 
 # Per-row adapter names of the batch being computed (mixed-batch inference), or None.
 MIXED_BATCH: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("lora_loader_mixed_batch", default=None)
@@ -39,7 +45,39 @@ BASE = "__base__"
 CALL_SCALE: contextvars.ContextVar[float | None] = contextvars.ContextVar("lora_loader_call_scale", default=None)
 
 
-class LoraAdapter(nn.Module):
+class _Blended:
+    """What every adapter kind shares: its rank, compute dtype, and the blend state's one writer."""
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._buffers["weighted_scale"].dtype
+
+    @property
+    def rank(self) -> int:
+        return self.r
+
+    def set_blend_weight(self, weight: float) -> None:
+        """The blend weight the registry gives this adapter on its layer, and ``weighted_scale = weight * scale``
+        (a 0-d tensor updated in place, so a torch.compile'd model sees the same graph when the blend
+        or a hotswapped alpha changes it). Written only when the weight changes."""
+        if self.blend_weight != weight:
+            self.__dict__["blend_weight"] = weight
+            _refresh_factor(self)
+
+
+def _init_blend(adapter: nn.Module, dtype: torch.dtype, device) -> None:
+    adapter.__dict__["blend_weight"] = float("nan")  # set by the registry when the adapter is shown
+    adapter._buffers["weighted_scale"] = torch.zeros((), dtype=dtype, device=device)
+    adapter._non_persistent_buffers_set.add("weighted_scale")
+
+
+def _refresh_factor(adapter: nn.Module) -> None:
+    weight = adapter.blend_weight
+    if weight == weight:  # not NaN: the adapter has been shown
+        adapter._buffers["weighted_scale"].fill_(weight * adapter.scale)
+
+
+class LoraAdapter(_Blended, nn.Module):
     """One adapter's factors on one layer (``down``, ``up``), its scale, dropout and DoRA magnitude."""
 
     def __init__(
@@ -78,17 +116,9 @@ class LoraAdapter(nn.Module):
             scale=float(scale),
             alpha=float(alpha),
             use_rslora=use_rslora,
-            _factor_value=float("nan"),  # the value in `factor`, to skip writing it when unchanged
             r=int(down.shape[0]),  # the adapter's rank; down/up may be zero-padded beyond it for hotswap
         )
-        # weight * scale of the current blend, as a 0-d tensor updated in place, so a torch.compile'd
-        # model sees the same graph when the blend or a hotswapped alpha changes it.
-        self._buffers["factor"] = torch.zeros((), dtype=compute_dtype, device=down.device)
-        self._non_persistent_buffers_set.add("factor")
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self._buffers["factor"].dtype
+        _init_blend(self, compute_dtype, down.device)
 
     def widen(self) -> None:
         """Store down/up in the compute dtype (before training them, or copying other tensors into them)."""
@@ -98,9 +128,10 @@ class LoraAdapter(nn.Module):
             if p.dtype != dtype:
                 self._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
 
-    @property
-    def rank(self) -> int:
-        return self.r
+    def set_scaling(self, rank: int, alpha: float, scale: float, use_rslora: bool = False) -> None:
+        """A hotswap's new rank and alpha: the scale, and the factor that follows from it."""
+        self.__dict__.update(r=int(rank), alpha=float(alpha), scale=float(scale), use_rslora=use_rslora)
+        _refresh_factor(self)
 
     @property
     def dropout_p(self) -> float:
@@ -135,38 +166,37 @@ def _no_dropout(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class WeightDeltaAdapter(nn.Module):
-    """One adapter of a LyCORIS kind (LoCon-Tucker, LoHa, LoKr, full diff) or a Kohya DoRA, on one layer.
+class FactorAdapter(_Blended, nn.Module):
+    """One adapter of an algorithm other than plain LoRA (LoCon-Tucker, LoHa, LoKr, full and norm diffs)
+    or a Kohya DoRA, on one layer.
 
     The factors are kept as the file has them (parameters named after their keys,
     ``.`` as ``_``); `dense` rebuilds the unscaled delta in the base weight's
-    ``[out, in, ...]`` layout. ``factor`` (blend weight * scale) is pushed in by
-    the registry exactly as for `LoraAdapter`.
+    ``[out, in, ...]`` layout with the algorithm's rule (`algorithms`).
     """
 
     magnitude = None  # PEFT's DoRA vector: `LoraAdapter` only; this kind's DoRA is `dora_scale`
     up_bias = None  # PEFT's lora_B.bias: `LoraAdapter` only
 
-    def __init__(self, delta, weight_shape: torch.Size, compute_dtype: torch.dtype, device):
+    def __init__(self, delta: FactorDelta, weight_shape: torch.Size, compute_dtype: torch.dtype, device):
         super().__init__()
         params = self._parameters
         names = {}
-        from .kinds import BIAS_FACTOR
+        bias_factor = delta.algorithm.bias_factor
 
-        bias_factor = BIAS_FACTOR.get(delta.kind)
+        def placed(tensor):
+            return nn.Parameter(tensor.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
+
         for suffix, tensor in delta.factors.items():
-            if suffix == bias_factor:
-                continue
-            name = suffix.replace(".", "_")
-            params[name] = nn.Parameter(tensor.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
-            names[suffix] = name
+            if suffix != bias_factor:
+                names[suffix] = name = suffix.replace(".", "_")
+                params[name] = placed(tensor)
         bias = delta.factors.get(bias_factor) if bias_factor else None
-        params["bias_delta"] = None if bias is None else nn.Parameter(bias.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False)
-        params["dora_scale"] = None if delta.dora_scale is None else nn.Parameter(
-            delta.dora_scale.to(device=device, dtype=compute_dtype, copy=True), requires_grad=False
-        )
+        params["bias_delta"] = None if bias is None else placed(bias)
+        params["dora_scale"] = None if delta.dora_scale is None else placed(delta.dora_scale)
         self.__dict__.update(
             kind=delta.kind,
+            algorithm=delta.algorithm,
             _names=names,
             weight_shape=tuple(weight_shape),
             scale=float(delta.scale),
@@ -175,27 +205,20 @@ class WeightDeltaAdapter(nn.Module):
             use_rslora=False,
             dropout=_no_dropout,
             dropout_p=0.0,
-            _factor_value=float("nan"),
             rows=delta.rows,
         )
-        self._buffers["factor"] = torch.zeros((), dtype=compute_dtype, device=device)
-        self._non_persistent_buffers_set.add("factor")
+        _init_blend(self, compute_dtype, device)
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return self._buffers["factor"].dtype
-
-    @property
-    def rank(self) -> int:
-        return self.r
+    def set_scaling(self, rank: int, alpha: float, scale: float) -> None:
+        """A hotswap's new rank and alpha: the scale, and the factor that follows from it."""
+        self.__dict__.update(r=int(rank), alpha=float(alpha), scale=float(scale))
+        _refresh_factor(self)
 
     def factors(self) -> dict[str, torch.Tensor]:
         """``{file suffix: tensor}`` (the bias factor ``diff_b`` / ``b_norm`` included)."""
-        from .kinds import BIAS_FACTOR
-
         out = {suffix: self._parameters[name] for suffix, name in self._names.items()}
         if self.bias_delta is not None:
-            out[BIAS_FACTOR[self.kind]] = self.bias_delta
+            out[self.algorithm.bias_factor] = self.bias_delta
         return out
 
     def widen(self) -> None:
@@ -203,10 +226,8 @@ class WeightDeltaAdapter(nn.Module):
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The unscaled delta in the base weight's ``[out, in, ...]`` layout (None for a bias-only diff)."""
-        from .kinds import dense, take_rows
-
         factors = {s: _in(self._parameters[n], dtype) for s, n in self._names.items()}
-        delta = take_rows(dense(self.kind, factors), self.rows)
+        delta = take_rows(self.algorithm.dense(factors), self.rows)
         return None if delta is None else delta.reshape(self.weight_shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -215,13 +236,11 @@ class WeightDeltaAdapter(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         return
 
-    def to_delta(self, base_bias: torch.Tensor | None = None):
-        from .kinds import WeightDelta
-
+    def to_delta(self, base_bias: torch.Tensor | None = None) -> FactorDelta:
         factors = {s: t.detach() for s, t in self.factors().items()}
         dora = None if self.dora_scale is None else self.dora_scale.detach()
         alpha = None if self.kind in ("full", "norm") else self.alpha
-        return WeightDelta(self.kind, factors, alpha, dora_scale=dora, rows=self.rows)
+        return FactorDelta(self.kind, factors, alpha, dora_scale=dora, rows=self.rows)
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.dora_scale is not None else ""
@@ -274,20 +293,62 @@ class AdapterDict(nn.ModuleDict):
         self._modules[name] = module
 
 
+def rows_by_adapter(names: list[str], batch: int, device, present) -> dict[str, torch.Tensor]:
+    """A mixed batch's ``{adapter name: row indices}`` for the names in ``present`` (a layer's container).
+
+    ``names`` has one entry per input row; a batch of more rows repeats each entry
+    (generate() expands rows with repeat_interleave for num_beams, num_return_sequences).
+    """
+    repeat = batch // len(names)
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(n for n in names for _ in range(repeat)):
+        if name in present:
+            groups.setdefault(name, []).append(row)
+    return {name: torch.tensor(rows, device=device) for name, rows in groups.items()}
+
+
 class LoraLayer:
-    """Mixin placed in front of the wrapped module's class. Never instantiated directly."""
+    """Mixin placed in front of the wrapped module's class. Never instantiated directly.
+
+    What the layer shows is its own state, written only through `set_lora_active`
+    (by the registry), `drop_lora_adapter` and `drop_lora_cache`.
+    """
 
     lora_adapters: AdapterDict
     _lora_base_class: type
-    # (adapter, factor) pairs, factor = blend weight * adapter scale; empty means "base only".
-    _lora_active: list[tuple[LoraAdapter, float]]
+    # (adapter, weighted_scale) pairs: the adapter's 0-d ``blend weight * scale``; empty means "base only".
+    _lora_active: list[tuple[LoraAdapter, torch.Tensor]]
     _lora_concat: tuple | None
 
-    def set_lora_active(self, active: list[tuple[LoraAdapter, float]]) -> None:
-        self._lora_active = active
-        self._lora_concat = None
+    def set_lora_active(self, active: list[tuple[LoraAdapter, torch.Tensor]]) -> None:
+        """Show these ``(adapter, adapter.weighted_scale)`` pairs, in order. A concatenation of two or more is kept:
+        it is checked against the adapters and their factors' values before each use."""
+        state = self.__dict__
+        state["_lora_active"] = active
+        if len(active) < 2:
+            state["_lora_concat"] = None
+
+    def drop_lora_cache(self) -> None:
+        """Forget the concatenated factors (an adapter's tensors were replaced or moved)."""
+        self.__dict__["_lora_concat"] = None
+
+    def drop_lora_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from this layer and from what it shows."""
+        adapter = self.lora_adapters[name]
+        del self.lora_adapters[name]
+        if any(a is adapter for a, _ in self._lora_active):
+            self.__dict__["_lora_active"] = [(a, f) for a, f in self._lora_active if a is not adapter]
+            self.drop_lora_cache()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``base(x)`` plus the shown adapters' change. One result, computed the cheapest way that applies:
+
+        - a mixed batch (``adapter_names=`` per row): each row group with its own adapter;
+        - no graph to keep (inference) and plain LoRA only: added into ``base(x)`` in place;
+        - otherwise the change as a tensor (training, DoRA, biases, other algorithms).
+
+        Two or more plain LoRAs run as one concatenated pair of matmuls in either of the last two.
+        """
         out = super().forward(x, *args, **kwargs)
         rows = MIXED_BATCH.get()
         if rows is not None:
@@ -307,11 +368,17 @@ class LoraLayer:
     def _apply(self, fn, recurse=True):
         # `.to()`, `.half()`, `.cuda()`: a fused layer keeps its other weight outside its parameters.
         result = super()._apply(fn, recurse)
-        if "_lora_fusion" in self.__dict__:
-            from .fuse import follow_conversion  # fuse imports this module
-
-            follow_conversion(self, fn)
+        fusion = self.__dict__.get("_lora_fusion")
+        if fusion is not None:
+            fusion.follow_conversion(self, fn)
         return result
+
+    def set_lora_fusion(self, fusion) -> None:
+        """Keep (or, with None, forget) the `fuse.Fusion` of this layer: the tensors unfuse restores."""
+        if fusion is None:
+            self.__dict__.pop("_lora_fusion", None)
+        else:
+            self.__dict__["_lora_fusion"] = fusion
 
     def _lora_follow(self, device: torch.device) -> list:
         """Move the active adapters to ``device``, where the base layer just computed: a layer offloaded by
@@ -319,8 +386,9 @@ class LoraLayer:
         moved = []
         for adapter, _ in self._lora_active:
             adapter.to(device)
-            moved.append((adapter, adapter._buffers["factor"]))
+            moved.append((adapter, adapter._buffers["weighted_scale"]))
         self.set_lora_active(moved)
+        self.drop_lora_cache()
         return moved
 
     def _lora_add_into(self, x: torch.Tensor, out: torch.Tensor, active, scale: float | None) -> bool:
@@ -328,9 +396,7 @@ class LoraLayer:
         scales the rank-r intermediate, and the up-projection accumulates straight into the
         output, so no output-sized delta is allocated. False (nothing done) for DoRA or biases."""
         for adapter, _ in active:
-            if type(adapter) is not LoraAdapter or adapter.magnitude is not None or adapter.bias_delta is not None:
-                return False
-            if adapter.up_bias is not None:
+            if not _is_plain(adapter) or adapter.bias_delta is not None or adapter.up_bias is not None:
                 return False
         dtype = out.dtype
         h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
@@ -348,10 +414,12 @@ class LoraLayer:
         out.add_(self._lora_up(mid, up))
 
     # -- the delta for a list of (adapter, factor) ------------------------------------------------------
-    def _lora_delta(self, x: torch.Tensor, out: torch.Tensor, active) -> torch.Tensor:
+    def _lora_delta(self, x: torch.Tensor, out: torch.Tensor, active, blended: bool = True) -> torch.Tensor:
+        """The output change of ``active`` (adapter, factor) pairs. ``blended``: at each adapter's blend
+        weight (its factor); False: at weight 1 (a mixed batch's rows), the factor being the adapter's scale."""
         dtype = active[0][0].compute_dtype
         h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-        plain = [(a, f) for a, f in active if type(a) is LoraAdapter and a.magnitude is None]
+        plain = [(a, f) for a, f in active if _is_plain(a)]
         delta = None
         if len(plain) > 1 and self._lora_can_concatenate(plain):
             down, up = self._concatenated(plain, dtype)
@@ -362,14 +430,16 @@ class LoraLayer:
                 d = self._lora_up(self._lora_down(adapter.dropout(h), down), up) * factor
                 delta = d if delta is None else delta + d
         for adapter, factor in active:
-            if type(adapter) is WeightDeltaAdapter:
-                d = self._weight_delta_out(h, out, adapter, factor)
-                delta = d if delta is None else delta + d
+            weight = adapter.blend_weight if blended else 1.0
+            d = None
+            if type(adapter) is FactorAdapter:
+                d = self._factor_delta_out(h, out, adapter, factor, weight)
             elif adapter.magnitude is not None:
-                d = self._dora_delta(h, out, adapter, factor / adapter.scale)
+                d = self._dora_delta(h, out, adapter, weight)
+            if d is not None:
                 delta = d if delta is None else delta + d
             if adapter.bias_delta is not None:
-                delta = delta + self._lora_bias_shape(adapter.bias_delta) * (factor / adapter.scale)
+                delta = delta + self._lora_bias_shape(adapter.bias_delta) * weight
             if adapter.up_bias is not None:  # lora_B.bias: scaled like the LoRA's product, as PEFT computes it
                 delta = delta + self._lora_bias_shape(_in(adapter.up_bias, dtype)) * factor
         return delta
@@ -396,7 +466,7 @@ class LoraLayer:
                 down = torch.cat([_in(a.down, dtype) for a, _ in active], dim=0)
                 up = torch.cat([_in(a.up, dtype) * factor for a, factor in active], dim=1)
             cached = (key, down, up)
-            self._lora_concat = cached
+            self.__dict__["_lora_concat"] = cached
         return cached[1], cached[2]
 
     def _dora_delta(self, h, out, adapter: LoraAdapter, weight: float) -> torch.Tensor:
@@ -404,9 +474,8 @@ class LoraLayer:
         dtype = adapter.compute_dtype
         base_weight = dense_base_weight(self).to(dtype)
         down, up = _in(adapter.down, dtype), _in(adapter.up, dtype)
-        lora_weight = up.flatten(1) @ down.flatten(1)
-        norm = torch.linalg.norm(base_weight + adapter.scale * lora_weight, dim=1).detach()
-        mag_scale = adapter.magnitude / norm
+        combined = base_weight + adapter.scale * low_rank_product(up, down).reshape(base_weight.shape)
+        mag_scale = dora_math.magnitude_scale(combined.detach(), adapter.magnitude).reshape(-1)
         x_in = adapter.dropout(h)
         if isinstance(adapter.dropout, nn.Dropout) and self.training:
             base_no_bias = F.linear(x_in, base_weight)
@@ -416,41 +485,35 @@ class LoraLayer:
         lora_out = self._lora_up(self._lora_down(x_in, down), up)
         return weight * ((mag_scale - 1) * base_no_bias + mag_scale * lora_out * adapter.scale)
 
-    def _weight_delta_out(self, h, out, adapter: WeightDeltaAdapter, factor) -> torch.Tensor:
-        """The output change of a LyCORIS kind: ``factor * op(x, dense)``, or with ``dora_scale``
-        ``w * op(x, W_dora - W)`` (blend weight ``w = factor / scale``). Its bias is added by the caller."""
+    def _factor_delta_out(self, h, out, adapter: FactorAdapter, factor, weight: float) -> torch.Tensor:
+        """The output change of a `FactorAdapter`: ``factor * op(x, dense)``, or with ``dora_scale``
+        ``weight * op(x, W_dora - W)``. Its bias is added by the caller."""
         dtype = adapter.compute_dtype
         dense = adapter.dense(dtype)
         if adapter.dora_scale is None:
             if dense is None:
                 return torch.zeros((), dtype=dtype, device=out.device)
             return self._dense_op(h, dense) * factor
-        from .kinds import dora_weight
-
         base = dense_base_weight(self).to(dtype)
         combined = base if dense is None else base + adapter.scale * dense
-        change = dora_weight(combined, adapter.dora_scale) - base
-        return self._dense_op(h, change) * (factor / adapter.scale)
+        change = dora_math.lycoris_weight(combined, adapter.dora_scale) - base
+        return self._dense_op(h, change) * weight
 
     def _dense_op(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(h, weight.flatten(1))
 
     # -- mixed batches: a different adapter per row ------------------------------------------------------
     def _lora_mixed_batch(self, x: torch.Tensor, out: torch.Tensor, names: list[str]) -> torch.Tensor:
-        repeat = x.shape[0] // len(names)
-        if repeat > 1:  # generate() expands rows with repeat_interleave (num_beams, num_return_sequences)
-            names = [n for n in names for _ in range(repeat)]
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(names):
-            groups.setdefault(name, []).append(row)
-        for name, rows in groups.items():
-            if name == BASE or name not in self.lora_adapters:
-                continue
+        for name, index in rows_by_adapter(names, x.shape[0], out.device, self.lora_adapters).items():
             adapter = self.lora_adapters[name]
-            index = torch.tensor(rows, device=out.device)
-            delta = self._lora_delta(x[index], out[index], [(adapter, adapter.scale)])
+            delta = self._lora_delta(x[index], out[index], [(adapter, adapter.scale)], blended=False)
             out = out.index_add(0, index, delta.to(out.dtype))
         return out
+
+
+def _is_plain(adapter) -> bool:
+    """A LoRA pair without DoRA: what the concatenated and in-place fast paths compute."""
+    return type(adapter) is LoraAdapter and adapter.magnitude is None
 
 
 class LoraLinearMixin(LoraLayer):
@@ -523,45 +586,39 @@ def _conv1d_class():
     return Conv1D
 
 
-_kinds: dict[type, str | None] = {}
+_layer_types: dict[type, str | None] = {}
 
 
-def kind_of(module_type: type) -> str | None:
-    """``"linear"``, ``"conv2d"``, ``"conv1d"``, ``"embedding"``, ``"layernorm"``, ``"groupnorm"``, or None."""
-    if module_type in _kinds:
-        return _kinds[module_type]
+def layer_type_of(module_type: type) -> str | None:
+    """The layer type of a module class: ``"linear"``, ``"conv2d"``, ``"conv1d"`` (transformers' Conv1D),
+    ``"embedding"``, ``"layernorm"``, ``"groupnorm"``, or None. (An adapter's algorithm is its ``kind``.)"""
+    if module_type in _layer_types:
+        return _layer_types[module_type]
     conv1d = _conv1d_class()
-    kind = None
-    if issubclass(module_type, nn.Conv2d):
-        kind = "conv2d"
-    elif issubclass(module_type, nn.Linear):
-        kind = "linear"
-    elif conv1d is not None and issubclass(module_type, conv1d):
-        kind = "conv1d"
-    elif issubclass(module_type, nn.Embedding):
-        kind = "embedding"
-    elif issubclass(module_type, nn.LayerNorm):
-        kind = "layernorm"
-    elif issubclass(module_type, nn.GroupNorm):
-        kind = "groupnorm"
-    _kinds[module_type] = kind
-    return kind
+    found = None
+    for base, name in ((nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (conv1d, "conv1d"), (nn.Embedding, "embedding"),
+                       (nn.LayerNorm, "layernorm"), (nn.GroupNorm, "groupnorm")):
+        if base is not None and issubclass(module_type, base):
+            found = name
+            break
+    _layer_types[module_type] = found
+    return found
 
 
-def supported_kind(module: nn.Module) -> str | None:
-    """The LoRA kind of a (possibly wrapped) module, or None for modules we cannot adapt."""
-    kind = kind_of(module.__dict__.get("_lora_base_class") or type(module))
-    if kind in ("layernorm", "groupnorm") and getattr(module, "weight", None) is None:
+def layer_type(module: nn.Module) -> str | None:
+    """The layer type of a (possibly wrapped) module, or None for modules no adapter applies to."""
+    found = layer_type_of(module.__dict__.get("_lora_base_class") or type(module))
+    if found in ("layernorm", "groupnorm") and getattr(module, "weight", None) is None:
         return None  # a norm without affine parameters has nothing a diff could change
-    return kind
+    return found
 
 
 _MIXINS = {
     "conv2d": LoraConv2dMixin, "linear": LoraLinearMixin, "conv1d": LoraConv1DMixin, "embedding": LoraEmbeddingMixin,
     "layernorm": LoraNormMixin, "groupnorm": LoraNormMixin,
 }  # fmt: skip
-# Kinds that take LoRA factors; norms take only norm and full diffs.
-LORA_KINDS = ("linear", "conv2d", "conv1d", "embedding")
+# Layer types that take LoRA factors; norms take only norm and full diffs.
+LORA_LAYER_TYPES = ("linear", "conv2d", "conv1d", "embedding")
 _wrapped_classes: dict[type, type] = {}
 
 
@@ -594,7 +651,7 @@ def _swap_out(module: nn.Module, container: str, state: tuple[str, ...]) -> None
 def wrap(module: nn.Module) -> None:
     """Turn ``module`` into a LoRA layer in place (no-op if it already is one)."""
     if not isinstance(module, LoraLayer):
-        mixin = _MIXINS[kind_of(type(module))]
+        mixin = _MIXINS[layer_type_of(type(module))]
         _swap_in(module, mixin, _wrapped_classes, "Lora", "lora_adapters", {"_lora_active": [], "_lora_concat": None})
 
 
@@ -630,13 +687,13 @@ def adapter_from_delta(delta: LoraDelta, module: nn.Module, copy: bool = True) -
     when nothing needs converting, so loading a file costs its size once, not twice.
     """
     weight = module.weight
-    kind = supported_kind(module)
+    kind = layer_type(module)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
     # Offloaded by accelerate: the layer computes on its hook's execution device. A config-only
     # skeleton (e.g. for converting a file) computes nowhere; the adapter keeps the file's values on the CPU.
     device = offload.compute_device(module, weight) or torch.device("cpu")
     if not isinstance(delta, LoraDelta):  # a LyCORIS kind or a Kohya DoRA
-        return _with_mode(WeightDeltaAdapter(delta, dense_weight_shape(module), dtype, device), module)
+        return _with_mode(FactorAdapter(delta, dense_weight_shape(module), dtype, device), module)
     down, up = delta.down, delta.up
     if kind == "conv2d":
         if down.dim() == 2:
@@ -668,7 +725,7 @@ def dense_weight_shape(module: nn.Module) -> tuple[int, ...]:
     if quantized.is_quantized(module):  # bitsandbytes packs the weight; the layer keeps its true shape
         return (module.out_features, module.in_features)
     shape = tuple(module.weight.shape)
-    return (shape[1], shape[0]) if supported_kind(module) in ("conv1d", "embedding") else shape
+    return (shape[1], shape[0]) if layer_type(module) in ("conv1d", "embedding") else shape
 
 
 def dense_base_weight(module: nn.Module) -> torch.Tensor:
@@ -678,7 +735,7 @@ def dense_base_weight(module: nn.Module) -> torch.Tensor:
     if quantized.is_quantized(module):
         return quantized.dequantized_weight(module)
     weight = offload.real_tensor(module, "weight")
-    return weight.T if supported_kind(module) in ("conv1d", "embedding") else weight
+    return weight.T if layer_type(module) in ("conv1d", "embedding") else weight
 
 
 def _with_mode(adapter: nn.Module, module: nn.Module) -> nn.Module:
@@ -705,18 +762,19 @@ class SavedCopyLayer:
         # into the model's state_dict and in reach of accelerate's hooks. It lives in lora_copies.
         self.__dict__["_lora_copy"] = copy
 
+    def drop_lora_adapter(self, name: str) -> None:
+        """Remove adapter ``name``'s copy; the module computes itself until the registry shows another."""
+        del self.lora_copies[name]
+        self.set_lora_copy(None)
+
     def forward(self, x, *args, **kwargs):
         names = MIXED_BATCH.get()
         if names is None:
             copy = self._lora_copy
             return super().forward(x, *args, **kwargs) if copy is None else copy(x, *args, **kwargs)
         out = super().forward(x, *args, **kwargs)
-        repeat = x.shape[0] // len(names)
-        names = [n for n in names for _ in range(repeat)]
-        for name in dict.fromkeys(names):
-            if name in self.lora_copies:
-                index = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-                out = out.index_copy(0, index, self.lora_copies[name](x[index], *args, **kwargs).to(out.dtype))
+        for name, index in rows_by_adapter(names, x.shape[0], out.device, self.lora_copies).items():
+            out = out.index_copy(0, index, self.lora_copies[name](x[index], *args, **kwargs).to(out.dtype))
         return out
 
 
@@ -828,7 +886,13 @@ class BiasLayer:
     _lora_bias_active: list[tuple[BiasAdapter, float]]
 
     def set_lora_bias_active(self, active: list[tuple[BiasAdapter, float]]) -> None:
-        self._lora_bias_active = active
+        self.__dict__["_lora_bias_active"] = active
+
+    def drop_lora_adapter(self, name: str) -> None:
+        """Remove adapter ``name``'s bias delta, from what the module shows too."""
+        removed = self.lora_biases[name]
+        del self.lora_biases[name]
+        self.set_lora_bias_active([(a, w) for a, w in self._lora_bias_active if a is not removed])
 
     def _lora_shaped(self, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # Channels are dim 1 of a conv / group-norm output, the last dim of everything else.
@@ -840,13 +904,9 @@ class BiasLayer:
         out = super().forward(x, *args, **kwargs)
         names = MIXED_BATCH.get()
         if names is not None:
-            repeat = out.shape[0] // len(names)
-            names = [n for n in names for _ in range(repeat)]
-            for name in dict.fromkeys(names):
-                if name in self.lora_biases:
-                    index = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-                    shaped = self._lora_shaped(self.lora_biases[name].delta, out).to(out.dtype)
-                    out = out.index_add(0, index, shaped.expand_as(out[index]).contiguous())
+            for name, index in rows_by_adapter(names, out.shape[0], out.device, self.lora_biases).items():
+                shaped = self._lora_shaped(self.lora_biases[name].delta, out).to(out.dtype)
+                out = out.index_add(0, index, shaped.expand_as(out[index]).contiguous())
             return out
         scale = CALL_SCALE.get()
         for adapter, weight in self._lora_bias_active:
@@ -901,6 +961,13 @@ class NormWeightLayer:
     def set_lora_norm(self, weight: nn.Parameter | None) -> None:
         self.__dict__["_lora_norm"] = weight
 
+    def drop_lora_adapter(self, name: str) -> None:
+        """Remove adapter ``name``'s norm weight; the module's own weight is shown if that one was."""
+        removed = self.lora_norms[name]
+        del self.lora_norms[name]
+        if self._lora_norm is removed.weight:
+            self.set_lora_norm(None)
+
     def _lora_forward_with(self, weight, x, *args, **kwargs):
         params = self._parameters
         own = params["weight"]
@@ -914,13 +981,9 @@ class NormWeightLayer:
         names = MIXED_BATCH.get()
         if names is not None:
             out = super().forward(x, *args, **kwargs)
-            repeat = x.shape[0] // len(names)
-            names = [n for n in names for _ in range(repeat)]
-            for name in dict.fromkeys(names):
-                if name in self.lora_norms:
-                    index = torch.tensor([i for i, n in enumerate(names) if n == name], device=out.device)
-                    rows = self._lora_forward_with(self.lora_norms[name].weight, x[index], *args, **kwargs)
-                    out = out.index_copy(0, index, rows.to(out.dtype))
+            for name, index in rows_by_adapter(names, x.shape[0], out.device, self.lora_norms).items():
+                rows = self._lora_forward_with(self.lora_norms[name].weight, x[index], *args, **kwargs)
+                out = out.index_copy(0, index, rows.to(out.dtype))
             return out
         shown = self._lora_norm
         if shown is None:

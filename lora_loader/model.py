@@ -22,6 +22,8 @@ from torch import nn
 
 from . import inject, offload
 from .adapters import AdapterRecord, ComponentWeight
+from .algorithms import dora
+from .algorithms.lora import low_rank_product
 from .config import LoraConfig
 from .delta import LoraDelta
 from .errors import LoraError, LoraFileError, LoraNameError
@@ -29,7 +31,7 @@ from .formats import ConvertedLora
 from .formats.diffusers import saved_module_matches
 from .host import _REGISTRY, COMPONENT_NAME, LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
 from .layers import (
-    BASE, LORA_KINDS, MIXED_BATCH, BiasLayer, LoraLayer, NormWeightLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, kind_of,
+    BASE, LORA_LAYER_TYPES, MIXED_BATCH, BiasLayer, LoraLayer, NormWeightLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, layer_type_of,
 )
 
 MODEL = "model"
@@ -86,6 +88,16 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
 
         ``adapter_name`` defaults to ``"default"``. With ``is_trainable=True`` its
         tensors require grad, to resume training; otherwise they are frozen.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save_adapter(folder, adapter_name="a")
+        >>> _ = model.load_adapter(folder, adapter_name="again")
+        >>> model.active_adapters()
+        ['again']
         """
         for ignored in ("low_cpu_mem_usage", "hotswap", "adapter_kwargs", "load_config"):
             kwargs.pop(ignored, None)
@@ -140,11 +152,27 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
 
     def unload_lora(self) -> None:
         """diffusers' model-level unload: every adapter of this model removed (on a pipeline's component,
-        that component's parts only)."""
+        that component's parts only).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> model.unload_lora()
+        >>> type(model[0]) is torch.nn.Linear
+        True
+        """
         self.unload_lora_weights()
 
     def delete_adapter(self, adapter_names) -> None:
-        """transformers' name for `delete_adapters`."""
+        """transformers' name for `delete_adapters`.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> model.delete_adapter("a")
+        >>> model.get_list_adapters()
+        {}
+        """
         self.delete_adapters(adapter_names)
 
     def add_adapter(self, adapter_config: LoraConfig | dict, adapter_name: str = "default") -> None:
@@ -156,6 +184,12 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ``use_dora``,
         ``lora_dropout``, ``modules_to_save``, ``bias``, ``init_lora_weights``
         (True, False, ``"gaussian"``).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> model.active_adapters(), [n for n, p in model.named_parameters() if p.requires_grad]
+        (['a'], ['0.lora_adapters.a.down', '0.lora_adapters.a.up'])
         """
         registry = self._lora_existing_registry()
         registry.check_new_name(adapter_name, self._lora_scope())
@@ -221,21 +255,59 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         return configs
 
     def set_adapter(self, adapter_name) -> None:
-        """Activate exactly these adapters, each with weight 1.0."""
+        """Activate exactly these adapters, each with weight 1.0 (transformers' and PEFT's name).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="b")
+        >>> model.set_adapter("a")
+        >>> model.active_adapters()
+        ['a']
+        """
         self.set_adapters(adapter_name)
 
     def disable_adapters(self) -> None:
-        """Bypass every adapter (transformers' name for `disable_lora`)."""
+        """Bypass every adapter (transformers' name for `disable_lora`).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> x = torch.randn(1, 4)
+        >>> base = model(x)
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), adapter_name="a")
+        >>> model.disable_adapters()
+        >>> torch.equal(model(x), base)
+        True
+        """
         self.disable_lora()
 
     def enable_adapters(self) -> None:
-        """Undo `disable_adapters` (transformers' name for `enable_lora`)."""
+        """Undo `disable_adapters` (transformers' name for `enable_lora`).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> x = torch.randn(1, 4)
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), adapter_name="a")
+        >>> with_lora = model(x)
+        >>> model.disable_adapters(); model.enable_adapters()
+        >>> torch.equal(model(x), with_lora)
+        True
+        """
         self.enable_lora()
 
     def active_adapters(self) -> list[str]:
+        """The active adapters' names (transformers' name for `get_active_adapters`).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> model.active_adapters(), model.active_adapter()
+        (['a'], 'a')
+        """
         return self.get_active_adapters()
 
     def active_adapter(self) -> str:
+        """The first active adapter's name (transformers' deprecated singular); `LoraError` when none is."""
         active = self.get_active_adapters()
         if not active:
             raise LoraError("no adapter is active")
@@ -243,7 +315,14 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
 
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """The adapter's tensors with PEFT's keys (``model.layers.0.self_attn.q_proj.lora_A.weight``), as transformers
-        returns them (without the ``base_model.model.`` prefix a saved file has)."""
+        returns them (without the ``base_model.model.`` prefix a saved file has).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> {k: list(v.shape) for k, v in model.get_adapter_state_dict("a").items()}
+        {'0.lora_A.weight': [2, 4], '0.lora_B.weight': [4, 2]}
+        """
         record = self._lora_record(adapter_name)
         out: dict[str, torch.Tensor] = {}
         here = self._lora_component()  # a pipeline's component: its own part of the adapter
@@ -258,7 +337,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                 )
             # [: r]: prepare_hotswap may have zero-padded the factors beyond the adapter's rank
             down, up = adapter.down.detach()[: adapter.r], adapter.up.detach()[:, : adapter.r]
-            if kind_of(module._lora_base_class) == "embedding":
+            if layer_type_of(module._lora_base_class) == "embedding":
                 out[f"{path}.lora_embedding_A"] = down
                 out[f"{path}.lora_embedding_B"] = up
             else:
@@ -285,7 +364,17 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         return out
 
     def save_adapter(self, save_directory: str, adapter_name: str | None = None) -> None:
-        """Write PEFT's layout, ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by PEFT itself."""
+        """Write PEFT's layout, ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by PEFT itself.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.add_adapter(lora_loader.LoraConfig(r=2, target_modules=["0"]), adapter_name="a")
+        >>> import os, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save_adapter(folder, adapter_name="a")
+        >>> sorted(os.listdir(folder))
+        ['adapter_config.json', 'adapter_model.safetensors']
+        """
         from safetensors import SafetensorError
         from safetensors.torch import save_file
 
@@ -441,14 +530,14 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
         if not name or ".lora_adapters." in f".{name}." or ".lora_copies." in f".{name}.":
             continue
         if targets == "all-linear":
-            hit = kind_of(type(module)) in ("linear", "conv1d") and module is not output
+            hit = layer_type_of(type(module)) in ("linear", "conv1d") and module is not output
         else:
             hit = _matches(targets, name)
         if not hit or not _layer_index_ok(config, name):
             continue
         if config.exclude_modules and _matches(config.exclude_modules, name):
             continue
-        if kind_of(type(module) if not isinstance(module, LoraLayer) else module._lora_base_class) not in LORA_KINDS:
+        if layer_type_of(type(module) if not isinstance(module, LoraLayer) else module._lora_base_class) not in LORA_LAYER_TYPES:
             raise LoraError(
                 f"target_modules matches {name}, a {type(module).__name__}; LoRA applies to Linear, Conv2d, "
                 "Conv1D and Embedding"
@@ -470,7 +559,7 @@ def _find_saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelta:
     """PEFT's initialisation: A kaiming-uniform (a=sqrt(5)) and B zeros; 'gaussian': A ~ N(0, 1/r); False: both random."""
-    kind = kind_of(type(module))
+    kind = layer_type_of(type(module))
     weight = module.weight
     r, alpha = config.rank_for(name), config.alpha_for(name)
     dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32  # fp32 adapters on a quantized base
@@ -496,9 +585,9 @@ def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelt
     magnitude = None
     if config.use_dora:
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        dense = dense_base_weight(module).detach().float()
-        lora = up.float().flatten(1) @ down.float().flatten(1)
-        magnitude = torch.linalg.norm(dense.flatten(1) + scale * lora, dim=1).to(dtype)
+        base = dense_base_weight(module).detach().float()
+        combined = base.flatten(1) + scale * low_rank_product(up.float(), down.float()).flatten(1)
+        magnitude = dora.weight_norm(combined).reshape(-1).to(dtype)  # DoRA starts at the base weight exactly
     bias = None
     if config.bias != "none" and getattr(module, "bias", None) is not None:
         bias = offload.real_tensor(module, "bias").detach().clone()  # starts equal to the base bias: the trainable delta starts at zero

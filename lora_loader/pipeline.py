@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import ComponentWeight
+from .adapters import AdapterRegistry, ComponentWeight
 from .errors import LoraError
+from .instance_class import swap_in_mixin
+from .model import LoraModelMixin
 from .host import (
     _REGISTRY, COMPONENT_NAME, LORA_COMPONENT_NAMES, LoraHost, LoraLifecycle, block_or_number, call_scale,
     scale_from_kwargs, warn_unused_component,
@@ -113,12 +115,10 @@ def adopt_components(components: dict[str, nn.Module]) -> None:
     """Make each LoRA component of a pipeline take diffusers' and transformers' component-level calls
     (``pipe.unet.add_adapter(cfg, "a")``, ``pipe.text_encoder.set_adapters(...)``, ...) on the pipeline's
     registry: attach it, tell it its name in the pipeline, and give every component the one registry."""
-    from .adapters import AdapterRegistry
-    from .attach import attach
-
     registry = next((m.__dict__[_REGISTRY] for m in components.values() if _REGISTRY in m.__dict__), None) or AdapterRegistry()
     for name, module in components.items():
-        attach(module)
+        if not isinstance(module, LoraHost):
+            swap_in_mixin(module, LoraModelMixin)
         # object.__setattr__ / __dict__: plain attributes, not submodules, parameters or config entries.
         module.__dict__[COMPONENT_NAME] = name
         module.__dict__[_REGISTRY] = registry
@@ -126,10 +126,10 @@ def adopt_components(components: dict[str, nn.Module]) -> None:
 
 def _load_into(model: nn.Module, state_dict: dict, prefix: str, network_alphas, adapter_name, hotswap, metadata):
     """One component's part of a diffusers state dict, loaded by the component (None when it has no part)."""
-    from .attach import attach
-
     part = {k: v for k, v in state_dict.items() if str(k).startswith(f"{prefix}.")}
     if not part:
         return None
-    return attach(model).load_lora_adapter(part, prefix=prefix, network_alphas=network_alphas, metadata=metadata,
+    if not isinstance(model, LoraHost):
+        swap_in_mixin(model, LoraModelMixin)
+    return model.load_lora_adapter(part, prefix=prefix, network_alphas=network_alphas, metadata=metadata,
                                            adapter_name=adapter_name, hotswap=hotswap)

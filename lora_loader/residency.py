@@ -31,6 +31,7 @@ from torch import nn
 
 from . import offload
 from .errors import LoraError
+from .layers import LoraLayer
 
 if TYPE_CHECKING:
     from .adapters import AdapterRecord, AdapterRegistry
@@ -93,9 +94,9 @@ def _move(record: AdapterRecord, device: torch.device | None) -> bool:
                 holder[name].to(target)
         if target != layer_device:
             home = False
-        if module.__dict__.get("_lora_concat") is not None:
+        if isinstance(module, LoraLayer):
             # The concatenation of the active factors may hold this adapter's values on the old device.
-            module.__dict__["_lora_concat"] = None
+            module.drop_lora_cache()
     return home
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..attach import attach
 from ..errors import LoraError, LoraNameError
 
 _HERE = Path(__file__).resolve().parent
@@ -79,8 +80,6 @@ def load_pipeline(dtype: torch.dtype = torch.float32):
     ('StableDiffusionPipeline', torch.float32)
     """
     from diffusers import StableDiffusionPipeline
-
-    from ..attach import attach
 
     pipe = StableDiffusionPipeline.from_pretrained(
         model_path(), dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
