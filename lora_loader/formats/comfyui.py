@@ -18,6 +18,7 @@ import torch
 
 from ..kinds import FACTORS
 from . import kohya as kohya_format
+from .canonical import ConvertedLora
 
 DENOISER = "diffusion_model."
 # ComfyUI's text encoder names -> the Kohya prefix of the same encoder.
@@ -53,9 +54,7 @@ def kohya_key(key: str) -> str | None:
     return f"{prefix}{path.replace('.', '_')}.{_SUFFIXES[suffix]}"
 
 
-def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":  # noqa: F821
-    from . import ConvertedLora
-
+def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     original: dict[str, str] = {}  # Kohya spelling -> the file's key
     renamed: dict[str, torch.Tensor] = {}
     unknown: dict[str, str] = {}
@@ -80,4 +79,5 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
     }
     result.unknown = unknown | {back(k): why for k, why in part.unknown.items()}
     result.ignored = [back(k) for k in part.ignored]
+    result.unrecognized = {back(k) for k in part.unrecognized}
     return result
