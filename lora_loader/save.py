@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 
+from .config import fields_from_deltas
 from .errors import LoraError, LoraFileError
 from .kinds import NAMES, WeightDelta
 from .names import mangle, unet_sgm_prefixes, _sgm_name
@@ -38,24 +39,8 @@ def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
 
 def _config_dict(deltas: dict) -> dict:
     """The PEFT LoraConfig fields diffusers reads from ``lora_adapter_metadata``: r, lora_alpha and patterns."""
-    ranks = {p: d.rank for p, d in deltas.items()}
-    alphas = {p: float(d.rank if d.alpha is None else d.alpha) for p, d in deltas.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    rslora = {d.use_rslora for d in deltas.values()}
-    if len(rslora) > 1:
-        raise LoraError("an adapter that mixes rsLoRA and plain scaling cannot be written with one config")
-    number = lambda v: int(v) if float(v).is_integer() else v  # noqa: E731
-    return {
-        "r": r,
-        "lora_alpha": number(alpha),
-        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {p: number(v) for p, v in alphas.items() if v != alpha},
-        "target_modules": sorted(deltas),
-        "use_rslora": rslora.pop(),
-        "use_dora": any(d.magnitude is not None for d in deltas.values()),
-        "peft_type": "LORA",
-    } | ({"lora_bias": True} if any(d.up_bias is not None for d in deltas.values()) else {})
+    fields = fields_from_deltas(deltas)
+    return fields | {"peft_type": "LORA"} | ({"lora_bias": True} if any(d.up_bias is not None for d in deltas.values()) else {})
 
 
 def to_diffusers(deltas: dict) -> tuple[dict, dict]:
