@@ -16,7 +16,8 @@ import torch
 from .config import fields_from_deltas
 from .errors import LoraError, LoraFileError
 from .kinds import NAMES, WeightDelta
-from .names import mangle, unet_sgm_prefixes, _sgm_name
+from .formats.original_names.sgm import sgm_name, unet_sgm_prefixes
+from .names import mangle
 
 KOHYA_PREFIX = {"model": "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
 
@@ -89,7 +90,7 @@ def to_peft(deltas: dict) -> tuple[dict, dict]:
 def _kohya_name(component: str, path: str, module_root, sgm: dict) -> str:
     if component in ("unet", "transformer"):
         if sgm:  # SDXL: sd-scripts writes Stability's block names
-            path = _sgm_name(path, sgm) or path
+            path = sgm_name(path, sgm) or path
         return KOHYA_PREFIX[component] + mangle(path)
     if "T5" in type(module_root).__name__:
         return "lora_te3_" + mangle(path)  # sd-scripts calls T5-XXL te3 in SD3 and in Flux alike

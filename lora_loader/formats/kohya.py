@@ -28,8 +28,8 @@ import torch
 
 from ..delta import LoraDelta
 from ..kinds import FACTORS, NAMES, WeightDelta, kind_of_suffixes, missing_factors
-from . import flux as flux_format
-from . import sd3 as sd3_format
+from .canonical import ConvertedLora
+from .original_names import family_of
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -66,9 +66,7 @@ def alpha_value(tensor: torch.Tensor) -> float:
     return float(tensor.item() if tensor.numel() == 1 else tensor.detach().float().reshape(-1)[0])
 
 
-def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":  # noqa: F821
-    from . import ConvertedLora
-
+def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     result = ConvertedLora()
     modules: dict[tuple[str, str], dict[str, str]] = {}
     for key in tensors:
@@ -84,7 +82,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
             )
     denoiser_names = {m for c, m in modules if c == "denoiser"}
     # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules.
-    original = flux_format if flux_format.is_flux(denoiser_names) else sd3_format if sd3_format.is_sd3(denoiser_names) else None
+    original = family_of(denoiser_names)
     for (component, module), keys in modules.items():
         alpha_key = keys.get("alpha")
         factor_keys = {s: k for s, k in keys.items() if s not in ("alpha", "dora_scale")}
@@ -129,7 +127,8 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
 
 
 def _add_original(result, family, module: str, delta) -> None:
-    """A Flux (BFL) or SD3 (MMDiT) module: renamed to diffusers' path, a fused projection split by rows."""
+    """A module in a family's original names (BFL's Flux, Stability's SD3, see `original_names`): renamed to
+    diffusers' path, a fused projection split by rows."""
     parts, why = family.convert_module(module, delta)
     if why is not None:
         for key in delta.keys:
