@@ -5,6 +5,7 @@
 ['LoraConfig', 'LoraError', 'LoraFileError']
 """
 
+from ._version import __version__
 from .attach import attach
 from .auto import AutoLoraModelForCausalLM
 from .config import LoraConfig
@@ -21,7 +22,6 @@ from .host import LoadReport, prepare_hotswap
 from .model import LoraModelMixin
 from .pipeline import LoraPipelineMixin
 
-__version__ = "0.1.0"
 
 __all__ = [
     "attach",

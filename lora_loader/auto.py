@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from .attach import attach
+from .config import ADAPTER_CONFIG, read_adapter_config
 from .errors import LoraError
-from .hub import ADAPTER_CONFIG
 
 
 def _read_adapter_config(src: str, revision, token, cache_dir, local_files_only) -> dict:
@@ -20,11 +19,7 @@ def _read_adapter_config(src: str, revision, token, cache_dir, local_files_only)
                                    local_files_only=bool(local_files_only))
         except Exception as err:
             raise LoraError(f"could not fetch {ADAPTER_CONFIG} of {src!r}: {type(err).__name__}: {err}") from None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise LoraError(f"{path}: cannot read the adapter config ({err})") from None
+    return read_adapter_config(path)
 
 
 class AutoLoraModelForCausalLM:

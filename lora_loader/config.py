@@ -12,10 +12,14 @@ import json
 import math
 import os
 import re
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LoraError
+from .errors import LoraError, LoraFileError
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 # Fields that would change the adapter's math if set; lora_loader implements none of them.
 _UNSUPPORTED_WHEN_SET = {
@@ -98,13 +102,20 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, folder: str) -> LoraConfig:
-        path = os.path.join(folder, "adapter_config.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
-            raise LoraError(f"{path}: cannot read the adapter config ({type(err).__name__}: {err})") from None
-        return cls.from_dict(data, path)
+        path = os.path.join(folder, ADAPTER_CONFIG)
+        return cls.from_dict(read_adapter_config(path), path)
+
+    @classmethod
+    def from_deltas(cls, deltas: Mapping[str, Any], who: str = "an adapter", **fields) -> LoraConfig:
+        """A config that reproduces each module's rank, alpha and scaling rule (`fields_from_deltas`, patterns
+        escaped as regexes), plus ``fields``.
+
+        >>> from lora_loader.delta import LoraDelta
+        >>> import torch
+        >>> LoraConfig.from_deltas({"a.b": LoraDelta(torch.ones(2, 4), torch.ones(4, 2), 4.0)}).lora_alpha
+        4
+        """
+        return cls(**fields_from_deltas(deltas, escape=True, who=who), **fields)
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -115,7 +126,7 @@ class LoraConfig:
 
     def save_pretrained(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
+        with open(os.path.join(folder, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -232,3 +243,55 @@ def pattern_key(patterns, module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return pattern
     return None
+
+
+def read_adapter_config(path: str) -> dict:
+    """The JSON object in a PEFT ``adapter_config.json``; a `LoraFileError` if it is unreadable or not an object.
+    Its fields are checked where they are used (`LoraConfig.from_dict`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise LoraFileError(f"{path}: not a valid adapter_config.json ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise LoraFileError(f"{path}: an adapter_config.json holds a JSON object of PEFT's LoraConfig fields, got a {type(config).__name__}")
+    return config
+
+
+def _number(value):
+    return int(value) if float(value).is_integer() else value
+
+
+def fields_from_deltas(deltas: Mapping[str, Any], escape: bool = False, who: str = "an adapter") -> dict:
+    """PEFT config fields that reproduce per-module rank and alpha: the most common ``r`` / ``lora_alpha``,
+    ``rank_pattern`` / ``alpha_pattern`` for the rest (module paths as patterns, ``re.escape``d when ``escape``),
+    ``target_modules``, ``use_rslora`` and ``use_dora``.
+
+    ``deltas`` maps module paths to anything with ``rank``, ``alpha`` (None: alpha = rank), ``use_rslora`` and
+    ``magnitude`` (a `LoraDelta`, a loaded adapter layer). Mixed rsLoRA and plain scaling is a `LoraError`
+    naming ``who``.
+
+    >>> from lora_loader.delta import LoraDelta
+    >>> import torch
+    >>> d = {"a": LoraDelta(torch.ones(2, 4), torch.ones(4, 2), 2.0), "b": LoraDelta(torch.ones(4, 4), torch.ones(4, 4))}
+    >>> f = fields_from_deltas(d)
+    >>> f["r"], f["lora_alpha"], f["rank_pattern"], f["alpha_pattern"]
+    (2, 2, {'b': 4}, {'b': 4})
+    """
+    ranks = {p: d.rank for p, d in deltas.items()}
+    alphas = {p: float(d.rank if d.alpha is None else d.alpha) for p, d in deltas.items()}
+    rslora = {bool(d.use_rslora) for d in deltas.values()}
+    if len(rslora) > 1:
+        raise LoraError(f"{who} mixes rsLoRA and plain scaling, which one PEFT config cannot express")
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8  # 8: PEFT's defaults
+    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
+    name = re.escape if escape else str
+    return {
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "rank_pattern": {name(p): v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {name(p): _number(v) for p, v in alphas.items() if v != alpha},
+        "target_modules": sorted(deltas),
+        "use_rslora": bool(rslora and rslora.pop()),
+        "use_dora": any(getattr(d, "magnitude", None) is not None for d in deltas.values()),
+    }

@@ -166,14 +166,8 @@ class LoraHost(LoraResidency):
             converted = convert(source.tensors, source.metadata, source.adapter_config)
         except LoraFormatError as err:
             raise LoraFormatError(f"{source.name}: {err}") from None
-        generic = ("not a key of any LoRA format", "not a LoRA key")
-        if (not converted.deltas and not converted.norm_weights and not converted.invalid
-                and all(why.startswith(generic) for why in converted.unknown.values())):
-            sample = sorted(source.tensors)[:5]
-            raise LoraFormatError(
-                f"{source.name}: not a LoRA file: none of its {len(source.tensors)} keys is a LoRA key "
-                f"(expected e.g. '*.lora_down.weight' or '*.lora_A.weight'; first keys: {sample})"
-            )
+        if converted.is_not_lora():
+            raise converted.not_lora_error(source.name, source.tensors)
         components = self._lora_components()
         planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
         hotswap_rank = registry.hotswap_rank

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ADAPTER_CONFIG, read_adapter_config
 from .errors import LoraFileError
 
 SAFE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 PICKLE_NAMES = ("pytorch_lora_weights.bin", "adapter_model.bin")
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -96,7 +96,7 @@ def _read_local_file(path: str, allow_pickle: bool | None = None) -> LoadedSourc
     config = None
     config_path = os.path.join(os.path.dirname(path), ADAPTER_CONFIG)
     if os.path.basename(path).startswith("adapter_model.") and os.path.isfile(config_path):
-        config = _read_config(config_path)
+        config = read_adapter_config(config_path)
     return LoadedSource(tensors, metadata, config, path)
 
 
@@ -195,17 +195,6 @@ def _read_pickle(path: str) -> dict[str, torch.Tensor]:
     return _check_tensors(obj, path)
 
 
-def _read_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise LoraFileError(f"{path}: not a valid adapter_config.json ({type(err).__name__}: {err})") from None
-    if not isinstance(config, dict):
-        raise LoraFileError(f"{path}: an adapter_config.json holds a JSON object of PEFT's LoraConfig fields, got a {type(config).__name__}")
-    return config
-
-
 def choose_weight_file(files: list[str], where: str) -> str:
     """The file to load when the user named none: the only LoRA weights file, or the conventional name."""
     for names, suffix in ((SAFE_NAMES, ".safetensors"), (PICKLE_NAMES, ".bin")):
@@ -231,7 +220,7 @@ def _read_from_folder(folder: str, weight_name: str | None, allow_pickle: bool |
     source = _read_local_file(path, allow_pickle)
     config_path = os.path.join(os.path.dirname(path), ADAPTER_CONFIG)
     if source.adapter_config is None and os.path.isfile(config_path) and weight_name.startswith("adapter_model"):
-        source.adapter_config = _read_config(config_path)
+        source.adapter_config = read_adapter_config(config_path)
     return source
 
 
@@ -262,7 +251,7 @@ def _read_from_hub(repo_id, weight_name, subfolder, revision, token, cache_dir, 
         config = None
         if weight_name.startswith("adapter_model"):
             try:
-                config = _read_config(hf_hub_download(repo_id, ADAPTER_CONFIG, subfolder=subfolder, **common))
+                config = read_adapter_config(hf_hub_download(repo_id, ADAPTER_CONFIG, subfolder=subfolder, **common))
             except LoraFileError:
                 raise
             except Exception:

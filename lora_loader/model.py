@@ -15,7 +15,6 @@ import copy
 import math
 import os
 import re
-from collections import Counter
 
 import torch
 from torch import nn
@@ -643,28 +642,11 @@ def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
 def _config_from_record(record: AdapterRecord, model: nn.Module) -> LoraConfig:
     """A PEFT config that reproduces a loaded adapter's part in ``model``: the common rank/alpha, patterns
     for the rest."""
-    ranks, alphas, rslora, dora = {}, {}, set(), False
     here = model._lora_component() if isinstance(model, LoraModelMixin) else MODEL
-    for component, path, module in record.layers:
-        if component != here:
-            continue
-        adapter = module.lora_adapters[record.name]
-        ranks[path], alphas[path] = adapter.rank, adapter.alpha
-        rslora.add(adapter.use_rslora)
-        dora = dora or adapter.magnitude is not None
-    if len(rslora) > 1:
-        raise LoraError(f"adapter '{record.name}' mixes rsLoRA and plain scaling, which one PEFT config cannot express")
-    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
-    alpha = Counter(alphas.values()).most_common(1)[0][0] if alphas else 8
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        target_modules=sorted(ranks),
-        rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
-        alpha_pattern={re.escape(p): (int(v) if float(v).is_integer() else v) for p, v in alphas.items() if v != alpha},
-        use_rslora=bool(rslora and rslora.pop()),
-        use_dora=dora,
+    adapters = {path: module.lora_adapters[record.name] for component, path, module in record.layers if component == here}
+    return LoraConfig.from_deltas(
+        adapters,
+        who=f"adapter '{record.name}'",
         modules_to_save=sorted(path for c, path, _ in record.copies if c == here) or None,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )

@@ -15,84 +15,11 @@ import weakref
 
 from torch import nn
 
-# diffusers ResnetBlock2D child -> Stability (LDM/SGM) name
-_RESNET_TO_SGM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-
+from .formats.original_names.sgm import sgm_name, unet_sgm_prefixes
 
 def mangle(name: str) -> str:
     """Kohya's spelling of a module path: dots become underscores."""
     return name.replace(".", "_")
-
-
-def unet_sgm_prefixes(unet: nn.Module) -> dict[str, str]:
-    """diffusers UNet2DConditionModel prefixes -> Stability layout prefixes, read off the live blocks.
-
-    Follows the layout of sd-scripts' ``make_unet_conversion_map`` (and
-    diffusers' SGM converter): ``input_blocks.{n}.0`` resnets, ``.1`` attentions,
-    ``input_blocks.{n}.0.op`` downsamplers; ``middle_block.{0,1,2}``;
-    ``output_blocks.{n}.{0,1}`` and the upsampler as the block's last layer.
-    """
-    if not all(hasattr(unet, attr) for attr in ("down_blocks", "up_blocks", "conv_in")):
-        return {}
-    prefixes = {
-        "conv_in": "input_blocks.0.0",
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "add_embedding.linear_1": "label_emb.0.0",
-        "add_embedding.linear_2": "label_emb.0.2",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-    }
-    n = 1
-    for i, block in enumerate(unet.down_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j in range(len(block.resnets)):
-            prefixes[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{n}.0"
-            if attentions is not None and j < len(attentions):
-                prefixes[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{n}.1"
-            n += 1
-        if getattr(block, "downsamplers", None):
-            prefixes[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
-            n += 1
-    mid = getattr(unet, "mid_block", None)
-    if mid is not None and hasattr(mid, "resnets"):
-        prefixes["mid_block.resnets.0"] = "middle_block.0"
-        if getattr(mid, "attentions", None):
-            prefixes["mid_block.attentions.0"] = "middle_block.1"
-            prefixes["mid_block.resnets.1"] = "middle_block.2"
-        elif len(mid.resnets) > 1:
-            prefixes["mid_block.resnets.1"] = "middle_block.1"
-    n = 0
-    for i, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None)
-        for j in range(len(block.resnets)):
-            prefixes[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{n}.0"
-            if attentions is not None and j < len(attentions):
-                prefixes[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{n}.1"
-            n += 1
-        if getattr(block, "upsamplers", None):
-            slot = 2 if attentions is not None else 1
-            prefixes[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{n - 1}.{slot}.conv"
-    return prefixes
-
-
-def _sgm_name(name: str, prefixes: dict[str, str]) -> str | None:
-    parts = name.split(".")
-    for cut in range(len(parts), 0, -1):
-        head = ".".join(parts[:cut])
-        if head in prefixes:
-            rest = parts[cut:]
-            if ".resnets." in head and rest and rest[0] in _RESNET_TO_SGM:
-                rest = [_RESNET_TO_SGM[rest[0]], *rest[1:]]
-            return ".".join([prefixes[head], *rest])
-    return None
 
 
 # Containers our wrapping adds to a module: adapters, never targets of a file.
@@ -174,9 +101,9 @@ class ModuleIndex:
         else:
             dotted.append("text_model." + name)
         if sgm:
-            sgm_name = _sgm_name(name, sgm)
-            if sgm_name is not None:
-                dotted.append(sgm_name)
+            stability = sgm_name(name, sgm)
+            if stability is not None:
+                dotted.append(stability)
         return dotted + [mangle(d) for d in dotted]
 
     def _add(self, alias: str, name: str) -> None:

@@ -13,9 +13,12 @@ from collections import Counter
 
 import torch
 
+from .config import fields_from_deltas
 from .errors import LoraError, LoraFileError
-from .kinds import NAMES, WeightDelta
-from .names import mangle, unet_sgm_prefixes, _sgm_name
+from ._version import __version__
+from .delta import FactorDelta
+from .formats.original_names.sgm import sgm_name, unet_sgm_prefixes
+from .names import mangle
 
 KOHYA_PREFIX = {"model": "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
 
@@ -38,24 +41,8 @@ def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
 
 def _config_dict(deltas: dict) -> dict:
     """The PEFT LoraConfig fields diffusers reads from ``lora_adapter_metadata``: r, lora_alpha and patterns."""
-    ranks = {p: d.rank for p, d in deltas.items()}
-    alphas = {p: float(d.rank if d.alpha is None else d.alpha) for p, d in deltas.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    rslora = {d.use_rslora for d in deltas.values()}
-    if len(rslora) > 1:
-        raise LoraError("an adapter that mixes rsLoRA and plain scaling cannot be written with one config")
-    number = lambda v: int(v) if float(v).is_integer() else v  # noqa: E731
-    return {
-        "r": r,
-        "lora_alpha": number(alpha),
-        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {p: number(v) for p, v in alphas.items() if v != alpha},
-        "target_modules": sorted(deltas),
-        "use_rslora": rslora.pop(),
-        "use_dora": any(d.magnitude is not None for d in deltas.values()),
-        "peft_type": "LORA",
-    } | ({"lora_bias": True} if any(d.up_bias is not None for d in deltas.values()) else {})
+    fields = fields_from_deltas(deltas)
+    return fields | {"peft_type": "LORA"} | ({"lora_bias": True} if any(d.up_bias is not None for d in deltas.values()) else {})
 
 
 def to_diffusers(deltas: dict) -> tuple[dict, dict]:
@@ -63,9 +50,9 @@ def to_diffusers(deltas: dict) -> tuple[dict, dict]:
     tensors, metadata = {}, {}
     for component, modules in deltas.items():
         for path, delta in modules.items():
-            if isinstance(delta, WeightDelta):
+            if isinstance(delta, FactorDelta):
                 raise LoraError(
-                    f"{component}.{path}: a {NAMES[delta.kind]} adapter{' with dora_scale' if delta.dora_scale is not None else ''} "
+                    f"{component}.{path}: a {delta.algorithm.title} adapter{' with dora_scale' if delta.dora_scale is not None else ''} "
                     "has no diffusers/PEFT keys; save it with format='kohya' (LyCORIS' naming)"
                 )
             if delta.bias is not None:
@@ -104,7 +91,7 @@ def to_peft(deltas: dict) -> tuple[dict, dict]:
 def _kohya_name(component: str, path: str, module_root, sgm: dict) -> str:
     if component in ("unet", "transformer"):
         if sgm:  # SDXL: sd-scripts writes Stability's block names
-            path = _sgm_name(path, sgm) or path
+            path = sgm_name(path, sgm) or path
         return KOHYA_PREFIX[component] + mangle(path)
     if "T5" in type(module_root).__name__:
         return "lora_te3_" + mangle(path)  # sd-scripts calls T5-XXL te3 in SD3 and in Flux alike
@@ -113,14 +100,14 @@ def _kohya_name(component: str, path: str, module_root, sgm: dict) -> str:
     return KOHYA_PREFIX[component] + mangle(path)
 
 
-def _as_full_diff(delta: WeightDelta) -> WeightDelta:
+def _as_full_diff(delta: FactorDelta) -> FactorDelta:
     """A part of a fused LyCORIS module (its rows of shared factors) as the full diff it amounts to.
 
     The part alone is no LoHa / LoKr (its factors belong to the whole fused projection),
     so Kohya layout gets its dense change, which loads back to the same outputs.
     """
     diff = (delta.dense(torch.float32) * delta.scale).to(next(iter(delta.factors.values())).dtype)
-    return WeightDelta("full", {"diff": diff}, None, dora_scale=delta.dora_scale)
+    return FactorDelta("full", {"diff": diff}, None, dora_scale=delta.dora_scale)
 
 
 def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
@@ -131,7 +118,7 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
     tensors = {}
     for component, modules in deltas.items():
         for path, delta in modules.items():
-            if isinstance(delta, WeightDelta):
+            if isinstance(delta, FactorDelta):
                 if delta.rows is not None:
                     delta = _as_full_diff(delta)
                 name = _kohya_name(component, path, components.get(component), sgm)
@@ -165,7 +152,6 @@ def write(path: str, tensors: dict, metadata: dict, fmt: str, family: str) -> st
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from . import __version__
 
     header = {"format": "pt", "lora_loader.version": __version__, "lora_loader.format": fmt, "lora_loader.base_model": family}
     header.update(metadata)

@@ -10,56 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
 
 import torch
 
-from ..delta import LoraDelta
-from ..errors import LoraFormatError
+from ..config import LoraConfig
+from ..errors import LoraError, LoraFormatError
 from . import comfyui as comfyui_format
 from . import diffusers as diffusers_format
 from . import flux_control as flux_control_format
 from . import kohya as kohya_format
 from . import xlabs as xlabs_format
+from .canonical import COMPONENTS, ConvertedLora, not_lora_error
 
-# Symbolic component names a converter may emit. "denoiser" is whichever of
-# unet / transformer the host has (or the whole model for a plain nn.Module).
-# "t5" is the T5 encoder wherever the pipeline has it (text_encoder_3 in SD3, text_encoder_2 in Flux).
-COMPONENTS = ("denoiser", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "t5")
-
-
-@dataclass
-class ConvertedLora:
-    """A file in canonical form.
-
-    ``deltas`` maps ``(component, module_name)`` to a delta; ``module_name`` is
-    in the file's own spelling (dotted, Kohya-mangled, Stability layout),
-    resolved against the live model by `names.ModuleIndex`. ``unknown`` maps
-    keys no converter could use to the reason; ``ignored`` are keys that carry
-    nothing to apply (an ``alpha`` with no LoRA pair).
-    """
-
-    formats: list[str] = field(default_factory=list)
-    deltas: dict[tuple[str, str], LoraDelta] = field(default_factory=dict)
-    unknown: dict[str, str] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
-    # PEFT extras: key -> (component, module, "weight"|"bias") of a base weight saved beside an embedding
-    # LoRA (must equal the model's own), and (component, module) -> {param: key} full module copies
-    # (PEFT's modules_to_save).
-    base_weights: dict[str, tuple[str, str, str]] = field(default_factory=dict)
-    module_copies: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
-    # PEFT's bias="all": (component, module) -> key of the trained bias of a module without LoRA.
-    module_biases: dict[tuple[str, str], str] = field(default_factory=dict)
-    # Flux Control LoRAs: (component, module) -> key of a full replacement of that module's weight (norm scales).
-    norm_weights: dict[tuple[str, str], str] = field(default_factory=dict)
-    # key -> why its tensor can be no part of a LoRA (NaN, an integer factor, an alpha of three values, ...);
-    # with the keys of its module. Never skipped as "all zero": always reported.
-    invalid: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def format(self) -> str:
-        return "+".join(self.formats) if self.formats else "unknown"
-
+__all__ = ["COMPONENTS", "ConvertedLora", "adapter_configs", "convert", "not_lora_error", "tensor_problems"]
 
 # (name, claims(key) -> bool, convert(tensors, configs) -> ConvertedLora), tried in order: XLabs, ComfyUI and
 # BFL's Flux Control names before diffusers, whose suffix rules would claim their lora_A / _lora.down keys too.
@@ -157,9 +120,6 @@ def tensor_problems(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def _check_config(config, where: str) -> None:
     """A config a converter will read: PEFT's fields with PEFT's types (see `LoraConfig.check_fields`)."""
-    from ..config import LoraConfig
-    from ..errors import LoraError
-
     try:
         LoraConfig.from_dict(config, where)
     except LoraError as err:
@@ -201,6 +161,7 @@ def convert(
         result.module_copies.update(part.module_copies)
         result.module_biases.update(part.module_biases)
         result.norm_weights.update(part.norm_weights)
+        result.unrecognized.update(part.unrecognized)
     for key in remaining:
-        result.unknown[key] = "not a key of any LoRA format lora_loader reads"
+        result.not_lora_key(key, "not a key of any LoRA format lora_loader reads")
     return result

@@ -16,13 +16,14 @@ import dataclasses
 
 import torch
 
-from ..kinds import FACTORS
+from ..algorithms import all_factor_keys
 from . import kohya as kohya_format
+from .canonical import ConvertedLora
 
 DENOISER = "diffusion_model."
 # ComfyUI's text encoder names -> the Kohya prefix of the same encoder.
 TEXT_ENCODERS = {"clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5xxl": "lora_te3_"}
-_SUFFIXES = {s: s for kind in FACTORS.values() for s in kind} | {
+_SUFFIXES = {s: s for s in sorted(all_factor_keys())} | {
     "alpha": "alpha",
     "dora_scale": "dora_scale",
     "lora_A.weight": "lora_down.weight",
@@ -53,9 +54,7 @@ def kohya_key(key: str) -> str | None:
     return f"{prefix}{path.replace('.', '_')}.{_SUFFIXES[suffix]}"
 
 
-def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":  # noqa: F821
-    from . import ConvertedLora
-
+def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     original: dict[str, str] = {}  # Kohya spelling -> the file's key
     renamed: dict[str, torch.Tensor] = {}
     unknown: dict[str, str] = {}
@@ -80,4 +79,5 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
     }
     result.unknown = unknown | {back(k): why for k, why in part.unknown.items()}
     result.ignored = [back(k) for k in part.ignored]
+    result.unrecognized = {back(k) for k in part.unrecognized}
     return result

@@ -29,9 +29,10 @@ import re
 
 import torch
 
-from ..config import LoraConfig, pattern_key
+from ..config import LoraConfig
 from ..delta import LoraDelta
 from ..errors import LoraError, LoraFormatError
+from .canonical import ConvertedLora
 
 _COMPONENT_PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -114,18 +115,10 @@ def _parse(key: str) -> tuple[str, str, str] | None:
     return component, module, role
 
 
-def alpha_from_config(config: dict, module_name: str, rank: int) -> tuple[float, bool]:
-    """(alpha, use_rslora) for one module, as PEFT's ``LoraConfig`` would compute its scaling."""
-    alpha_pattern = config.get("alpha_pattern") or {}
-    key = pattern_key(alpha_pattern, module_name)
-    alpha = alpha_pattern[key] if key is not None else config.get("lora_alpha", 8)  # 8: PEFT's default
-    return float(alpha), bool(config.get("use_rslora", False))
-
-
-def _saved_module(path: str, config: dict | None) -> tuple[str, str] | None:
+def _saved_module(path: str, config: LoraConfig | None) -> tuple[str, str] | None:
     """Split ``classifier.dense.weight`` into (``classifier``, ``dense.weight``) when ``classifier`` is one of
     PEFT's ``modules_to_save`` (a module whose full copy the adapter carries, e.g. lm_head or a head)."""
-    names = (config or {}).get("modules_to_save") or []
+    names = (config.modules_to_save if config is not None else None) or []
     parts = path.split(".")
     for cut in range(1, len(parts)):
         module = ".".join(parts[:cut])
@@ -140,50 +133,38 @@ def saved_module_matches(names: list[str], module: str) -> bool:
     return any(module.endswith(name) for name in names)
 
 
-def _config_for(configs: dict[str, dict], component: str) -> dict | None:
+def _config_for(configs: dict[str, LoraConfig], component: str) -> LoraConfig | None:
     config = configs.get(component, configs.get("", None))
     if component == "denoiser" and config is None:
         config = configs.get("unet") or configs.get("transformer")
     return config
 
 
-def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "ConvertedLora":  # noqa: F821
-    from . import ConvertedLora
+def _trains_bias(config: LoraConfig | None) -> bool:
+    """PEFT's bias="lora_only"/"all": the file carries trained biases."""
+    return config is not None and config.bias != "none"
 
+
+def _checked_configs(configs: dict[str, dict]) -> dict[str, LoraConfig]:
+    """Each component's config as a `LoraConfig` (PEFT's fields and pattern rules), or a `LoraFormatError`."""
+    checked = {}
     for component, config in configs.items():
         try:
-            LoraConfig.from_dict(config, f"adapter config{' of ' + component if component else ''}")
+            checked[component] = LoraConfig.from_dict(config, f"adapter config{' of ' + component if component else ''}")
         except LoraError as err:
             raise LoraFormatError(str(err)) from None
+    return checked
+
+
+def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> ConvertedLora:
+    """diffusers / PEFT keys to canonical form; ``configs`` are `formats.adapter_configs` (PEFT fields per component)."""
+    checked = _checked_configs(configs)
     result = ConvertedLora()
-    modules: dict[tuple[str, str], dict[str, str]] = {}
+    modules: dict[tuple[str, str], dict[str, str]] = {}  # (component, module) -> {role: key}
     biases: dict[tuple[str, str], str] = {}  # PEFT bias="lora_only"/"all": (component, module) -> key
     for key in tensors:
-        reason = next((why for marker, why in _NOT_YET if marker in key), None)
-        base = None if reason else _BASE_LAYER.match(key)
-        if base is not None:
-            component, module = _split_component(base.group(1))
-            if base.group(2) == "bias" and (_config_for(configs, component) or {}).get("bias", "none") != "none":
-                biases[(component, module)] = key  # PEFT's bias="lora_only"/"all": the adapted module's trained bias
-            else:
-                result.base_weights[key] = (component, module, base.group(2))
-            continue
-        norm = None if reason else _NORM_WEIGHT.match(key)
-        if norm is not None:
-            result.norm_weights[("transformer", norm.group(1))] = key
-            continue
-        parsed = None if reason else _parse(key)
+        parsed = _file_key(key, checked, result, biases)
         if parsed is None:
-            component, path = _split_component(key)
-            config = _config_for(configs, component)
-            saved = None if reason else _saved_module(path, config)
-            if saved is not None:
-                result.module_copies.setdefault((component, saved[0]), {})[saved[1]] = key
-                continue
-            if not reason and key.endswith(".bias") and (config or {}).get("bias", "none") != "none":
-                biases[(component, path[: -len(".bias")])] = key
-                continue
-            result.unknown[key] = reason or "not a LoRA key (expected lora_A/lora_B, lora.down/lora.up or alpha)"
             continue
         component, module, role = parsed
         slot = modules.setdefault((component, module), {})
@@ -192,44 +173,87 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> "Conv
             continue
         slot[role] = key
     for (component, module), keys in modules.items():
-        down_key, up_key, alpha_key, magnitude_key = (keys.get(r) for r in ("down", "up", "alpha", "magnitude"))
-        up_bias_key = keys.get("up_bias")
-        if down_key is None and up_key is None:
-            if alpha_key is not None:
-                result.ignored.append(alpha_key)
-            if magnitude_key is not None:
-                result.unknown[magnitude_key] = "a DoRA magnitude with no LoRA pair"
-            if up_bias_key is not None:
-                result.unknown[up_bias_key] = "a lora_B.bias with no LoRA pair"
+        if _incomplete(module, keys, result):
             continue
-        if down_key is None or up_key is None:
-            present = down_key or up_key
-            result.unknown[present] = f"module {module} has {'lora_A/down' if down_key else 'lora_B/up'} but not its pair"
-            if alpha_key:
-                result.ignored.append(alpha_key)
-            if magnitude_key:
-                result.unknown[magnitude_key] = f"module {module} has a DoRA magnitude but no complete LoRA pair"
-            if up_bias_key:
-                result.unknown[up_bias_key] = f"module {module} has a lora_B.bias but no complete LoRA pair"
-            continue
-        down, up = tensors[down_key], tensors[up_key]
-        rank = int(down.shape[0])
-        config = _config_for(configs, component)
-        use_rslora, dropout = False, 0.0
-        if config is not None:
-            alpha, use_rslora = alpha_from_config(config, module, rank)
-            dropout = float(config.get("lora_dropout") or 0.0)
-        elif alpha_key is not None:
-            alpha = float(tensors[alpha_key].detach().float().reshape(-1)[0])
-        else:
-            alpha = None
-        magnitude = tensors[magnitude_key] if magnitude_key else None
         bias_key = biases.pop((component, module), None)
-        bias = tensors[bias_key] if bias_key else None
-        up_bias = tensors[up_bias_key] if up_bias_key else None
-        used = tuple(k for k in (down_key, up_key, alpha_key, magnitude_key, bias_key, up_bias_key) if k)
-        result.deltas[(component, module)] = LoraDelta(
-            down, up, alpha, use_rslora, keys=used, magnitude=magnitude, dropout=dropout, bias=bias, up_bias=up_bias
-        )
+        result.deltas[(component, module)] = _delta(tensors, keys, bias_key, module, _config_for(checked, component))
     result.module_biases.update(biases)  # bias="all": biases of modules without LoRA
     return result
+
+
+def _file_key(key: str, configs: dict[str, LoraConfig], result: ConvertedLora, biases: dict) -> tuple[str, str, str] | None:
+    """``(component, module, role)`` of a key of a LoRA module; any other key is filed here (base weight,
+    norm weight, module copy, trained bias, unknown) and gives None."""
+    reason = next((why for marker, why in _NOT_YET if marker in key), None)
+    if reason:
+        result.unknown[key] = reason
+        return None
+    base = _BASE_LAYER.match(key)
+    if base is not None:
+        component, module = _split_component(base.group(1))
+        if base.group(2) == "bias" and _trains_bias(_config_for(configs, component)):
+            biases[(component, module)] = key  # PEFT's bias="lora_only"/"all": the adapted module's trained bias
+        else:
+            result.base_weights[key] = (component, module, base.group(2))
+        return None
+    norm = _NORM_WEIGHT.match(key)
+    if norm is not None:
+        result.norm_weights[("transformer", norm.group(1))] = key
+        return None
+    parsed = _parse(key)
+    if parsed is not None:
+        return parsed
+    component, path = _split_component(key)
+    config = _config_for(configs, component)
+    saved = _saved_module(path, config)
+    if saved is not None:
+        result.module_copies.setdefault((component, saved[0]), {})[saved[1]] = key
+    elif key.endswith(".bias") and _trains_bias(config):
+        biases[(component, path[: -len(".bias")])] = key
+    else:
+        result.not_lora_key(key, "not a LoRA key (expected lora_A/lora_B, lora.down/lora.up or alpha)")
+    return None
+
+
+def _incomplete(module: str, keys: dict[str, str], result: ConvertedLora) -> bool:
+    """A module without both halves of its LoRA pair: its keys are filed as unknown or ignored."""
+    down_key, up_key, alpha_key, magnitude_key = (keys.get(r) for r in ("down", "up", "alpha", "magnitude"))
+    up_bias_key = keys.get("up_bias")
+    if down_key is None and up_key is None:
+        if alpha_key is not None:
+            result.ignored.append(alpha_key)
+        if magnitude_key is not None:
+            result.unknown[magnitude_key] = "a DoRA magnitude with no LoRA pair"
+        if up_bias_key is not None:
+            result.unknown[up_bias_key] = "a lora_B.bias with no LoRA pair"
+        return True
+    if down_key is None or up_key is None:
+        present = down_key or up_key
+        result.unknown[present] = f"module {module} has {'lora_A/down' if down_key else 'lora_B/up'} but not its pair"
+        if alpha_key:
+            result.ignored.append(alpha_key)
+        if magnitude_key:
+            result.unknown[magnitude_key] = f"module {module} has a DoRA magnitude but no complete LoRA pair"
+        if up_bias_key:
+            result.unknown[up_bias_key] = f"module {module} has a lora_B.bias but no complete LoRA pair"
+        return True
+    return False
+
+
+def _delta(tensors: dict, keys: dict[str, str], bias_key: str | None, module: str, config: LoraConfig | None) -> LoraDelta:
+    """One module's `LoraDelta`. Strength: the config's alpha (PEFT's ``alpha_pattern`` rule, `LoraConfig.alpha_for`)
+    when there is a config, else the file's ``alpha`` key, else none (alpha = rank, as diffusers infers it)."""
+    down_key, up_key, alpha_key, magnitude_key, up_bias_key = (keys.get(r) for r in ("down", "up", "alpha", "magnitude", "up_bias"))
+    use_rslora, dropout = False, 0.0
+    if config is not None:
+        alpha, use_rslora, dropout = config.alpha_for(module), bool(config.use_rslora), float(config.lora_dropout or 0.0)
+    elif alpha_key is not None:
+        alpha = float(tensors[alpha_key].detach().float().reshape(-1)[0])
+    else:
+        alpha = None
+    used = tuple(k for k in (down_key, up_key, alpha_key, magnitude_key, bias_key, up_bias_key) if k)
+    return LoraDelta(
+        tensors[down_key], tensors[up_key], alpha, use_rslora, keys=used,
+        magnitude=tensors[magnitude_key] if magnitude_key else None, dropout=dropout,
+        bias=tensors[bias_key] if bias_key else None, up_bias=tensors[up_bias_key] if up_bias_key else None,
+    )  # fmt: skip

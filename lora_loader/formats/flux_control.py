@@ -15,7 +15,7 @@ modules (``double_blocks.0.img_attn.qkv``, ``single_blocks.3.linear1``, ``img_in
 
 The names are diffusers' ``_convert_bfl_flux_control_lora_to_diffusers``; fused projections
 (``qkv``, ``linear1``) and the final modulation's (shift, scale) halves go through the same
-`flux.convert_module` as sd-scripts' Flux files, so their parts share ``lora_A`` and take their
+`original_names.FLUX.convert_module` as sd-scripts' Flux files, so their parts share ``lora_A`` and take their
 rows of ``lora_B`` and of its bias.
 """
 
@@ -26,7 +26,8 @@ import re
 import torch
 
 from ..delta import LoraDelta
-from . import flux as flux_format
+from .canonical import ConvertedLora
+from .original_names import FLUX
 
 # BFL's top-level modules; no diffusers module path starts with these.
 _ROOT = re.compile(r"^(?:(?:double|single)_blocks\.\d+|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.")
@@ -54,9 +55,7 @@ def norm_target(key: str) -> str | None:
     return f"single_transformer_blocks.{single}.attn.norm_{qk}"
 
 
-def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":  # noqa: F821
-    from . import ConvertedLora
-
+def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     result = ConvertedLora()
     modules: dict[str, dict[str, str]] = {}
     for key in tensors:
@@ -80,7 +79,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
             continue
         up_bias = tensors[keys["up_bias"]] if "up_bias" in keys else None
         delta = LoraDelta(tensors[keys["down"]], tensors[keys["up"]], None, keys=tuple(keys.values()), up_bias=up_bias)
-        parts, why = flux_format.convert_module(module.replace(".", "_"), delta)
+        parts, why = FLUX.convert_module(module.replace(".", "_"), delta)
         if why is not None:
             for key in keys.values():
                 result.unknown[key] = why

@@ -18,7 +18,7 @@ Suffixes: ``.lora_down.weight`` ([r, in] or [r, in, kh, kw]),
 sd-scripts' ``LoRAModule`` defines it). LyCORIS writes its other algorithms in
 the same naming (and as ``lycoris_<path>``): ``lora_mid`` (LoCon Tucker),
 ``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff``/``diff_b`` (full) and
-``dora_scale`` (DoRA) become `kinds.WeightDelta`; a plain pair stays a
+``dora_scale`` (DoRA) become `delta.FactorDelta`; a plain pair stays a
 `LoraDelta` with its fast paths.
 """
 
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from ..delta import LoraDelta
-from ..kinds import FACTORS, NAMES, WeightDelta, kind_of_suffixes, missing_factors
-from . import flux as flux_format
-from . import sd3 as sd3_format
+from ..delta import FactorDelta, LoraDelta
+from ..algorithms import ALGORITHMS, SHARED_KEYS, algorithm_of_suffixes, all_factor_keys
+from .canonical import ConvertedLora
+from .original_names import family_of
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -46,7 +46,7 @@ _NOT_YET = {
     "lokr_t1": "LoKr lokr_t1 is not used by LyCORIS either",
     "oft_blocks": "OFT / BOFT (oft_blocks) is not supported",
 }
-_SUFFIXES = {s for kind in FACTORS.values() for s in kind} | {"alpha", "dora_scale"}
+_SUFFIXES = all_factor_keys() | set(SHARED_KEYS)
 
 
 def claims(key: str) -> bool:
@@ -66,9 +66,7 @@ def alpha_value(tensor: torch.Tensor) -> float:
     return float(tensor.item() if tensor.numel() == 1 else tensor.detach().float().reshape(-1)[0])
 
 
-def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":  # noqa: F821
-    from . import ConvertedLora
-
+def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     result = ConvertedLora()
     modules: dict[tuple[str, str], dict[str, str]] = {}
     for key in tensors:
@@ -84,7 +82,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
             )
     denoiser_names = {m for c, m in modules if c == "denoiser"}
     # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules.
-    original = flux_format if flux_format.is_flux(denoiser_names) else sd3_format if sd3_format.is_sd3(denoiser_names) else None
+    original = family_of(denoiser_names)
     for (component, module), keys in modules.items():
         alpha_key = keys.get("alpha")
         factor_keys = {s: k for s, k in keys.items() if s not in ("alpha", "dora_scale")}
@@ -95,20 +93,20 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
             if dora_key:
                 result.unknown[dora_key] = "a dora_scale with no LoRA factors beside it"
             continue
-        kind = kind_of_suffixes(set(keys))
-        if kind is None:
-            algorithms = ", ".join(sorted({NAMES[k] for s in factor_keys for k, fs in FACTORS.items() if s in fs and k != "locon"}))
+        found = algorithm_of_suffixes(set(keys))
+        if found is None:
+            algorithms = ", ".join(sorted({a.title for s in factor_keys for a in ALGORITHMS.values() if s in a.factor_keys and a.kind != "locon"}))
             for k in factor_keys.values():
                 result.unknown[k] = f"mixes the factors of several algorithms on one module ({algorithms}: {sorted(factor_keys)})"
             continue
-        missing = missing_factors(kind, factor_keys)
+        kind, missing = found.kind, found.missing(set(factor_keys))
         if missing:
             for k in factor_keys.values():
-                result.unknown[k] = f"its {NAMES[kind]} factor(s) {', '.join(missing)} are missing"
+                result.unknown[k] = f"its {found.title} factor(s) {', '.join(missing)} are missing"
             if alpha_key:
                 result.ignored.append(alpha_key)
             if dora_key:
-                result.unknown[dora_key] = f"its {NAMES[kind]} factor(s) {', '.join(missing)} are missing"
+                result.unknown[dora_key] = f"its {found.title} factor(s) {', '.join(missing)} are missing"
             continue
         alpha = alpha_value(tensors[alpha_key]) if alpha_key else None
         if alpha == 0:
@@ -120,7 +118,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
         else:
             factors = {s: tensors[k] for s, k in factor_keys.items()}
             dora = tensors[dora_key] if dora_key else None
-            delta = WeightDelta(kind, factors, alpha, keys=used, dora_scale=dora)
+            delta = FactorDelta(kind, factors, alpha, keys=used, dora_scale=dora)
         if original is not None and component == "denoiser":
             _add_original(result, original, module, delta)
         else:
@@ -129,7 +127,8 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":
 
 
 def _add_original(result, family, module: str, delta) -> None:
-    """A Flux (BFL) or SD3 (MMDiT) module: renamed to diffusers' path, a fused projection split by rows."""
+    """A module in a family's original names (BFL's Flux, Stability's SD3, see `original_names`): renamed to
+    diffusers' path, a fused projection split by rows."""
     parts, why = family.convert_module(module, delta)
     if why is not None:
         for key in delta.keys:

@@ -17,6 +17,7 @@ import re
 import torch
 
 from ..delta import LoraDelta
+from .canonical import ConvertedLora
 
 _KEY = re.compile(r"^(?:diffusion_model\.)?(double|single)_blocks\.(\d+)\.processor\.((?:qkv|proj)_lora[12]?)\.(down|up)\.weight$")
 _DOUBLE = {
@@ -32,9 +33,7 @@ def claims(key: str) -> bool:
     return ".processor." in key and _KEY.match(key) is not None
 
 
-def convert(tensors: dict[str, torch.Tensor], configs: dict) -> "ConvertedLora":  # noqa: F821
-    from . import ConvertedLora
-
+def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     result = ConvertedLora()
     layers: dict[tuple[str, str, str], dict[str, str]] = {}
     for key in tensors:
