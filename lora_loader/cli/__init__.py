@@ -82,7 +82,12 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``lora-loader`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run ``lora-loader`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    >>> main(["--version"])
+    lora-loader ...
+    0
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
