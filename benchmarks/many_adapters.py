@@ -45,11 +45,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run as bench  # noqa: E402  (the models, the machine table and the formatting of benchmarks/run.py)
+from harness import DP, LL, machine, proc_status, quiet_libraries, read_safetensors, timed, trim  # noqa: E402  (first: the path and environment)
+
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-LL, DP = bench.LL, bench.DP
+from report import Row, fmt_stats, fmt_value, format_row_text, med, ratio_text  # noqa: E402
+from workloads import FULL, QUICK, Size, build_text_encoder, build_unet, make_pipeline, no_lora_left  # noqa: E402
+
 TARGETS = re.compile(r".*\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)")
 START, END = "<!-- many_adapters:start -->", "<!-- many_adapters:end -->"
 
@@ -57,7 +60,7 @@ START, END = "<!-- many_adapters:start -->", "<!-- many_adapters:end -->"
 @dataclass
 class Config:
     name: str
-    size: bench.Size
+    size: Size
     adapters: int
     rank: int
     latent: int
@@ -71,11 +74,11 @@ class Config:
 
 def configs(args) -> Config:
     if args.quick:
-        size = bench.QUICK
+        size = QUICK
         cfg = Config("quick", size, adapters=12, rank=8, latent=16, ll_rounds=2, cap_rounds=1, peft_rounds=1,
                      forward_repeats=2, switch_calls=10, cap=3)
     else:
-        size = bench.FULL
+        size = FULL
         cfg = Config("full", size, adapters=50, rank=8, latent=32, ll_rounds=4, cap_rounds=3, peft_rounds=1,
                      forward_repeats=3, switch_calls=20, cap=4)
     for field in ("adapters", "rank", "peft_rounds", "forward_repeats", "cap"):
@@ -111,8 +114,8 @@ def write_files(unet: nn.Module, folder: Path, n: int, rank: int) -> tuple[list[
 
 def rss() -> int:
     gc.collect()
-    bench.trim()
-    return bench.proc_status("VmRSS")
+    trim()
+    return proc_status("VmRSS")
 
 
 def ll_bytes(unet: nn.Module, name: str) -> int:
@@ -154,24 +157,24 @@ class Bench:
         import lora_loader
 
         self.cfg, self.workdir = cfg, workdir
-        self.rows: list[bench.Row] = []
+        self.rows: list[Row] = []
         self.checks: list[str] = []
         self.outputs: dict[str, torch.Tensor] = {}  # lora_loader's UNet output with a0 active, per state
         t0 = time.perf_counter()
         print(f"building the SD 1.5 UNet x3 ({cfg.name}) ...", flush=True)
-        self.base = bench.build_unet(cfg.size, 0)
+        self.base = build_unet(cfg.size, 0)
         self.n_params = sum(p.numel() for p in self.base.parameters())
-        te_size = bench.QUICK  # the files touch only the UNet: a small text encoder, never run
+        te_size = QUICK  # the files touch only the UNet: a small text encoder, never run
         self.pipes = {
-            LL: lora_loader.attach(bench.make_pipeline(copy.deepcopy(self.base), bench.build_text_encoder(te_size, 1))),
-            DP: bench.make_pipeline(copy.deepcopy(self.base), bench.build_text_encoder(te_size, 1)),
+            LL: lora_loader.attach(make_pipeline(copy.deepcopy(self.base), build_text_encoder(te_size, 1))),
+            DP: make_pipeline(copy.deepcopy(self.base), build_text_encoder(te_size, 1)),
         }
         print(f"  built in {time.perf_counter() - t0:.0f} s: UNet {self.n_params / 1e6:.0f} M params", flush=True)
         t0 = time.perf_counter()
         self.files, self.n_targets = write_files(self.base, workdir, cfg.adapters, cfg.rank)
         self.file_mib = (workdir / self.files[0]).stat().st_size / 2**20
         for file in self.files:  # warm the page cache for both readers
-            bench.read_safetensors(str(workdir / file))
+            read_safetensors(str(workdir / file))
         print(f"  wrote {cfg.adapters} files ({self.file_mib:.2f} MiB each, rank {cfg.rank}, {self.n_targets} modules) "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
         g = torch.Generator().manual_seed(7)
@@ -197,16 +200,16 @@ class Bench:
         pipe = self.pipes[lib]
         pipe.unload_lora_weights()
         gc.collect()
-        assert bench.no_lora_left(pipe.unet), f"{lib}: unload_lora_weights left LoRA layers"
+        assert no_lora_left(pipe.unet), f"{lib}: unload_lora_weights left LoRA layers"
 
     def forward(self, which: str) -> torch.Tensor:
         unet = self.base if which == "base" else self.pipes[which].unet
         with torch.no_grad():
             return unet(self.x, self.t, encoder_hidden_states=self.ehs).sample
 
-    def add(self, row: bench.Row) -> None:
+    def add(self, row: Row) -> None:
         self.rows.append(row)
-        print("  " + bench.format_row_text(row), flush=True)
+        print("  " + format_row_text(row), flush=True)
 
     # -- figures ---------------------------------------------------------------------------------------
     def switch_samples(self, names: list[str], libs=(LL, DP)) -> dict[str, list[float]]:
@@ -231,7 +234,7 @@ class Bench:
         perms = [("base", LL, DP), (DP, "base", LL), (LL, DP, "base")]
         for r in range(self.cfg.forward_repeats):
             for which in perms[r % 3]:
-                samples[which].append(bench.timed(lambda: self.forward(which))[0])
+                samples[which].append(timed(lambda: self.forward(which))[0])
         return samples
 
     def run(self) -> None:
@@ -319,7 +322,6 @@ class Bench:
     # -- the table ------------------------------------------------------------------------------------------
     def report(self, loads, kept, bytes_per, resident_bytes, switch2, switch50, cap_two, cap_ring, fwd1, fwd50) -> None:
         cfg, n = self.cfg, self.cfg.adapters
-        Row = bench.Row
         ks = [k for k in (1, 10, 25, 50) if k <= n] if n >= 50 else sorted({1, max(2, n // 2), n})
 
         def at(rounds_, k):
@@ -330,22 +332,22 @@ class Bench:
         for k in ks[1:]:
             self.add(Row("load", f"with max_resident_adapters={cfg.cap}: adapter {k}", "ms", at(loads["cap"], k), None, ""))
         mid = ks[1]
-        flat = {lib: [bench.med([ts[i - 1] for i in window(n, n)]) / bench.med([ts[i - 1] for i in window(mid, n)]) for ts in loads[lib]]
+        flat = {lib: [med([ts[i - 1] for i in window(n, n)]) / med([ts[i - 1] for i in window(mid, n)]) for ts in loads[lib]]
                 for lib in (LL, DP, "cap")}
         self.add(Row("load", f"load of adapter {n} / load of adapter {mid} (per round)", "x", flat[LL], flat[DP], DP, kind="plain"))
         self.add(Row("load", f"the same with max_resident_adapters={cfg.cap}", "x", flat["cap"], None, "", kind="plain"))
         self.add(Row("switch", "set_adapters between two adapters, 2 loaded", "ms", switch2[LL], switch2[DP], DP))
         self.add(Row("switch", f"set_adapters between two adapters, {n} loaded", "ms", switch50[LL], switch50[DP], DP))
-        self.add(Row("switch", f"{n} loaded / 2 loaded (medians)", "x", [bench.med(switch50[LL]) / bench.med(switch2[LL])],
-                     [bench.med(switch50[DP]) / bench.med(switch2[DP])], DP, kind="plain"))
+        self.add(Row("switch", f"{n} loaded / 2 loaded (medians)", "x", [med(switch50[LL]) / med(switch2[LL])],
+                     [med(switch50[DP]) / med(switch2[DP])], DP, kind="plain"))
         self.add(Row("switch", f"with max_resident_adapters={cfg.cap}: between two resident adapters, {n} loaded", "ms", cap_two, None, ""))
         self.add(Row("switch", f"with max_resident_adapters={cfg.cap}: round-robin over {2 * cfg.cap} (each call brings one "
                      "back and parks one)", "ms", cap_ring, None, ""))
         self.add(Row("forward", f"reference: base UNet forward 1x4x{cfg.latent}x{cfg.latent}", "s", None, fwd1["base"] + fwd50["base"], "base model", kind="plain"))
         self.add(Row("forward", "UNet forward, a0 active, 1 loaded", "s", fwd1[LL], fwd1[DP], DP))
         self.add(Row("forward", f"UNet forward, a0 active, {n} loaded", "s", fwd50[LL], fwd50[DP], DP))
-        self.add(Row("forward", f"{n} loaded / 1 loaded (medians)", "x", [bench.med(fwd50[LL]) / bench.med(fwd1[LL])],
-                     [bench.med(fwd50[DP]) / bench.med(fwd1[DP])], DP, kind="plain"))
+        self.add(Row("forward", f"{n} loaded / 1 loaded (medians)", "x", [med(fwd50[LL]) / med(fwd1[LL])],
+                     [med(fwd50[DP]) / med(fwd1[DP])], DP, kind="plain"))
         mib = 2**20
         self.add(Row("memory", "tensor bytes of one adapter (MiB)", "MiB", [b / mib for b in bytes_per[LL]],
                      [b / mib for b in bytes_per[DP]], DP, kind="plain"))
@@ -383,8 +385,8 @@ class Bench:
         ]
         for row in self.rows:
             lines.append(
-                f"| {row.figure} | {row.what} | {bench.fmt_stats(row.ll, row.unit) if row.ll else '-'} | {row.other_name or '-'} | "
-                f"{bench.fmt_stats(row.other, row.unit) if row.other else '-'} | {bench.ratio_text(row)} |"
+                f"| {row.figure} | {row.what} | {fmt_stats(row.ll, row.unit) if row.ll else '-'} | {row.other_name or '-'} | "
+                f"{fmt_stats(row.other, row.unit) if row.other else '-'} | {ratio_text(row)} |"
             )
         lines += ["", "Checks:", ""] + [f"- {c}" for c in self.checks]
         lines += [
@@ -409,7 +411,7 @@ class Bench:
             "policy's own cost (the LRU bookkeeping and the per-layer `.to()` calls, which are no-ops here), and the last memory "
             "row is what the cap would keep on an accelerator (the resident adapters' bytes), not a measured RSS change. On a "
             "GPU each return also copies one adapter's bytes from the CPU (here "
-            f"{bench.fmt_value(self.file_total / n / 2**20, 'MiB')}).",
+            f"{fmt_value(self.file_total / n / 2**20, 'MiB')}).",
             END,
         ]
         return "\n".join(lines) + "\n"
@@ -447,10 +449,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    bench.quiet_libraries()
+    quiet_libraries()
     cfg = configs(args)
     started = time.perf_counter()
-    info = bench.machine()
+    info = machine()
     print("machine: " + ", ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="lora-many-"))
     try:

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from tiny import outputs, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 import lora_loader
-from lora_loader.cli import build_skeleton, main
+from lora_loader.cli import main
+from lora_loader.skeletons import build_skeleton
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,162 @@
+"""Which base model a LoRA was made for: SD 1.x, SD 2.x, SDXL, SD3, Flux or a causal LM.
+
+`detect_family` reads it from the converted file's module names and shapes;
+``lora-loader inspect`` reports it and ``lora-loader convert`` picks the model
+to convert on with it (`lora_loader.skeletons`).
+
+>>> from lora_loader.families import FAMILY_LABELS, family_from_metadata
+>>> FAMILY_LABELS[family_from_metadata({"ss_base_model_version": "sdxl_base_v1-0"})]
+'SDXL'
+"""
+
+from __future__ import annotations
+
+import re
+
+FAMILY_LABELS = {
+    "sd1": "SD 1.x",
+    "sd2": "SD 2.x",
+    "sd1/sd2": "SD 1.x/2.x",
+    "sdxl": "SDXL",
+    "sd3": "SD3",
+    "flux": "Flux",
+    "causal-lm": "causal LM",
+    "unknown": "unknown",
+}
+# Cross-attention input width (the text encoder's hidden size the UNet attends to) per UNet family.
+_CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Text encoder hidden size: CLIP ViT-L (SD 1.x, SDXL's first), OpenCLIP ViT-H (SD 2.x), OpenCLIP bigG (SDXL's second).
+_TEXT_ENCODER_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+# The symbolic component "denoiser" under the name the family's pipeline gives it.
+DENOISER_NAME = {"sd1": "unet", "sd2": "unet", "sd1/sd2": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
+
+_UNET_MARKERS = ("down_blocks_", "up_blocks_", "mid_block_", "input_blocks_", "output_blocks_", "middle_block_", "conv_in", "time_embedding_")
+_LM_PATTERNS = (
+    re.compile(r"(^|_)layers_\d+_(self_attn|mlp|attention|feed_forward)_"),  # Llama, Mistral, Qwen, Gemma, ...
+    re.compile(r"(^|_)decoder_layers_\d+_"),  # OPT
+    re.compile(r"(^|_)h_\d+_(attn|mlp)_"),  # GPT-2, GPT-J
+    re.compile(r"(^|_)gpt_neox_layers_\d+_"),
+)
+
+
+def family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """The family a producer wrote in the header: sd-scripts' ``ss_base_model_version``, ``modelspec.architecture``,
+    or ours. Only a hint: the keys and shapes decide when they can.
+
+    >>> family_from_metadata({"modelspec.architecture": "stable-diffusion-3-medium/lora"})
+    'sd3'
+    """
+    text = " ".join(
+        metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture", "lora_loader.base_model")
+    ).lower()
+    for needle, family in (("flux", "flux"), ("sdxl", "sdxl"), ("-xl", "sdxl"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
+                           ("sd_v2", "sd2"), ("v2-", "sd2"), ("sd_v1", "sd1"), ("-v1", "sd1"), ("sd1/sd2", "sd1/sd2")):
+        if needle in text:
+            return family
+    return None
+
+
+def _in_features(delta) -> int | None:
+    """The input width of the module a delta targets (its dense delta's second dimension)."""
+    down = getattr(delta, "down", None)
+    if down is not None:
+        return int(down.shape[1]) if down.dim() >= 2 else None
+    shape = delta.dense_shape() if hasattr(delta, "dense_shape") else None
+    return int(shape[1]) if shape and len(shape) >= 2 else None
+
+
+def _first_match(items: list, pattern: str):
+    """The first delta of ``[(name, delta)]`` whose module name matches ``pattern``, or None."""
+    return next((d for n, d in items if re.search(pattern, n)), None)
+
+
+def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_config: dict | None = None) -> tuple[str, list[str]]:
+    """``(family, evidence)`` of a converted LoRA, from its module names and shapes.
+
+    ``deltas`` is `formats.convert`'s ``{(component, module): delta}``. The
+    names give the kind of model (UNet block names, Flux's single blocks, a
+    causal LM's ``model.layers.N``); within SD UNets the cross-attention input
+    width (768 / 1024 / 2048) and the text encoders' widths tell SD 1.x, 2.x and
+    SDXL apart. The header's family (if any) decides only what shapes cannot.
+
+    >>> import torch
+    >>> d = {("denoiser", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"):
+    ...      type("D", (), {"down": torch.zeros(4, 2048)})()}
+    >>> detect_family(d)[0]
+    'sdxl'
+    """
+    components = {c for c, _ in deltas}
+    # A converter files a prefixed key under "unet"/"transformer" and an unprefixed one under "denoiser".
+    denoiser = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c in ("denoiser", "unet", "transformer")]
+    text_encoder = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c == "text_encoder"]
+    unet = [n for n, _ in denoiser if any(marker in n for marker in _UNET_MARKERS)]
+
+    decided = _family_from_names(components, denoiser, unet, adapter_config)
+    if decided is not None:
+        return decided
+    family, evidence = _unet_family(components, denoiser, text_encoder, unet)
+    # The header decides only what names and widths leave open: nothing found, or "some SD UNet".
+    hinted = family_from_metadata(metadata or {})
+    if hinted and (family is None or (family == "sd1/sd2" and hinted in ("sd1", "sd2", "sdxl"))):
+        evidence.append(f"header metadata names {FAMILY_LABELS[hinted]}")
+        family = hinted
+    if family is None:
+        return "unknown", evidence or ["no known block names"]
+    return family, evidence
+
+
+def _family_from_names(components: set, denoiser: list, unet: list[str], adapter_config: dict | None) -> tuple[str, list[str]] | None:
+    """The families the names alone settle (a causal LM, Flux, SD3), or None: a UNet, or nothing known."""
+    names = [n for n, _ in denoiser]
+    if (adapter_config or {}).get("task_type") == "CAUSAL_LM":
+        return "causal-lm", ["adapter_config.json says task_type CAUSAL_LM"]
+    if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
+        return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
+    if "text_encoder_3" in components:
+        return "sd3", ["keys for a third text encoder (lora_te3_ / text_encoder_3)"]
+    if not unet and any("transformer_blocks_" in n for n in names):
+        to_q = _first_match(denoiser, r"transformer_blocks_\d+_attn_to_q$")
+        width = _in_features(to_q) if to_q is not None else None
+        if width == 3072:
+            return "flux", ["DiT transformer_blocks with attention width 3072 (Flux)"]
+        return "sd3", [f"DiT transformer_blocks (joint attention), attention width {width} (SD3)"]
+    if not unet and any(p.search(n) for p in _LM_PATTERNS for n in names) and not any("encoder_layers_" in n for n in names):
+        return "causal-lm", ["decoder layer names (layers.N.self_attn / mlp)"]
+    return None
+
+
+def _unet_family(components: set, denoiser: list, text_encoder: list, unet: list[str]) -> tuple[str | None, list[str]]:
+    """``(family or None, evidence)`` of an SD UNet LoRA, from the strongest clue down: a second text encoder,
+    the cross-attention width, SDXL's block layout and depth, the ``proj_in`` kind, the text encoder's width."""
+    evidence: list[str] = []
+    family = None
+    if "text_encoder_2" in components:
+        family = "sdxl"
+        evidence.append("keys for a second text encoder (lora_te2_ / text_encoder_2)")
+    cross = _first_match(denoiser, r"attn2_to_[kv]$")
+    width = _in_features(cross) if cross is not None else None
+    if width is not None:
+        known = _CROSS_ATTENTION_WIDTH.get(width)
+        evidence.append(f"cross-attention input width {width}" + ("" if known else " (not a known SD size)"))
+        family = family or known
+    if family is None and any(n.startswith(("input_blocks_", "output_blocks_", "middle_block_")) or "add_embedding_" in n or "label_emb_" in n for n in unet):
+        family = "sdxl"
+        evidence.append("Stability UNet block names / add_embedding (SDXL's layout in sd-scripts)")
+    if family is None and any(re.search(r"transformer_blocks_[2-9]_", n) for n in unet):
+        family = "sdxl"
+        evidence.append("more than 2 transformer blocks per attention (SDXL depth 2/10)")
+    proj = _first_match(denoiser, r"attentions_\d+_proj_(in|out)$")
+    if family is None and getattr(proj, "down", None) is not None:
+        # SD 1.x's proj_in/proj_out are 1x1 convs (a 4-D lora_down); SD 2.x and SDXL use linear projections.
+        conv = proj.down.dim() == 4
+        family = "sd1" if conv else "sd2"
+        evidence.append(f"{'1x1 conv' if conv else 'linear'} proj_in/proj_out")
+    q_proj = _first_match(text_encoder, r"self_attn_q_proj$")
+    te_width = _in_features(q_proj) if q_proj is not None else None
+    if family is None and te_width is not None:
+        evidence.append(f"text encoder width {te_width}" + ("" if te_width in _TEXT_ENCODER_WIDTH else " (not a known CLIP size)"))
+        family = _TEXT_ENCODER_WIDTH.get(te_width)
+    if family is None and (unet or text_encoder):
+        family = "sd1/sd2"
+        evidence.append("UNet / CLIP text encoder names")
+    return family, evidence
