@@ -78,15 +78,16 @@ class LoraHost(LoraResidency):
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------
-    def _lora_existing_registry(self) -> AdapterRegistry:
-        """The registry if there is one, else an empty one that is not attached (for read-only calls)."""
+    def _lora_registry_to_read(self) -> AdapterRegistry:
+        """The registry if there is one, else an empty one that is not attached: for calls that only read
+        (or refuse), so that asking a model without adapters leaves it without a registry."""
         for module in self._lora_components().values():
             if _REGISTRY in module.__dict__:
                 return module.__dict__[_REGISTRY]
         return AdapterRegistry()
 
-    @property
-    def _lora_registry(self) -> AdapterRegistry:
+    def _lora_registry_to_change(self) -> AdapterRegistry:
+        """The registry, attached to every component (created if there is none yet): for calls that change it."""
         # The registry lives on the component modules, not on the host: adapters live in those
         # modules, so a second pipeline built from the same components (img2img from txt2img,
         # `from_pipe`) sees the same adapters, as it does with diffusers.
@@ -148,7 +149,7 @@ class LoraHost(LoraResidency):
         unknown = set(kwargs) - _IGNORED_DIFFUSERS_KWARGS
         if unknown:
             raise LoraError(f"load_lora_weights() got unexpected keyword arguments {sorted(unknown)}")
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         name = registry.default_name() if adapter_name is None else adapter_name
         source_kwargs = dict(
             subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir,
@@ -179,9 +180,9 @@ class LoraHost(LoraResidency):
         layers, copies = inject.apply(planned, name, copy=not source.owned)
         config = LoraConfig.from_dict(source.adapter_config, source.name) if source.adapter_config else None
         record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped, copies, config)
-        self._lora_registry.add(record)
+        self._lora_registry_to_change().add(record)
         if hotswap_rank is not None:
-            _pad_for_hotswap(self._lora_registry, record, hotswap_rank)
+            _pad_for_hotswap(self._lora_registry_to_change(), record, hotswap_rank)
         counts: dict[str, int] = {}
         for component, _, _ in layers + copies:
             counts[component] = counts.get(component, 0) + 1
@@ -189,7 +190,7 @@ class LoraHost(LoraResidency):
 
     def _lora_hotswap(self, src, weight_name, name: str, source_kwargs: dict) -> LoadReport:
         """Replace adapter ``name``'s tensors in place with the file's (see hotswap.py); nothing else changes."""
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         registry.refuse_fused([name], f"hotswapping '{name}'")
         source = read_source(src, weight_name, **source_kwargs)
         try:
@@ -219,7 +220,7 @@ class LoraHost(LoraResidency):
             else:
                 hotswap.silence(adapter)
         record.source, record.format = source.name, converted.format
-        registry = self._lora_registry
+        registry = self._lora_registry_to_change()
         registry.push()
         counts: dict[str, int] = {}
         for p in planned.modules:
@@ -246,7 +247,7 @@ class LoraHost(LoraResidency):
             if weights is not None:
                 raise LoraError("pass either weights= or adapter_weights=, not both")
             weights = adapter_weights
-        names = self._lora_existing_registry().names(adapter_names, "set_adapters")
+        names = self._lora_registry_to_read().names(adapter_names, "set_adapters")
         if weights is None or not isinstance(weights, (list, tuple)):
             weights = [weights] * len(names)
         if len(weights) != len(names):
@@ -262,7 +263,7 @@ class LoraHost(LoraResidency):
                 normalized.append(self._lora_component_weights(name, weight))
             else:
                 normalized.append({everywhere: _number(weight, f"weight of adapter '{name}'")})
-        self._lora_registry.set_active(names, normalized, self._lora_scope(), update=on_component)
+        self._lora_registry_to_change().set_active(names, normalized, self._lora_scope(), update=on_component)
 
     def disable_lora(self) -> None:
         """Bypass every adapter: outputs equal the base model's exactly, until `enable_lora`.
@@ -277,7 +278,7 @@ class LoraHost(LoraResidency):
         >>> torch.equal(model(x), base)
         True
         """
-        self._lora_registry.set_enabled(False, self._lora_scope())
+        self._lora_registry_to_change().set_enabled(False, self._lora_scope())
 
     def enable_lora(self) -> None:
         """Restore the adapters and weights of the last `set_adapters` (or loads) after `disable_lora`.
@@ -292,7 +293,7 @@ class LoraHost(LoraResidency):
         >>> torch.equal(model(x), with_lora)
         True
         """
-        self._lora_registry.set_enabled(True, self._lora_scope())
+        self._lora_registry_to_change().set_enabled(True, self._lora_scope())
 
     def get_active_adapters(self) -> list[str]:
         """Names of the active adapters, in the order they were set.
@@ -312,7 +313,7 @@ class LoraHost(LoraResidency):
         >>> model.get_active_adapters()
         ['a', 'b']
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         adapted = set(registry.list_by_component())
         for component in reversed(self._lora_scope()):
             if component in adapted:
@@ -329,7 +330,7 @@ class LoraHost(LoraResidency):
         >>> model.get_list_adapters()
         {'model': ['a']}
         """
-        return self._lora_existing_registry().list_by_component()
+        return self._lora_registry_to_read().list_by_component()
 
     def delete_adapters(self, adapter_names) -> None:
         """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again.
@@ -345,10 +346,10 @@ class LoraHost(LoraResidency):
         >>> model.get_list_adapters(), type(model[0]) is torch.nn.Linear
         ({}, True)
         """
-        existing = self._lora_existing_registry()
+        existing = self._lora_registry_to_read()
         names = existing.names(adapter_names, "delete_adapters")
         existing.refuse_fused(names, "deleting them")
-        registry = self._lora_registry
+        registry = self._lora_registry_to_change()
         scope = self._lora_scope()
         for name in names:
             if len(scope) == 1 and COMPONENT_NAME in self.__dict__:  # pipe.unet.delete_adapters: the UNet's part only
@@ -445,7 +446,7 @@ class LoraLifecycle:
         >>> torch.equal(model[0].weight, original)
         True
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         given = None if adapter_names is None else registry.names(adapter_names, "fuse_lora")
         lora_scale = _number(lora_scale, "lora_scale")
         scope = self._lora_scope()
@@ -480,7 +481,7 @@ class LoraLifecycle:
                 for name, adapter, w in items:
                     if not torch.isfinite(dense_delta(module, adapter, w)[0]).all():
                         raise LoraError(f"fusing adapter '{name}' into {component} gives non-finite weights; nothing fused")
-        registry = self._lora_registry
+        registry = self._lora_registry_to_change()
         for component, module, items in per_module.values():
             fuse_layer(module, [(adapter, w) for _, adapter, w in items if w != 0.0])
             registry.mark_fused(component, module, [name for name, _, _ in items])
@@ -500,7 +501,7 @@ class LoraLifecycle:
         >>> torch.equal(model[0].weight, original), model.get_active_adapters()
         (True, ['a'])
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         scope = [c for c in self._lora_scope() if components is None or c in components]
         for module in registry.forget_fused(scope):
             unfuse_layer(module)
@@ -519,7 +520,7 @@ class LoraLifecycle:
         >>> model.get_list_adapters(), type(model[0]) is torch.nn.Linear
         ({}, True)
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         scope = self._lora_scope()
         for module in registry.forget_fused(scope):
             keep_fused(module)
@@ -560,7 +561,7 @@ class LoraLifecycle:
         'pytorch_lora_weights.safetensors'
         >>> _ = model.load_lora_weights(path, adapter_name="again")  # the file reads back
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         if adapter_name is None:
             if len(registry.adapters) != 1:
                 raise LoraError(f"pass adapter_name=: loaded adapters are {sorted(registry.adapters)}")
@@ -599,7 +600,7 @@ class LoraLifecycle:
         if isinstance(target_rank, bool) or not isinstance(target_rank, int) or target_rank < 1:
             raise LoraError(f"target_rank must be an int >= 1, got {target_rank!r}")
         prepare_hotswap(self, max_rank=target_rank)
-        self._lora_registry.hotswap_rank = target_rank
+        self._lora_registry_to_change().hotswap_rank = target_rank
 
     def set_lora_device(self, adapter_names: str | list[str], device: str | torch.device) -> None:
         """Move these adapters' tensors to ``device`` (e.g. park unused ones on the CPU).
@@ -618,7 +619,7 @@ class LoraLifecycle:
         >>> model.set_lora_device(["a"], "cpu"); model[0].lora_adapters["a"].down.device
         device(type='cpu')
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         names = registry.names(adapter_names, "set_lora_device")
         registry.residency.move(registry, names, device)
         registry.push()  # moved factor tensors are new objects: give the layers the current ones
@@ -658,7 +659,7 @@ def prepare_hotswap(host, max_rank: int) -> None:
     """
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
         raise LoraError(f"prepare_hotswap: max_rank must be a positive int, got {max_rank!r}")
-    registry = host._lora_existing_registry()
+    registry = host._lora_registry_to_read()
     # Every adapter checked before the first is padded: a refusal pads none.
     too_big = {
         f"'{record.name}' ({component}.{path}: rank {module.lora_adapters[record.name].down.shape[0]})": None

@@ -111,7 +111,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             kwargs["_adapter_config"] = config.to_dict()
         name = "default" if adapter_name is None else adapter_name
         report = self.load_lora_weights(src, adapter_name=name, revision=revision, token=token, **kwargs)
-        record = self._lora_registry.adapters[name]
+        record = self._lora_registry_to_change().adapters[name]
         record.config = record.config or _config_from_record(record, self)
         if is_trainable:  # as transformers' load_adapter(is_trainable=True): only the adapter trains
             for p in self.parameters():
@@ -190,7 +190,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         >>> model.active_adapters(), [n for n, p in model.named_parameters() if p.requires_grad]
         (['a'], ['0.lora_adapters.a.down', '0.lora_adapters.a.up'])
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         registry.check_new_name(adapter_name, self._lora_scope())
         config = _as_config(adapter_config)
         config.check_creatable()
@@ -228,7 +228,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
                 p.requires_grad_(True)
             raise
         record = AdapterRecord(adapter_name, "new", "add_adapter", layers, [], copies, config)
-        self._lora_registry.add(record)
+        self._lora_registry_to_change().add(record)
         _set_trainable(record, True)
         self.set_adapter(adapter_name)
         # transformers 5 renamed is_gradient_checkpointing (the old name warns).
@@ -394,7 +394,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         The adapter named ``default`` (or the only one) goes to ``save_directory``,
         each other adapter to ``save_directory/<name>``.
         """
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         if not registry.adapters or COMPONENT_NAME in self.__dict__:
             # A pipeline's component saves its base weights (pipe.save_pretrained), as diffusers does.
             return super().save_pretrained(save_directory, *args, **kwargs)
@@ -429,7 +429,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise LoraNameError(f"adapter_names must be a list with one adapter name (or '{BASE}') per row, got {adapter_names!r}")
         names = list(adapter_names)
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         bad = [n for n in names if not isinstance(n, str)]
         if bad:
             raise LoraNameError(f"adapter_names must be strings (an adapter name or '{BASE}'), got {bad}")
@@ -458,7 +458,7 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         return result
 
     def _lora_record(self, adapter_name: str | None) -> AdapterRecord:
-        registry = self._lora_existing_registry()
+        registry = self._lora_registry_to_read()
         if adapter_name is None:
             active = registry.active_in.get(self._lora_component(), [])
             if not active and not registry.adapters:

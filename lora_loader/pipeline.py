@@ -84,7 +84,7 @@ class LoraPipelineMixin(LoraHost, LoraLifecycle):
     @property
     def fused_loras(self) -> set[str]:
         """The adapters fused into at least one layer (diffusers' property)."""
-        return self._lora_existing_registry().fused_names()
+        return self._lora_registry_to_read().fused_names()
 
     def _lora_resolve_component(self, symbolic: str) -> str | None:
         components = self._lora_components()

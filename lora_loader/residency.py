@@ -194,7 +194,7 @@ class LoraResidency:
         if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int) or max_resident < 0):
             raise LoraError(f"max_resident must be None (no cap) or an int >= 0, got {max_resident!r}")
         device = parse_device(park_device, "park_device")
-        registry = self._lora_registry
+        registry = self._lora_registry_to_change()
         residency = registry.residency
         residency.cap, residency.park_device = max_resident, device
         if max_resident is None:
@@ -220,7 +220,7 @@ class LoraResidency:
         >>> model.lora_residency()
         {'resident': ['a'], 'parked': []}
         """
-        residency = self._lora_existing_registry().residency
+        residency = self._lora_registry_to_read().residency
         order = list(residency.recency)
         return {
             "resident": [n for n in order if n not in residency.parked],

@@ -59,7 +59,7 @@ def residency(host) -> tuple[list[str], list[str]]:
 
 def adapter_modules(host, name: str) -> set[int]:
     """ids of every module that holds adapter ``name``'s tensors (one per layer, plus full copies)."""
-    registry = host._lora_existing_registry()
+    registry = host._lora_registry_to_read()
     record = registry.adapters[name]
     found = set()
     for _, _, module in record.layers + record.copies:

@@ -172,7 +172,7 @@ def _verify(host, src: str, written: str, to: str, dtype: str, source_deltas: di
             f"the {model_name} has other module kinds than {src} was made for (Linear vs Conv2d factor shapes "
             "changed); removed the output; pass --model with the file's base model"
         )
-    registry = host._lora_existing_registry()
+    registry = host._lora_registry_to_read()
     first, second = registry.adapters["source"], registry.adapters["written"]
     paths_a = {(c, p) for c, p, _ in first.layers}
     paths_b = {(c, p) for c, p, _ in second.layers}
