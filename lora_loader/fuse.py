@@ -56,7 +56,7 @@ def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple
 def _factor_delta(module: nn.Module, adapter: FactorAdapter, weight: float):
     """A `FactorAdapter`'s ``weight * scale * dense`` (or its DoRA ``weight * (W_dora - W)``), base layout, fp32."""
     with torch.no_grad():
-        dense = adapter.dense(torch.float32)
+        dense = adapter.dense(torch.float32, module)
         if adapter.dora_scale is None:
             delta = None if dense is None else weight * adapter.scale * dense
         else:

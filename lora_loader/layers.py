@@ -224,10 +224,12 @@ class FactorAdapter(_Blended, nn.Module):
     def widen(self) -> None:
         return  # factors are stored in the compute dtype already
 
-    def dense(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The unscaled delta in the base weight's ``[out, in, ...]`` layout (None for a bias-only diff)."""
+    def dense(self, dtype: torch.dtype, layer: nn.Module | None = None) -> torch.Tensor | None:
+        """The unscaled delta in the base weight's ``[out, in, ...]`` layout (None for a bias-only diff).
+        ``layer``: the module it adapts, whose weight an algorithm that `uses_base_weight` reads."""
         factors = {s: _in(self._parameters[n], dtype) for s, n in self._names.items()}
-        delta = take_rows(self.algorithm.dense(factors), self.rows)
+        base = dense_base_weight(layer).detach().to(dtype) if self.algorithm.uses_base_weight and layer is not None else None
+        delta = take_rows(self.algorithm.dense(factors, base), self.rows)
         return None if delta is None else delta.reshape(self.weight_shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -489,7 +491,7 @@ class LoraLayer:
         """The output change of a `FactorAdapter`: ``factor * op(x, dense)``, or with ``dora_scale``
         ``weight * op(x, W_dora - W)``. Its bias is added by the caller."""
         dtype = adapter.compute_dtype
-        dense = adapter.dense(dtype)
+        dense = adapter.dense(dtype, self)
         if adapter.dora_scale is None:
             if dense is None:
                 return torch.zeros((), dtype=dtype, device=out.device)

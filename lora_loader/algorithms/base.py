@@ -24,6 +24,9 @@ class Algorithm:
     factor_keys: tuple[str, ...] = ()  # every suffix it reads, optional ones included
     required_keys: tuple[str, ...] = ()  # the suffixes a module of this kind always has
     bias_factor: str | None = None  # the factor that changes the module's bias, not its weight
+    # True for an algorithm whose delta depends on the layer's own weight (OFT and BOFT rotate it):
+    # `dense` is then given that weight, [out, in, ...] in the factors' dtype.
+    uses_base_weight: bool = False
 
     def claims(self, factors: set[str]) -> bool:
         """Whether a module's factor suffixes (``alpha`` and ``dora_scale`` removed) are of this algorithm."""
@@ -41,8 +44,9 @@ class Algorithm:
         rank = self.rank(factors)
         return float(rank if alpha in (None, 0) else alpha) / rank
 
-    def dense(self, factors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The unscaled dense weight delta ``[out, in, ...]`` (None when only the bias changes)."""
+    def dense(self, factors: dict[str, torch.Tensor], base_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The unscaled dense weight delta ``[out, in, ...]`` (None when only the bias changes).
+        ``base_weight`` is given only to an algorithm that `uses_base_weight`."""
         raise NotImplementedError
 
     def dense_shape(self, shapes: dict[str, tuple]) -> tuple[int, ...] | None:

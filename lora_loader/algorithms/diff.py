@@ -24,7 +24,7 @@ class WholeDiff(Algorithm):
     def scale(self, f, alpha):
         return 1.0
 
-    def dense(self, f):
+    def dense(self, f, base_weight=None):
         return f.get(self.weight_key)
 
     def dense_shape(self, s):

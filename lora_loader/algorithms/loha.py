@@ -34,7 +34,7 @@ class Loha(Algorithm):
     def rank(self, f):
         return int(f["hada_w1_b"].shape[0])
 
-    def dense(self, f):
+    def dense(self, f, base_weight=None):
         if "hada_t1" in f:
             return tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]) * tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
         return (f["hada_w1_a"] @ f["hada_w1_b"].flatten(1)) * (f["hada_w2_a"] @ f["hada_w2_b"].flatten(1))

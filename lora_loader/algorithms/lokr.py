@@ -48,7 +48,7 @@ class Lokr(Algorithm):
             return 1.0
         return super().scale(f, alpha)
 
-    def dense(self, f):
+    def dense(self, f, base_weight=None):
         w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
         if "lokr_w2" in f:
             w2 = f["lokr_w2"]

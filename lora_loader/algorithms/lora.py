@@ -34,7 +34,7 @@ class Lora(Algorithm):
     def rank(self, f):
         return int(f["lora_down.weight"].shape[0])
 
-    def dense(self, f):
+    def dense(self, f, base_weight=None):
         return low_rank_product(f["lora_up.weight"], f["lora_down.weight"])
 
     def dense_shape(self, s):
@@ -55,7 +55,7 @@ class LoconTucker(Algorithm):
     def rank(self, f):
         return int(f["lora_down.weight"].shape[0])
 
-    def dense(self, f):
+    def dense(self, f, base_weight=None):
         return tucker(f["lora_mid.weight"], f["lora_up.weight"].flatten(1).T, f["lora_down.weight"].flatten(1))
 
     def dense_shape(self, s):
