@@ -14,7 +14,7 @@ from torch import nn
 from .blocks import BlockWeights, PathWeights
 from .errors import LoraError, LoraNameError
 from .fuse import show_fused
-from .layers import BASE, BiasLayer, LoraAdapter, LoraLayer, NormWeightLayer, SavedCopyLayer
+from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer, show_active
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -290,12 +290,12 @@ class AdapterRegistry:
         return spec.weight_for(path) if isinstance(spec, _BY_PATH) else float(spec)
 
     def push(self) -> None:
-        """Give every wrapped layer what it shows for the current blend: `shown` decides it per adapter
-        and layer; the layers store it (`LoraLayer.set_lora_active`, `set_blend_weight`).
+        """Give every wrapped layer what it shows for the current blend: `_collect_shown` decides it per
+        adapter and layer; the layers store it (`layers.show_active`, `set_blend_weight`).
 
         Only the layers of the adapters active now or at the last push are visited,
         so the cost follows the active set, not the number of adapters loaded; a
-        factor tensor is written only when its value changes.
+        scale tensor is written only when its value changes.
         """
         lists: dict[nn.Module, list] = {}  # modules hash by identity
         for component, names in self.active_in.items():
@@ -304,17 +304,11 @@ class AdapterRegistry:
             for name in names:
                 entries = self.adapters[name].by_component().get(component)
                 if entries:
-                    for module, pair in self._shown(name, component, entries):
-                        active = lists.get(module)
-                        if active is None:
-                            lists[module] = [pair]
-                        else:
-                            active.append(pair)
-        for module in self._pushed:
-            if module not in lists and isinstance(module, LoraLayer) and module._lora_active:
-                module.set_lora_active([])
-        for module, active in lists.items():
-            module.set_lora_active(active)
+                    self._collect_shown(name, component, entries, lists)
+        # Layers that showed something and show nothing now (an unwrapped one has no list any more).
+        cleared = {m: [] for m in self._pushed if m not in lists and m.__dict__.get("_lora_active")}
+        show_active(cleared)
+        show_active(lists)
         self._pushed = lists
         for component, module in self.fused_modules:
             show_fused(module, component not in self.disabled)
@@ -326,20 +320,21 @@ class AdapterRegistry:
         in each of its components, fused nowhere, so each of its layers gets its list with the new
         adapter appended, and every other layer keeps its list. Keeps a load's cost flat in the number
         of adapters already active."""
-        pushed = self._pushed
+        added: dict[nn.Module, list] = {}
         for component, entries in record.by_component().items():
-            for module, pair in self._shown(record.name, component, entries):
-                before = pushed.get(module)
-                active = [pair] if not before else before + [pair]
-                pushed[module] = active
-                module.set_lora_active(active)
+            self._collect_shown(record.name, component, entries, added)
+        pushed = self._pushed
+        for module, pairs in added.items():
+            before = pushed.get(module)
+            added[module] = pushed[module] = pairs if not before else before + pairs
+        show_active(added)
         if self._copies_pushed or record.copies:
             self._push_copies()
 
-    def _shown(self, name: str, component: str, entries):
+    def _collect_shown(self, name: str, component: str, entries, lists: dict) -> None:
         """The rule of what a layer shows, in one place: adapter ``name`` on each of ``component``'s layers
         ``entries``, at its blend weight there, unless that weight is 0 or the adapter is fused into the
-        layer. Yields ``(module, (adapter, factor))`` with each shown adapter's blend weight set."""
+        layer. Appends ``(adapter, weighted_scale)`` to ``lists[module]``, the blend weight set first."""
         given = self.weights.get(name) or {}
         spec = given.get(component, given.get("*", 1.0))  # "*": one number for every component
         by_path = isinstance(spec, _BY_PATH)
@@ -348,8 +343,14 @@ class AdapterRegistry:
             weight = spec.weight_for(path) if by_path else spec
             if weight == 0.0 or (fused and (name, id(module)) in fused):
                 continue
-            adapter.set_blend_weight(weight)
-            yield module, (adapter, adapter._buffers["weighted_scale"])
+            if adapter.blend_weight != weight:  # the adapter's writer runs only for a change
+                adapter.set_blend_weight(weight)
+            pair = (adapter, adapter._buffers["weighted_scale"])
+            active = lists.get(module)
+            if active is None:
+                lists[module] = [pair]
+            else:
+                active.append(pair)
 
     def _push_copies(self) -> None:
         # modules_to_save: a module runs the copy of the first active adapter that has one.

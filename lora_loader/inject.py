@@ -231,14 +231,14 @@ def plan(
     for key, why in converted.invalid.items():
         result.unapplied[key] = Unapplied(key, INVALID_TENSOR, why)
     shape_errors: list[str] = []
-    parts = (
-        (converted.deltas.items(), walk.lora_delta),
-        (converted.module_copies.items(), walk.module_copy),
-        (converted.module_biases.items(), walk.module_bias),
-        (converted.norm_weights.items(), walk.norm_weight),
-        (converted.base_weights.items(), walk.base_weight),
+    parts = (  # (the file's parts, their handler, where what it plans goes)
+        (converted.deltas.items(), walk.lora_delta, result.modules),
+        (converted.module_copies.items(), walk.module_copy, result.copies),
+        (converted.module_biases.items(), walk.module_bias, result.biases),
+        (converted.norm_weights.items(), walk.norm_weight, result.norms),
+        (converted.base_weights.items(), walk.base_weight, None),
     )
-    for items, handler in parts:
+    for items, handler, planned in parts:
         for target, part in items:
             outcome = handler(target, part)
             if isinstance(outcome, _Refusal):
@@ -247,8 +247,9 @@ def plan(
                 if strict and outcome.error is not None:
                     shape_errors.append(outcome.error)
             elif outcome is not None:
-                walk.planned(outcome, result)
-        if handler == walk.lora_delta:
+                planned.append(outcome)
+                walk.claimed[type(outcome)].add((outcome.component, outcome.path))
+        if planned is result.modules:
             _refuse_twice_named(result.modules, source_name)
     if shape_errors:
         more = f" ({len(shape_errors) - 1} more modules do not fit)" if len(shape_errors) > 1 else ""
@@ -326,10 +327,6 @@ class _Walk:
         index = _index(self.indexes, self.components, component)
         path = _lookup(index, symbolic, name) if index else None
         return component, path, (index.modules[path] if path is not None else None)
-
-    def planned(self, item, result: Plan) -> None:
-        self.claimed[type(item)].add((item.component, item.path))
-        {PlannedModule: result.modules, PlannedCopy: result.copies, PlannedBias: result.biases, PlannedNorm: result.norms}[type(item)].append(item)
 
     def _claimed_by(self, where, *kinds) -> bool:
         return any(where in self.claimed[kind] for kind in kinds)

@@ -323,12 +323,8 @@ class LoraLayer:
     _lora_concat: tuple | None
 
     def set_lora_active(self, active: list[tuple[LoraAdapter, torch.Tensor]]) -> None:
-        """Show these ``(adapter, adapter.weighted_scale)`` pairs, in order. A concatenation of two or more is kept:
-        it is checked against the adapters and their factors' values before each use."""
-        state = self.__dict__
-        state["_lora_active"] = active
-        if len(active) < 2:
-            state["_lora_concat"] = None
+        """Show these ``(adapter, adapter.weighted_scale)`` pairs, in order (`show_active` for many layers)."""
+        show_active({self: active})
 
     def drop_lora_cache(self) -> None:
         """Forget the concatenated factors (an adapter's tensors were replaced or moved)."""
@@ -511,6 +507,21 @@ class LoraLayer:
             delta = self._lora_delta(x[index], out[index], [(adapter, adapter.scale)], blended=False)
             out = out.index_add(0, index, delta.to(out.dtype))
         return out
+
+
+def show_active(lists: dict[nn.Module, list]) -> None:
+    """Set what each of these LoRA layers shows: ``{layer: [(adapter, adapter.weighted_scale), ...]}``.
+
+    The one writer of a layer's shown list, for one layer (`LoraLayer.set_lora_active`) or for all
+    the layers a blend change touches at once (the registry's push: one loop, no call per layer,
+    which is most of a push's cost). A concatenation of two or more is kept: it is checked against
+    the adapters and their scales' values before each use.
+    """
+    for module, active in lists.items():
+        state = module.__dict__
+        state["_lora_active"] = active
+        if len(active) < 2:
+            state["_lora_concat"] = None
 
 
 def _is_plain(adapter) -> bool:
