@@ -14,7 +14,7 @@ from torch import nn
 from .blocks import BlockWeights, PathWeights
 from .errors import LoraError, LoraNameError
 from .fuse import show_fused
-from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer, show_active
+from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer, show_active, show_nothing
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -305,9 +305,7 @@ class AdapterRegistry:
                 entries = self.adapters[name].by_component().get(component)
                 if entries:
                     self._collect_shown(name, component, entries, lists)
-        # Layers that showed something and show nothing now (an unwrapped one has no list any more).
-        cleared = {m: [] for m in self._pushed if m not in lists and m.__dict__.get("_lora_active")}
-        show_active(cleared)
+        show_nothing(self._pushed, unless_in=lists)  # layers that showed something and show nothing now
         show_active(lists)
         self._pushed = lists
         for component, module in self.fused_modules:

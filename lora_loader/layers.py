@@ -62,7 +62,7 @@ class _Blended:
         or a hotswapped alpha changes it). Written only when the weight changes."""
         if self.blend_weight != weight:
             self.__dict__["blend_weight"] = weight
-            _refresh_factor(self)
+            self._buffers["weighted_scale"].fill_(weight * self.scale)
 
 
 def _init_blend(adapter: nn.Module, dtype: torch.dtype, device) -> None:
@@ -522,6 +522,17 @@ def show_active(lists: dict[nn.Module, list]) -> None:
         state["_lora_active"] = active
         if len(active) < 2:
             state["_lora_concat"] = None
+
+
+def show_nothing(layers, unless_in: dict) -> None:
+    """Clear what each of ``layers`` shows, except those ``unless_in`` holds (one pass: a disable clears them all).
+    A layer unwrapped since has no list any more and is left alone."""
+    for module in layers:
+        if module not in unless_in:
+            state = module.__dict__
+            if state.get("_lora_active"):
+                state["_lora_active"] = []
+                state["_lora_concat"] = None
 
 
 def _is_plain(adapter) -> bool:
