@@ -11,9 +11,9 @@ original again.
 The forward is ``base(x) + sum_i s_i * up_i(down_i(x))``, where
 ``s_i = weight_i * scale_i`` is adapter i's ``weighted_scale`` (blend weight times
 its alpha / rank). Each piece of state has one writer: the
-adapter registry decides what each layer shows and calls the layer's
-`LoraLayer.set_lora_active` and each adapter's `set_blend_weight`; nothing
-else writes them. With several plain adapters active and no gradients needed,
+adapter registry decides what each layer shows and hands it to this module's
+`show_active` / `show_nothing` (all layers in one loop) and each adapter's
+`set_blend_weight`; nothing else writes them. With several plain adapters active and no gradients needed,
 the down's and the factor-folded up's are concatenated once, so k adapters
 cost two matmuls instead of 2k.
 
@@ -312,8 +312,8 @@ def rows_by_adapter(names: list[str], batch: int, device, present) -> dict[str, 
 class LoraLayer:
     """Mixin placed in front of the wrapped module's class. Never instantiated directly.
 
-    What the layer shows is its own state, written only through `set_lora_active`
-    (by the registry), `drop_lora_adapter` and `drop_lora_cache`.
+    What the layer shows is its own state, written only through `show_active` / `show_nothing`
+    (the registry's push), `set_lora_active`, `drop_lora_adapter` and `drop_lora_cache`.
     """
 
     lora_adapters: AdapterDict
