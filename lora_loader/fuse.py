@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from . import offload, quantized
 from .algorithms import dora
 from .algorithms.lora import low_rank_product
-from .layers import FactorAdapter, LoraAdapter, LoraLayer, dense_base_weight, layer_type
+from .layers import FactorAdapter, LoraAdapter, LoraLayer, dense_base_weight, is_plain_lora, layer_type
 
 
 def _base_dense(module: nn.Module) -> torch.Tensor:
@@ -91,7 +91,7 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
         original_weight = offload.real_tensor(module, "weight").data
         base = original_weight if original_weight.dtype == torch.float32 else original_weight.float()
     kind = layer_type(module)
-    plain = [(a, w) for a, w in adapters if type(a) is LoraAdapter and a.magnitude is None]
+    plain = [(a, w) for a, w in adapters if is_plain_lora(a)]
     if plain:
         up = torch.cat([a.up.detach().flatten(1).float() * (w * a.scale) for a, w in plain], dim=1)
         down = torch.cat([a.down.detach().flatten(1).float() for a, _ in plain], dim=0)

@@ -71,7 +71,7 @@ def _init_blend(adapter: nn.Module, dtype: torch.dtype, device) -> None:
     adapter._non_persistent_buffers_set.add("weighted_scale")
 
 
-def _refresh_factor(adapter: nn.Module) -> None:
+def _refresh_weighted_scale(adapter: nn.Module) -> None:
     weight = adapter.blend_weight
     if weight == weight:  # not NaN: the adapter has been shown
         adapter._buffers["weighted_scale"].fill_(weight * adapter.scale)
@@ -131,7 +131,7 @@ class LoraAdapter(_Blended, nn.Module):
     def set_scaling(self, rank: int, alpha: float, scale: float, use_rslora: bool = False) -> None:
         """A hotswap's new rank and alpha: the scale, and the factor that follows from it."""
         self.__dict__.update(r=int(rank), alpha=float(alpha), scale=float(scale), use_rslora=use_rslora)
-        _refresh_factor(self)
+        _refresh_weighted_scale(self)
 
     @property
     def dropout_p(self) -> float:
@@ -212,7 +212,7 @@ class FactorAdapter(_Blended, nn.Module):
     def set_scaling(self, rank: int, alpha: float, scale: float) -> None:
         """A hotswap's new rank and alpha: the scale, and the factor that follows from it."""
         self.__dict__.update(r=int(rank), alpha=float(alpha), scale=float(scale))
-        _refresh_factor(self)
+        _refresh_weighted_scale(self)
 
     def factors(self) -> dict[str, torch.Tensor]:
         """``{file suffix: tensor}`` (the bias factor ``diff_b`` / ``b_norm`` included)."""
@@ -394,7 +394,7 @@ class LoraLayer:
         scales the rank-r intermediate, and the up-projection accumulates straight into the
         output, so no output-sized delta is allocated. False (nothing done) for DoRA or biases."""
         for adapter, _ in active:
-            if not _is_plain(adapter) or adapter.bias_delta is not None or adapter.up_bias is not None:
+            if not is_plain_lora(adapter) or adapter.bias_delta is not None or adapter.up_bias is not None:
                 return False
         dtype = out.dtype
         h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
@@ -417,7 +417,7 @@ class LoraLayer:
         weight (its factor); False: at weight 1 (a mixed batch's rows), the factor being the adapter's scale."""
         dtype = active[0][0].compute_dtype
         h = x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
-        plain = [(a, f) for a, f in active if _is_plain(a)]
+        plain = [(a, f) for a, f in active if is_plain_lora(a)]
         delta = None
         if len(plain) > 1 and self._lora_can_concatenate(plain):
             down, up = self._concatenated(plain, dtype)
@@ -535,7 +535,7 @@ def show_nothing(layers, unless_in: dict) -> None:
                 state["_lora_concat"] = None
 
 
-def _is_plain(adapter) -> bool:
+def is_plain_lora(adapter) -> bool:
     """A LoRA pair without DoRA: what the concatenated and in-place fast paths compute."""
     return type(adapter) is LoraAdapter and adapter.magnitude is None
 
