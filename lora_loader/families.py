@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from .formats.original_names import FAMILIES
+
 FAMILY_LABELS = {
     "sd1": "SD 1.x",
     "sd2": "SD 2.x",
@@ -22,13 +24,13 @@ FAMILY_LABELS = {
     "flux": "Flux",
     "causal-lm": "causal LM",
     "unknown": "unknown",
-}
+} | {family.key: family.name for family in FAMILIES if family.key not in ("flux", "sd3")}
 # Cross-attention input width (the text encoder's hidden size the UNet attends to) per UNet family.
 _CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Text encoder hidden size: CLIP ViT-L (SD 1.x, SDXL's first), OpenCLIP ViT-H (SD 2.x), OpenCLIP bigG (SDXL's second).
 _TEXT_ENCODER_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 # The symbolic component "denoiser" under the name the family's pipeline gives it.
-DENOISER_NAME = {"sd1": "unet", "sd2": "unet", "sd1/sd2": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
+DENOISER_NAME = {"sd1": "unet", "sd2": "unet", "sd1/sd2": "unet", "sdxl": "unet"} | {f.key: "transformer" for f in FAMILIES}
 
 _UNET_MARKERS = ("down_blocks_", "up_blocks_", "mid_block_", "input_blocks_", "output_blocks_", "middle_block_", "conv_in", "time_embedding_")
 _LM_PATTERNS = (
@@ -49,6 +51,9 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     text = " ".join(
         metadata.get(k, "") for k in ("ss_base_model_version", "modelspec.architecture", "lora_loader.base_model")
     ).lower()
+    for family in FAMILIES:  # the DiT families' own names first: "wan2.1-t2v-14b" is no SD 1.x "-v1"
+        if family.key in text.split() or any(hint in text for hint in family.header_hints):
+            return family.key
     for needle, family in (("flux", "flux"), ("sdxl", "sdxl"), ("-xl", "sdxl"), ("sd3", "sd3"), ("stable-diffusion-3", "sd3"),
                            ("sd_v2", "sd2"), ("v2-", "sd2"), ("sd_v1", "sd1"), ("-v1", "sd1"), ("sd1/sd2", "sd1/sd2")):
         if needle in text:
@@ -110,6 +115,10 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
     names = [n for n, _ in denoiser]
     if (adapter_config or {}).get("task_type") == "CAUSAL_LM":
         return "causal-lm", ["adapter_config.json says task_type CAUSAL_LM"]
+    for family in FAMILIES:  # module names only one DiT family has (the tables' `detect`)
+        hit = next((n for n in names for pattern in family.detect if re.search(pattern, n)), None)
+        if hit is not None:
+            return family.key, [f"{family.name} module names ({hit})"]
     if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
     if "text_encoder_3" in components:

@@ -29,7 +29,13 @@ from .layers import CALL_SCALE
 from .residency import LoraResidency
 
 # Every component name a pipeline may give LoRA layers (pipeline.py's LORA_COMPONENTS), for checks.
-LORA_COMPONENT_NAMES = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
+LORA_COMPONENT_NAMES = (
+    "unet", "transformer", "transformer_2", "transformer_ref", "connectors", "text_conditioner",
+    "text_encoder", "text_encoder_2", "text_encoder_3",
+)
+# diffusers' load_lora_weights(load_into_transformer_2=True) (Wan 2.2's second expert) and
+# load_into_transformer_ref=True (MiniMax-H3's reference partition): the file's transformer part goes there.
+_LOAD_INTO = {"load_into_transformer_2": "transformer_2", "load_into_transformer_ref": "transformer_ref"}
 # diffusers' load_lora_weights kwargs that change nothing for us; accepted so diffusers code runs unchanged.
 _IGNORED_DIFFUSERS_KWARGS = {"low_cpu_mem_usage", "use_safetensors", "force_download", "proxies", "user_agent"}
 ALL_COMPONENTS = "*"
@@ -146,9 +152,11 @@ class LoraHost(LoraResidency):
         """
         adapter_config = kwargs.pop("_adapter_config", None)  # load_adapter(adapter_state_dict=, peft_config=)
         allow_pickle = kwargs.pop("allow_pickle", None)  # diffusers' flag: False refuses pickled (.bin) files
+        into = [component for flag, component in _LOAD_INTO.items() if kwargs.pop(flag, False)]
         unknown = set(kwargs) - _IGNORED_DIFFUSERS_KWARGS
         if unknown:
             raise LoraError(f"load_lora_weights() got unexpected keyword arguments {sorted(unknown)}")
+        components, resolve = self._lora_load_target(into)
         registry = self._lora_registry_to_read()
         name = registry.default_name() if adapter_name is None else adapter_name
         source_kwargs = dict(
@@ -159,7 +167,7 @@ class LoraHost(LoraResidency):
             if not isinstance(name, str) or name not in registry.adapters:
                 raise LoraNameError(f"hotswap=True replaces a loaded adapter; {name!r} is not loaded ({sorted(registry.adapters)})")
             return self._lora_hotswap(pretrained_model_name_or_path_or_dict, weight_name, name, source_kwargs)
-        registry.check_new_name(name, self._lora_scope())
+        registry.check_new_name(name, list(components) if into else self._lora_scope())
         source = read_source(pretrained_model_name_or_path_or_dict, weight_name, **source_kwargs)
         if adapter_config is not None:
             source.adapter_config = adapter_config
@@ -169,8 +177,7 @@ class LoraHost(LoraResidency):
             raise LoraFormatError(f"{source.name}: {err}") from None
         if converted.is_not_lora():
             raise converted.not_lora_error(source.name, source.tensors)
-        components = self._lora_components()
-        planned = inject.plan(converted, components, self._lora_resolve_component, source.name, source.tensors, strict)
+        planned = inject.plan(converted, components, resolve, source.name, source.tensors, strict)
         hotswap_rank = registry.hotswap_rank
         if hotswap_rank is not None:
             above = [f"{p.component}.{p.path} (rank {p.delta.rank})" for p in planned.modules if p.delta.rank > hotswap_rank]
@@ -187,6 +194,22 @@ class LoraHost(LoraResidency):
         for component, _, _ in layers + copies:
             counts[component] = counts.get(component, 0) + 1
         return LoadReport(name, converted.format, source.name, counts, list(planned.skipped))
+
+    def _lora_load_target(self, into: list[str]):
+        """``(components, resolve)`` a load applies to: the host's, or with ``load_into_transformer_2`` /
+        ``load_into_transformer_ref`` that component alone, taking the file's transformer (denoiser) part."""
+        components = self._lora_components()
+        if not into:
+            return components, self._lora_resolve_component
+        if len(into) > 1:
+            raise LoraError(f"load_lora_weights(): pass one of {sorted(_LOAD_INTO)}, not several")
+        target = into[0]
+        if target not in components:
+            raise LoraError(
+                f"load_lora_weights(load_into_{target}=True): {type(self).__name__} has no '{target}' component "
+                f"(its LoRA components: {sorted(components)}); Wan 2.1 has one transformer, Wan 2.2 A14B two"
+            )
+        return {target: components[target]}, lambda symbolic: target if symbolic in ("denoiser", "transformer") else None
 
     def _lora_hotswap(self, src, weight_name, name: str, source_kwargs: dict) -> LoadReport:
         """Replace adapter ``name``'s tensors in place with the file's (see hotswap.py); nothing else changes."""

@@ -15,8 +15,12 @@ from ..errors import LoraFormatError
 
 # Symbolic component names a converter may emit. "denoiser" is whichever of
 # unet / transformer the host has (or the whole model for a plain nn.Module).
-# "t5" is the T5 encoder wherever the pipeline has it (text_encoder_3 in SD3, text_encoder_2 in Flux).
-COMPONENTS = ("denoiser", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "t5")
+# transformer_2: Wan 2.2's second expert; transformer_ref: MiniMax-H3's reference partition; connectors:
+# LTX-2's text connectors; text_conditioner: Anima's. "t5" is the T5 encoder wherever the pipeline has it (text_encoder_3 in SD3, text_encoder_2 in Flux).
+COMPONENTS = (
+    "denoiser", "unet", "transformer", "transformer_2", "transformer_ref", "connectors", "text_conditioner",
+    "text_encoder", "text_encoder_2", "text_encoder_3", "t5",
+)
 
 
 @dataclass

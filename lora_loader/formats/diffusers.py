@@ -15,6 +15,8 @@ prefix ``unet.`` / ``transformer.`` / ``text_encoder.`` / ``text_encoder_2.`` /
 - ``M.lora_B.bias`` (PEFT's ``lora_bias=True``, Flux Control LoRAs): added to the LoRA's output, scaled with it
 - Flux Control LoRAs' norms, as diffusers reads them: ``transformer.<path>.{norm_q,norm_k,norm_added_q,norm_added_k}.weight``,
   a full replacement of that RMSNorm's weight while the adapter is active
+- a DiT's original checkpoint names (``blocks.0.self_attn.q``, fal's ``transformer.double_blocks.0.img_attn.qkv``):
+  renamed onto diffusers' modules by the family's table (`original_names.rename_original_names`)
 
 Strength: diffusers' training scripts write rank and alpha (with
 ``rank_pattern`` / ``alpha_pattern``) only into the safetensors header
@@ -32,9 +34,10 @@ import torch
 from ..config import LoraConfig
 from ..delta import LoraDelta
 from ..errors import LoraError, LoraFormatError
-from .canonical import ConvertedLora
+from .canonical import COMPONENTS, ConvertedLora
+from .original_names import rename_original_names
 
-_COMPONENT_PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_COMPONENT_PREFIXES = COMPONENTS[1:-1]  # every pipeline component name (not the symbolic "denoiser" and "t5")
 
 # suffix -> role, longest first so ".lora_linear_layer.down.weight" wins over ".down.weight".
 _SUFFIXES = (
@@ -178,6 +181,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> Conve
         bias_key = biases.pop((component, module), None)
         result.deltas[(component, module)] = _delta(tensors, keys, bias_key, module, _config_for(checked, component))
     result.module_biases.update(biases)  # bias="all": biases of modules without LoRA
+    rename_original_names(result)  # e.g. fal's Kontext files: PEFT keys on BFL's module names
     return result
 
 

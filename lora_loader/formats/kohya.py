@@ -29,7 +29,7 @@ import torch
 from ..delta import FactorDelta, LoraDelta
 from ..algorithms import ALGORITHMS, SHARED_KEYS, algorithm_of_suffixes, all_factor_keys
 from .canonical import ConvertedLora
-from .original_names import family_of
+from .original_names import add_original, family_of
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -120,19 +120,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
             dora = tensors[dora_key] if dora_key else None
             delta = FactorDelta(kind, factors, alpha, keys=used, dora_scale=dora)
         if original is not None and component == "denoiser":
-            _add_original(result, original, module, delta)
+            add_original(result, original, "denoiser", module, delta)
         else:
             result.deltas[(component, module)] = delta
     return result
-
-
-def _add_original(result, family, module: str, delta) -> None:
-    """A module in a family's original names (BFL's Flux, Stability's SD3, see `original_names`): renamed to
-    diffusers' path, a fused projection split by rows."""
-    parts, why = family.convert_module(module, delta)
-    if why is not None:
-        for key in delta.keys:
-            result.unknown[key] = why
-        return
-    for path, part in parts:
-        result.deltas[("denoiser", path)] = part

@@ -116,12 +116,19 @@ class Blocks:
 @dataclass(frozen=True)
 class Family:
     """One model family's original names: `Blocks` and top-level ``modules`` (original name -> target).
-    ``hint`` names a few originals for the message about a module the table lacks."""
+    ``hint`` names a few originals for the message about a module the table lacks; ``key``, ``detect``
+    and ``header_hints`` tell ``lora-loader inspect`` the family."""
 
     name: str
     hint: str
     blocks: tuple[Blocks, ...] = ()
     modules: dict = field(default_factory=dict)
+    # For `families.detect_family` (``lora-loader inspect``): the family's id, regexes (``re.search``) over a
+    # file's denoiser module paths in diffusers' names with dots as underscores that only this family has,
+    # and substrings of a producer's header (``ss_base_model_version``, ``modelspec.architecture``) naming it.
+    key: str = ""
+    detect: tuple[str, ...] = ()
+    header_hints: tuple[str, ...] = ()
 
     def __post_init__(self):
         compiled = []
@@ -135,8 +142,14 @@ class Family:
         object.__setattr__(self, "_back", None)
 
     def claims(self, module_names) -> bool:
-        """True when a Kohya file's denoiser names are this family's (any name in one of its blocks)."""
-        return any(pattern.match(name) for name in module_names for pattern, _, _ in self._blocks)
+        """True when some of a file's denoiser names (Kohya-mangled) are in this family's blocks."""
+        return self.score(module_names)[1] > 0
+
+    def score(self, module_names) -> tuple[int, int]:
+        """``(names the table knows, names in one of its blocks)`` among ``module_names`` (Kohya-mangled)."""
+        known = sum(1 for name in module_names if self.targets(name) is not None)
+        in_blocks = sum(1 for name in module_names if any(p.match(name) for p, _, _ in self._blocks))
+        return known, in_blocks
 
     def targets(self, name: str) -> Target | None:
         """The `Target` of an original module name, with full diffusers paths, or None."""
@@ -231,19 +244,27 @@ def _swap_halves(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat([scale, shift], dim=0)
 
 
+# A LoRA's tensors indexed by output row: they follow the rows of ``up`` when a module is split or swapped.
+_ROW_FIELDS = ("up", "up_bias", "magnitude", "bias")
+
+
 def _split_lora(target: Target, delta: LoraDelta, swap: bool):
-    up, up_bias = delta.up, delta.up_bias  # up_bias: lora_B.bias (Flux Control LoRAs), indexed by output row too
-    if up_bias is not None and (up_bias.dim() != 1 or up_bias.shape[0] != up.shape[0]):
-        return [], f"lora_B.bias is {list(up_bias.shape)}, expected one value per row of lora_B ([{up.shape[0]}])"
+    """``up`` (and ``lora_B.bias``, a DoRA magnitude, a trained bias: all indexed by output row) cut into the
+    parts' rows, ``down`` shared; everything else (alpha, rsLoRA, dropout) kept."""
+    rows = delta.up.shape[0]
+    for name in _ROW_FIELDS[1:]:
+        tensor = getattr(delta, name)
+        if tensor is not None and (tensor.dim() != 1 or tensor.shape[0] != rows):
+            return [], f"its {name} is {list(tensor.shape)}, expected one value per row of lora_B ([{rows}])"
+    per_row = {name: getattr(delta, name) for name in _ROW_FIELDS if getattr(delta, name) is not None}
     if swap:
-        up, up_bias = _swap_halves(up), _swap_halves(up_bias)
+        per_row = {name: _swap_halves(tensor) for name, tensor in per_row.items()}
     if not target.fused:
-        return [(target.paths[0], LoraDelta(delta.down, up, delta.alpha, delta.use_rslora, keys=delta.keys, up_bias=up_bias))], None
-    sizes = target.sizes(up.shape[0])
+        return [(target.paths[0], dataclasses.replace(delta, **per_row))], None
+    sizes = target.sizes(rows)
     if sizes is None:
-        return [], f"lora_up has {up.shape[0]} rows, which do not split into the {len(target.paths)} fused projections"
-    biases = up_bias.split(sizes, dim=0) if up_bias is not None else [None] * len(target.paths)
-    out = []
-    for path, rows, bias in zip(target.paths, up.split(sizes, dim=0), biases):
-        out.append((path, LoraDelta(delta.down, rows, delta.alpha, delta.use_rslora, keys=delta.keys, up_bias=bias)))
+        return [], f"lora_up has {rows} rows, which do not split into the {len(target.paths)} fused projections"
+    pieces = {name: tensor.split(sizes, dim=0) for name, tensor in per_row.items()}
+    out = [(path, dataclasses.replace(delta, **{name: parts[i] for name, parts in pieces.items()}))
+           for i, path in enumerate(target.paths)]
     return out, None

@@ -45,4 +45,5 @@ FLUX = Family(
         "final_layer_linear": "proj_out",
         "final_layer_adaLN_modulation_1": swapped("norm_out.linear"),
     },
+    key="flux",
 )  # fmt: skip

@@ -44,4 +44,5 @@ SD3 = Family(
         "final_layer_linear": "proj_out",
         "final_layer_adaLN_modulation_1": swapped("norm_out.linear", IF_TWO_HALVES),
     },
+    key="sd3",
 )  # fmt: skip
