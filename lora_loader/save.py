@@ -17,6 +17,7 @@ from .config import fields_from_deltas
 from .errors import LoraError, LoraFileError
 from ._version import __version__
 from .delta import FactorDelta
+from .formats.original_names import family_of_model, to_original
 from .formats.original_names.sgm import sgm_name, unet_sgm_prefixes
 from .names import mangle
 
@@ -110,18 +111,35 @@ def _as_full_diff(delta: FactorDelta) -> FactorDelta:
     return FactorDelta("full", {"diff": diff}, None, dora_scale=delta.dora_scale)
 
 
+def _in_original_names(component: str, modules: dict, components: dict) -> dict | None:
+    """A DiT's deltas renamed to its family's original names (fused projections joined), or None when
+    the component is no model a table names."""
+    model = components.get(component)
+    family = family_of_model(model) if component in DENOISERS + ("transformer_2", "transformer_ref") else None
+    if family is None:
+        return None
+
+    def out_rows(path: str) -> int | None:
+        module = model.get_submodule(path)
+        return getattr(getattr(module, "base_layer", module), "out_features", None)
+
+    return to_original(family, modules, out_rows)
+
+
 def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
-    """sd-scripts keys: ``lora_unet_*`` / ``lora_te*_*`` + ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``."""
+    """sd-scripts keys: ``lora_unet_*`` / ``lora_te*_*`` + ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``;
+    a DiT with a table of its original names (Flux, SD3, Wan, ...) in those names, as its trainers write it."""
     single_te = "text_encoder_2" not in components
     sdxl_like = not single_te and "unet" in components
     sgm = unet_sgm_prefixes(components["unet"]) if sdxl_like else {}
     tensors = {}
     for component, modules in deltas.items():
-        for path, delta in modules.items():
+        original = _in_original_names(component, modules, components)
+        for path, delta in (original or modules).items():
             if isinstance(delta, FactorDelta):
                 if delta.rows is not None:
                     delta = _as_full_diff(delta)
-                name = _kohya_name(component, path, components.get(component), sgm)
+                name = "lora_unet_" + path if original is not None else _kohya_name(component, path, components.get(component), sgm)
                 if component == "text_encoder" and single_te:
                     name = "lora_te_" + name[len("lora_te1_"):]
                 for suffix, tensor in delta.factors.items():
@@ -133,7 +151,7 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
                 continue
             if delta.magnitude is not None or delta.bias is not None or delta.up_bias is not None:
                 raise LoraError(f"{component}.{path}: DoRA or a bias has no Kohya LoRA key yet; save as 'diffusers' or 'peft'")
-            name = _kohya_name(component, path, components.get(component), sgm)
+            name = "lora_unet_" + path if original is not None else _kohya_name(component, path, components.get(component), sgm)
             if component == "text_encoder" and single_te:
                 name = "lora_te_" + name[len("lora_te1_"):]
             down, up = delta.down, delta.up

@@ -122,7 +122,14 @@ def test_a_saved_adapter_loads_back_with_the_same_outputs(kind, fmt, tmp_path):
     saved = mine.save_lora_weights(tmp_path / "out", "a", format=fmt)
     _, again = both(kind)
     again.load_lora_weights(saved, adapter_name="a")
-    assert torch.equal(run(again), want)
+    if fmt == "kohya":
+        # Kohya layout is the original names, as sd-scripts writes Flux (BFL's) and SD3 (Stability's): q, k and
+        # v trained apart are joined into
+        # one qkv LoRA (their lora_down stacked, their lora_up on the block diagonal, as sd-scripts' split_qkv
+        # saves them): the same product, summed in another order.
+        torch.testing.assert_close(run(again), want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(run(again), want)
 
 
 @pytest.mark.parametrize("kind", PIPELINES)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, split_module, swapped
 from .flux import FLUX
 from .sd3 import SD3
+from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
 # families share block names (Flux's and HunyuanVideo's double_blocks), not whole tables.
@@ -23,7 +24,7 @@ FAMILIES = (FLUX, SD3)
 
 __all__ = [
     "ALWAYS", "FAMILIES", "FLUX", "IF_TWO_HALVES", "SD3", "Blocks", "Family", "Target", "add_original", "family_of", "fused",
-    "rename_original_names", "split_module", "swapped",
+    "family_of_model", "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.
@@ -49,6 +50,12 @@ def family_of(module_names) -> Family | None:
         if in_blocks and (known, in_blocks) > best_score:
             best, best_score = family, (known, in_blocks)
     return best
+
+
+def family_of_model(model) -> Family | None:
+    """The family whose table names ``model``'s modules (by its class, `Family.model_classes`), or None."""
+    name = type(getattr(model, "_orig_mod", model)).__name__
+    return next((family for family in FAMILIES if name in family.model_classes), None)
 
 
 def add_original(result, family: Family, component: str, module: str, delta) -> None:

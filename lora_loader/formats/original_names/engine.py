@@ -129,6 +129,9 @@ class Family:
     key: str = ""
     detect: tuple[str, ...] = ()
     header_hints: tuple[str, ...] = ()
+    # The diffusers model classes whose modules the table names: `save_lora_weights(format="kohya")` writes
+    # an adapter on one of them in the original names (`writer.to_original`), as the family's trainers do.
+    model_classes: tuple[str, ...] = ()
 
     def __post_init__(self):
         compiled = []

@@ -46,4 +46,5 @@ FLUX = Family(
         "final_layer_adaLN_modulation_1": swapped("norm_out.linear"),
     },
     key="flux",
+    model_classes=("FluxTransformer2DModel",),
 )  # fmt: skip

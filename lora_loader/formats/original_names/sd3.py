@@ -45,4 +45,5 @@ SD3 = Family(
         "final_layer_adaLN_modulation_1": swapped("norm_out.linear", IF_TWO_HALVES),
     },
     key="sd3",
+    model_classes=("SD3Transformer2DModel",),
 )  # fmt: skip
