@@ -178,10 +178,24 @@ def write(path: str, tensors: dict, metadata: dict, fmt: str, family: str) -> st
         if not path.endswith(".safetensors"):
             os.makedirs(path, exist_ok=True)
             path = os.path.join(path, "pytorch_lora_weights.safetensors")
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=header)
+        save_file(_unshared(tensors), path, metadata=header)
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # safetensors has its own error for an unwritable path
         raise LoraFileError(f"{target}: cannot write the adapter there ({type(err).__name__}: {err})") from None
     return path
+
+
+def _unshared(tensors: dict) -> dict:
+    """Every tensor with storage of its own: parts of a fused projection share one ``lora_down`` (and their
+    ``lora_up`` rows are views of one tensor) once loaded, which safetensors refuses to write."""
+    seen, out = set(), {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
 
 
 def model_family(components: dict) -> str:

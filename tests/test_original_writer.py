@@ -112,3 +112,42 @@ def test_a_sd3_adapter_is_written_in_stabilitys_names_and_loads_back(tmp_path):
     _, again = both("sd3")
     again.load_lora_weights(dict(written), adapter_name="a")
     assert_close(run(again), want, base)
+
+
+def test_lora_loader_convert_writes_a_flux_file_in_bfl_names_and_back(tmp_path):
+    """``lora-loader convert --to kohya --model <Flux folder>``: BFL names, and back to diffusers' layout, to the
+    same pipeline outputs."""
+    from test_dit_pipelines import assert_close, both, diffusers_file
+    from tiny_dit import run, tiny_flux_pipeline
+
+    from lora_loader.cli.convert_cmd import convert_lora
+
+    folder = tmp_path / "flux"
+    tiny_flux_pipeline(0).save_pretrained(folder)
+    source = diffusers_file("flux", tmp_path)
+    kohya, back = tmp_path / "kohya.safetensors", tmp_path / "back.safetensors"
+    convert_lora(source, str(kohya), "kohya", model=str(folder), progress=False)
+    assert any(k.startswith("lora_unet_single_blocks_0_linear1.") for k in load_file(kohya))
+    convert_lora(str(kohya), str(back), "diffusers", model=str(folder), progress=False)
+    _, pipe = both("flux")
+    base = run(pipe)
+    pipe.load_lora_weights(source, adapter_name="s")
+    want = run(pipe)
+    for path in (kohya, back):
+        _, again = both("flux")
+        again.load_lora_weights(str(path), adapter_name="c")
+        assert_close(run(again), want, base)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "peft"])
+def test_a_fused_file_whose_parts_share_lora_down_saves_in_diffusers_names_too(fmt, tmp_path):
+    """Loaded parts of a fused projection share one lora_down tensor; safetensors refuses shared storage, so the
+    writer gives each key its own."""
+    source = kohya_flux_file(peft_factors(tiny_flux(), seed=1), tmp_path / "src.safetensors")
+    model = lora_loader.attach(tiny_flux())
+    model.load_lora_weights(source, adapter_name="k")
+    want = output(model)
+    path = model.save_lora_weights(tmp_path / f"out-{fmt}.safetensors", "k", format=fmt)
+    again = lora_loader.attach(tiny_flux())
+    again.load_lora_weights(path, adapter_name="k")
+    assert torch.equal(output(again), want)

@@ -222,6 +222,13 @@ def _same_adapter(a, b, exact: bool) -> str | None:
     kind_a, kind_b = getattr(da, "kind", "lora"), getattr(db, "kind", "lora")
     if kind_a != kind_b:
         return f"kind {kind_a} became {kind_b}"
+    if kind_a == "lora" and da.down.shape != db.down.shape and da.down.dim() == db.down.dim() == 2:
+        # A DiT's original names join q, k and v trained apart into one LoRA (stacked lora_down,
+        # block-diagonal lora_up, as sd-scripts writes them): other factors and scale, the same product.
+        pa, pb = da.scale * (da.up.float() @ da.down.float()), db.scale * (db.up.float() @ db.down.float())
+        if not torch.allclose(pa, pb, rtol=1e-5 if exact else 1e-2, atol=1e-6 if exact else 1e-3):
+            return f"its product up @ down differs (max abs {float((pa - pb).abs().max()):.3g})"
+        return None
     if not math.isclose(da.scale, db.scale, rel_tol=1e-6):
         return f"scale {da.scale:g} became {db.scale:g}"
     if hasattr(da, "factors"):  # a LyCORIS kind: its factors by name, and dora_scale
@@ -246,13 +253,14 @@ def _same_adapter(a, b, exact: bool) -> str | None:
 
 
 def _down_shapes(deltas: dict) -> Counter:
-    """How many modules have each ``lora_down`` shape (LyCORIS kinds: each factor's shape); layout-independent."""
+    """How many modules have each ``lora_down`` shape but the rank (LyCORIS kinds: each factor's shape):
+    the module kinds (Linear, Conv2d and its kernel), whatever the layout (joined fused parts change the rank)."""
     shapes: Counter = Counter()
     for delta in deltas.values():
         if hasattr(delta, "factors"):
             shapes.update((name, tuple(t.shape)) for name, t in delta.factors.items())
         else:
-            shapes[("down", tuple(delta.down.shape))] += 1
+            shapes[("down", tuple(delta.down.shape[1:]))] += 1
     return shapes
 
 
