@@ -289,3 +289,26 @@ def test_a_kohya_file_with_diffusers_dit_names_under_lora_transformer_loads_like
     model = lora_loader.attach(tiny_flux())
     assert model.load_lora_weights(sd, adapter_name="o").modules == {"model": len(factors)}
     torch.testing.assert_close(flux_output(model), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", "transformer.", ""])
+def test_peft_keys_on_bfl_module_names_give_the_output_of_the_same_lora_in_peft(prefix, tmp_path):
+    """fal's Kontext LoRAs: PEFT keys (``lora_A``/``lora_B``, no alpha: scale 1) on BFL's dotted module names,
+    behind ``base_model.model.`` (as diffusers' ``_convert_fal_kontext_lora_to_diffusers`` reads them) or
+    another prefix; fused projections are one LoRA over the fused rows."""
+    factors = peft_factors(tiny_flux(), seed=4)
+    expected = peft_output(factors)
+    sd = load_file(kohya_flux_file(factors, tmp_path / "k.safetensors"))
+    fal = {}
+    for key, tensor in sd.items():
+        module, _, suffix = key[len("lora_unet_") :].partition(".")
+        if suffix == "alpha":
+            continue
+        if suffix == "lora_up.weight":  # no alpha key: fold alpha / rank into lora_B
+            tensor = tensor * (float(sd[f"lora_unet_{module}.alpha"]) / sd[f"lora_unet_{module}.lora_down.weight"].shape[0])
+        fal[f"{prefix}{dotted(module)}.{'lora_A' if suffix == 'lora_down.weight' else 'lora_B'}.weight"] = tensor
+    model = lora_loader.attach(tiny_flux())
+    base = flux_output(model)
+    model.load_lora_weights(fal, adapter_name="fal")
+    assert (expected - base).abs().max() > 1e-2
+    torch.testing.assert_close(flux_output(model), expected, rtol=1e-4, atol=1e-4)

@@ -171,3 +171,40 @@ def test_adapter_config_json_is_read_in_one_place(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{")
     with pytest.raises(LoraFileError, match="not a valid adapter_config.json"):
         read_adapter_config(str(tmp_path / "adapter_config.json"))
+
+
+def test_a_dora_magnitude_and_a_trained_bias_follow_the_rows_of_a_split_or_swapped_module():
+    """PEFT's DoRA magnitude (one norm per output row) and a trained bias are indexed by output row, like lora_B:
+    a fused projection's parts take their rows of them, a (shift, scale) swap trades their halves."""
+    g = torch.Generator().manual_seed(0)
+    down, up, magnitude, bias = (torch.randn(2, 8, generator=g), torch.randn(12, 2, generator=g),
+                                 torch.randn(12, generator=g), torch.randn(12, generator=g))  # fmt: skip
+    delta = LoraDelta(down, up, 4.0, magnitude=magnitude, bias=bias, dropout=0.1)
+    parts, why = FLUX.convert_module("double_blocks_0_img_attn_qkv", delta)
+    assert why is None and [p for p, _ in parts] == [f"transformer_blocks.0.attn.to_{c}" for c in "qkv"]
+    for (_, part), rows in zip(parts, (slice(0, 4), slice(4, 8), slice(8, 12))):
+        assert torch.equal(part.up, up[rows]) and part.down is down
+        assert torch.equal(part.magnitude, magnitude[rows]) and torch.equal(part.bias, bias[rows])
+        assert (part.alpha, part.dropout) == (4.0, 0.1)
+    (path, swapped_delta), = FLUX.convert_module("final_layer_adaLN_modulation_1", delta)[0]
+    assert path == "norm_out.linear"
+    assert torch.equal(swapped_delta.magnitude, torch.cat([magnitude[6:], magnitude[:6]]))
+    assert torch.equal(swapped_delta.up, torch.cat([up[6:], up[:6]]))
+
+
+def test_a_file_is_read_by_the_family_whose_table_knows_most_of_its_names():
+    """Families share block names (Flux's and HunyuanVideo's double_blocks): the table that knows the file's
+    modules wins, not the first whose block pattern matches."""
+    other = Family("Other", hint="double_blocks_*", blocks=(Blocks("double_blocks_{i}_", "blocks.{i}.", {
+        "img_mlp_fc1": "ff.up", "img_mlp_fc2": "ff.down", "img_attn_qkv": fused("q", "k", "v")}),))
+    names = ["double_blocks_0_img_mlp_fc1", "double_blocks_0_img_mlp_fc2", "double_blocks_0_img_attn_qkv"]
+    from lora_loader.formats import original_names
+
+    saved = original_names.FAMILIES
+    original_names.FAMILIES = (FLUX, other)
+    try:
+        assert family_of(names) is other  # Flux knows img_attn_qkv only
+        assert family_of(["double_blocks_0_img_mlp_0", "double_blocks_0_img_attn_qkv"]) is FLUX
+        assert family_of(["double_blocks_0_no_such_module"]) is FLUX  # block names alone: the first family
+    finally:
+        original_names.FAMILIES = saved
