@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import hotswap, inject, save
+from . import hotswap, inject, merge, save
 from .adapters import AdapterRecord, AdapterRegistry, ComponentWeight
 from .blocks import BlockWeights, expand_block_weights, expand_path_weights
 from .config import LoraConfig
@@ -354,6 +354,76 @@ class LoraHost(LoraResidency):
         {'model': ['a']}
         """
         return self._lora_registry_to_read().list_by_component()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """A new adapter ``adapter_name`` made of ``adapters`` with ``weights``, as PEFT's ``add_weighted_adapter``
+        makes it (`lora_loader.merge`: linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune and their
+        ``*_svd`` variants). The sources stay loaded; the new adapter is loaded beside them (and made active,
+        as every load does). A name already in use is a `LoraNameError` (PEFT returns without a word).
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> _ = model.load_lora_weights({"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}, adapter_name="a")
+        >>> _ = model.load_lora_weights({"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": -torch.ones(4, 2)}, adapter_name="b")
+        >>> model.add_weighted_adapter(["a", "b"], [0.5, 0.5], "ab", combination_type="linear")
+        >>> model.get_active_adapters(), bool(model[0].lora_adapters["ab"].to_delta().up.abs().sum() < 1e-6)
+        (['ab'], True)
+        """
+        registry = self._lora_registry_to_read()
+        names = registry.names(adapters, "add_weighted_adapter")
+        if isinstance(weights, (int, float)) or len(weights) != len(names):
+            raise LoraError(f"add_weighted_adapter: got weights {weights!r} for {len(names)} adapters; expected one weight each")
+        weights = [_number(w, "add_weighted_adapter weight") for w in weights]
+        registry.check_new_name(adapter_name, self._lora_scope())
+        merge.check_combination(combination_type, density, majority_sign_method)
+        if len(names) == 1:
+            combination_type = "linear"  # PEFT's rule: one adapter merges linearly
+        components = self._lora_components()
+        modules, ranks, configs = self._lora_weighted_sources(registry, names, weights, components)
+        new_rank = merge.new_rank_of(combination_type, ranks, svd_rank)
+        merged = merge.weighted_merge(modules, combination_type, new_rank, density, majority_sign_method,
+                                      svd_clamp, svd_full_matrices, svd_driver)  # fmt: skip
+        by_component: dict[str, dict] = {}
+        for (component, path), delta in merged.items():
+            by_component.setdefault(component, {})[path] = delta
+        tensors, _ = save.to_diffusers(by_component)
+        config = dict(configs[0] or {}) | {"r": new_rank, "lora_alpha": new_rank, "rank_pattern": {}, "alpha_pattern": {},
+                                            "use_rslora": False, "use_dora": False}  # fmt: skip
+        targets = [t for c in configs if c for t in (c.get("target_modules") or [])] if all(
+            isinstance((c or {}).get("target_modules"), (list, tuple)) for c in configs) else None
+        config["target_modules"] = sorted(set(targets)) if targets else sorted({p.rsplit(".", 1)[-1] for _, p in merged})
+        self.load_lora_weights(tensors, adapter_name=adapter_name, _adapter_config=config)
+
+    def _lora_weighted_sources(self, registry, names: list[str], weights: list[float], components: dict):
+        """``({(component, path): [(delta, weight), ...]}`` in the model's module order, each adapter's largest
+        rank, each adapter's config as a dict)`` for `add_weighted_adapter`."""
+        order = {id(m): i for component in components.values() for i, m in enumerate(component.modules())}
+        modules: dict[tuple[str, str], list] = {}
+        ranks, configs = [], []
+        for name, weight in zip(names, weights):
+            record = registry.adapters[name]
+            if record.copies:
+                raise LoraError(f"adapter '{name}' carries full module copies (modules_to_save), which cannot be merged")
+            ranks.append(max(module.lora_adapters[name].rank for _, _, module in record.layers))
+            config = record.config_for(record.components()[0]) if record.components() else None
+            configs.append(config.to_dict() if config is not None else None)
+            for component, path, module in record.layers:
+                modules.setdefault((order.get(id(module), 0), component, path), []).append(
+                    (module.lora_adapters[name].to_delta(), weight))
+        ordered = {(component, path): entries for (_, component, path), entries in sorted(modules.items(), key=lambda kv: kv[0][0])}
+        return ordered, ranks, configs
 
     def delete_adapters(self, adapter_names) -> None:
         """Remove adapters and free their tensors; a layer left with no adapter becomes the plain module again.
