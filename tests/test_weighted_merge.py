@@ -140,3 +140,45 @@ def test_pipelines_merge_their_adapters_per_component(tmp_path):
     assert sorted(pipe.get_list_adapters()) == ["text_encoder", "transformer"]
     # cat keeps every factor: the merged adapter is the blend, exactly up to float rounding.
     torch.testing.assert_close(run(pipe), blended, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_loader_merge_writes_one_file_that_loads_as_the_blend(capsys, tmp_path):
+    """``lora-loader merge A:0.7 B:0.3 --to OUT --combination-type cat --model <folder>``: OUT alone gives what the
+    two files blended [0.7, 0.3] give; a linear merge of PEFT-layout LLM adapters equals peft's."""
+    from test_cli import run
+    from test_dit_pipelines import both, diffusers_file
+    from tiny_dit import run as run_pipe, tiny_flux_pipeline
+
+    folder = tmp_path / "flux"
+    tiny_flux_pipeline(0).save_pretrained(folder)
+    a, b = diffusers_file("flux", tmp_path, seed=1), diffusers_file("flux", tmp_path, seed=2)
+    out = tmp_path / "ab.safetensors"
+    code, printed, err = run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "--to", out, "--combination-type", "cat", "--model", folder)
+    assert code == 0, err
+    assert "cat of" in printed and str(out) in printed
+    _, pipe = both("flux")
+    pipe.load_lora_weights(a, adapter_name="a")
+    pipe.load_lora_weights(b, adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.7, 0.3])
+    want = run_pipe(pipe)
+    _, merged = both("flux")
+    merged.load_lora_weights(str(out), adapter_name="ab")
+    torch.testing.assert_close(run_pipe(merged), want, rtol=1e-4, atol=1e-4)
+    code, _, err = run(capsys, "merge", f"{a}:0.7", f"{b}:0.3", "--to", out, "--model", folder)
+    assert code != 0 and "exists" in err
+
+
+def test_lora_loader_merge_of_peft_adapters_equals_peft_s_merge(capsys, folders, tmp_path):
+    from test_cli import run
+
+    model_dir = tmp_path / "llama"
+    tiny_llama(0).save_pretrained(model_dir)
+    out = tmp_path / "merged"
+    code, _, err = run(capsys, "merge", f"{folders['a']}:0.7", f"{folders['b']}:-0.4", "--to", out, "--model", model_dir,
+                       "--combination-type", "ties", "--density", "0.5", "--format", "peft")  # fmt: skip
+    assert code == 0, err
+    reference = peft_oracle(tiny_llama, {"a": folders["a"], "b": folders["b"]})
+    reference.add_weighted_adapter(["a", "b"], [0.7, -0.4], "merged", combination_type="ties", density=0.5)
+    reference.set_adapter("merged")
+    again = peft.PeftModel.from_pretrained(tiny_llama(0), str(out)).eval()
+    torch.testing.assert_close(logits(again), logits(reference), rtol=1e-4, atol=1e-4)

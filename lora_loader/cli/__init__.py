@@ -1,7 +1,9 @@
-"""The ``lora-loader`` command: inspect, convert, generate, demo.
+"""The ``lora-loader`` command: inspect, convert, merge, generate, demo.
 
     lora-loader inspect FILE [--json [--compact]]
     lora-loader convert IN OUT --to kohya|diffusers|peft [--model MODEL] [--dtype keep|fp16|bf16|fp32] [--force]
+    lora-loader merge FILE[:WEIGHT]... --to OUT [--combination-type linear|cat|svd|ties|dare_linear|...] [--density D]
+                      [--svd-rank R] [--format kohya|diffusers|peft] [--model MODEL] [--seed N] [--force]
     lora-loader generate --model REPO_OR_FOLDER --prompt TEXT [--lora FILE[:WEIGHT]]... [--negative-prompt TEXT]
                          [--steps N] [--seed N] [--width W] [--height H] [--guidance-scale G] [--num-images N]
                          [--out PATH] [--device DEV] [--dtype fp16|bf16|fp32]
@@ -15,7 +17,7 @@ are one line on stderr, ``lora-loader: error: ...``, and a non-zero exit code.
 diffusers, transformers and accelerate are imported only by the command that
 needs them (the lora_loader package itself brings torch).
 
-One module per command: `inspect_cmd`, `convert_cmd`, `generate_cmd`, `demo_cmd`,
+One module per command: `inspect_cmd`, `convert_cmd`, `merge_cmd`, `generate_cmd`, `demo_cmd`,
 each with its arguments (``add_*_parser``) and its ``cmd_*`` function; this
 module builds the parser and turns every failure into one line.
 """
@@ -35,11 +37,12 @@ from .convert_cmd import add_convert_parser, convert_lora
 from .demo_cmd import add_demo_parser
 from .generate_cmd import add_generate_parser, generate_images, parse_lora_arg
 from .inspect_cmd import add_inspect_parser, format_inspection, inspect_lora
+from .merge_cmd import add_merge_parser, merge_loras
 
 # Besides main and build_parser, the public names `lora_loader.cli` held when it was one module (family
 # detection and the skeletons now live in lora_loader.families and lora_loader.skeletons), so imports keep working.
 __all__ = [
-    "main", "build_parser", "inspect_lora", "format_inspection", "convert_lora", "generate_images", "parse_lora_arg",
+    "main", "build_parser", "inspect_lora", "format_inspection", "convert_lora", "merge_loras", "generate_images", "parse_lora_arg",
     "FAMILY_LABELS", "detect_family", "SKELETONS", "SkeletonPipeline", "build_skeleton", "skeleton_from_pretrained",
 ]  # fmt: skip
 
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     debug = dict(action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error")
     add_inspect_parser(sub, debug)
     add_convert_parser(sub, debug)
+    add_merge_parser(sub, debug)
     add_generate_parser(sub, debug)
     add_demo_parser(sub, debug)
     return parser
