@@ -76,6 +76,8 @@ class AdapterRegistry:
         self.residency = Residency()
         # enable_lora_hotswap(target_rank): every adapter loaded from then on is zero-padded to it.
         self.hotswap_rank: int | None = None
+        # set_adapter_resolver: where an adapter named but not loaded is loaded from (see host.resolve_source).
+        self.resolver = None
 
     # -- queries ---------------------------------------------------------------
     @property
@@ -162,10 +164,11 @@ class AdapterRegistry:
             )
 
     # -- state changes ---------------------------------------------------------
-    def add(self, record: AdapterRecord) -> None:
+    def add(self, record: AdapterRecord, activate: bool = True) -> None:
         """Register a freshly applied adapter (or a new component's part of one already registered) and
         make it the only active adapter, weight 1.0, of each component it adapts: what diffusers+peft
-        and transformers do after a load or ``add_adapter``. Other components keep their active lists."""
+        and transformers do after a load or ``add_adapter``. Other components keep their active lists.
+        ``activate=False`` (a load on first use, by the resolver) registers it and leaves every active list."""
         existing = self.adapters.get(record.name)
         if record.config is not None:
             record.component_configs.update({c: record.config for c in record.components()})
@@ -179,6 +182,10 @@ class AdapterRegistry:
         else:
             self.adapters[record.name] = record
             self.weights[record.name] = {}
+        self.residency.loaded(record.name)
+        if not activate:
+            self.residency.activate(self, [record.name], self.active)
+            return
         components = record.components()
         was_idle = not any(self.active_in.get(c) for c in components)
         for component in components:

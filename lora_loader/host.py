@@ -64,6 +64,27 @@ class LoadReport:
         return text
 
 
+def resolve_source(resolver, name: str):
+    """The source (path, repo id or state dict) a resolver gives for adapter ``name``, or None.
+
+    >>> resolve_source("my-org", "style")
+    'my-org/style'
+    >>> resolve_source(lambda n: None, "style") is None
+    True
+    """
+    if name == "__base__" or not name or "/" in name or "\\" in name or name.startswith("."):
+        return None  # never a path outside the folder, never the base model's row marker
+    if callable(resolver):
+        return resolver(name)
+    root = os.fspath(resolver)
+    if os.path.isdir(root):
+        for candidate in (os.path.join(root, name), os.path.join(root, f"{name}.safetensors")):
+            if os.path.exists(candidate):
+                return candidate
+        return None
+    return f"{root.rstrip('/')}/{name}"
+
+
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LoraError(f"{what} must be a finite number, got {value!r}")
@@ -109,11 +130,12 @@ class LoraHost(LoraResidency):
 
     def _lora_release_registry_if_empty(self) -> None:
         """With no adapter left, take the registry off the modules: they are plain modules again
-        (unless it holds a residency cap, which outlives the adapters). The components of an attached
+        (unless it holds a residency cap or a resolver, which outlive the adapters). The components of an attached
         pipeline keep theirs: it is what their component-level calls share with the pipeline."""
         for module in self._lora_components().values():
             registry = module.__dict__.get(_REGISTRY)
             if (registry is not None and not registry.adapters and registry.enabled and registry.residency.cap is None
+                    and registry.resolver is None
                     and COMPONENT_NAME not in module.__dict__):
                 del module.__dict__[_REGISTRY]
 
@@ -151,6 +173,7 @@ class LoraHost(LoraResidency):
         adapter 'x' (diffusers) from <state dict>: model: 1 modules
         """
         adapter_config = kwargs.pop("_adapter_config", None)  # load_adapter(adapter_state_dict=, peft_config=)
+        activate = kwargs.pop("_activate", True)  # False: a load on first use (the resolver) activates nothing
         allow_pickle = kwargs.pop("allow_pickle", None)  # diffusers' flag: False refuses pickled (.bin) files
         into = [component for flag, component in _LOAD_INTO.items() if kwargs.pop(flag, False)]
         unknown = set(kwargs) - _IGNORED_DIFFUSERS_KWARGS
@@ -187,7 +210,7 @@ class LoraHost(LoraResidency):
         layers, copies = inject.apply(planned, name, copy=not source.owned)
         config = LoraConfig.from_dict(source.adapter_config, source.name) if source.adapter_config else None
         record = AdapterRecord(name, converted.format, source.name, layers, planned.skipped, copies, config)
-        self._lora_registry_to_change().add(record)
+        self._lora_registry_to_change().add(record, activate=activate)
         if hotswap_rank is not None:
             _pad_for_hotswap(self._lora_registry_to_change(), record, hotswap_rank)
         counts: dict[str, int] = {}
@@ -270,6 +293,7 @@ class LoraHost(LoraResidency):
             if weights is not None:
                 raise LoraError("pass either weights= or adapter_weights=, not both")
             weights = adapter_weights
+        self._lora_load_missing(adapter_names)
         names = self._lora_registry_to_read().names(adapter_names, "set_adapters")
         if weights is None or not isinstance(weights, (list, tuple)):
             weights = [weights] * len(names)
@@ -354,6 +378,46 @@ class LoraHost(LoraResidency):
         {'model': ['a']}
         """
         return self._lora_registry_to_read().list_by_component()
+
+    # -- adapters by name -------------------------------------------------------------------
+    def set_adapter_resolver(self, resolver) -> None:
+        """Where an adapter that is named but not loaded comes from: `set_adapters` / `set_adapter` and a mixed
+        batch's ``adapter_names=`` then load it on first use (as serving engines load adapters by name).
+
+        ``resolver`` is a local folder (adapter ``x`` is its ``x/`` PEFT folder or ``x.safetensors``),
+        a Hub namespace (``"my-org"``: adapter ``x`` is the repo ``my-org/x``), a callable
+        ``name -> source`` (a path, repo id or state dict; None for a name it does not know), or None
+        (names must be loaded first, the default). A name the resolver does not know is the usual
+        `LoraNameError`. With `set_max_resident_adapters`, adapters loaded this way are parked and brought
+        home as any other.
+
+        >>> import os, tempfile, torch, lora_loader
+        >>> from safetensors.torch import save_file
+        >>> folder = tempfile.mkdtemp()
+        >>> save_file({"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}, os.path.join(folder, "x.safetensors"))
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> model.set_adapter_resolver(folder)
+        >>> model.set_adapters("x")
+        >>> model.get_active_adapters()
+        ['x']
+        """
+        if resolver is not None and not callable(resolver) and not isinstance(resolver, (str, os.PathLike)):
+            raise LoraError(f"resolver must be a folder, a Hub namespace, a callable name -> source, or None; got {resolver!r}")
+        self._lora_registry_to_change().resolver = resolver
+
+    def _lora_load_missing(self, adapter_names) -> None:
+        """Load, without activating them, the adapters ``adapter_names`` names that are not loaded and that the
+        resolver (`set_adapter_resolver`) knows; the others are left for the caller's name check."""
+        registry = self._lora_registry_to_read()
+        if registry.resolver is None:
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        if not isinstance(names, (list, tuple)):
+            return
+        for name in dict.fromkeys(n for n in names if isinstance(n, str) and n not in registry.adapters):
+            source = resolve_source(registry.resolver, name)
+            if source is not None:
+                self.load_lora_weights(source, adapter_name=name, _activate=False)
 
     def add_weighted_adapter(
         self,

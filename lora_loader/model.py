@@ -429,10 +429,11 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
             raise LoraNameError(f"adapter_names must be a list with one adapter name (or '{BASE}') per row, got {adapter_names!r}")
         names = list(adapter_names)
-        registry = self._lora_registry_to_read()
         bad = [n for n in names if not isinstance(n, str)]
         if bad:
             raise LoraNameError(f"adapter_names must be strings (an adapter name or '{BASE}'), got {bad}")
+        self._lora_load_missing([n for n in names if n != BASE])
+        registry = self._lora_registry_to_read()
         unknown = sorted({n for n in names if n != BASE and n not in registry.adapters})
         if unknown:
             raise LoraNameError(f"adapter_names name {unknown}, which are not loaded (loaded: {sorted(registry.adapters)})")
@@ -442,11 +443,18 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             names = [BASE] * len(names)
         else:  # a fused weight is in every row: neither '__base__' nor another adapter's row could be right
             registry.refuse_fused(None, "a mixed batch (adapter_names=)")
+        # Every adapter of the batch is used by it: brought home once for the whole batch (past the cap, if the
+        # batch needs more), counted as just used, and the cap enforced again once the batch is done.
+        used = [n for n in dict.fromkeys(names) if n != BASE]
+        residency = registry.residency
+        residency.bring_home(registry, used)
+        residency.touch(used)
         token = MIXED_BATCH.set(names)
         try:
             yield
         finally:
             MIXED_BATCH.reset(token)
+            residency.enforce(registry, registry.active)
 
     # -- training helpers ------------------------------------------------------------------------------
     def gradient_checkpointing_enable(self, *args, **kwargs):

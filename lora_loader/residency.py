@@ -100,13 +100,20 @@ def _move(record: AdapterRecord, device: torch.device | None) -> bool:
     return home
 
 
+POLICIES = ("lru", "fifo")
+
+
 class Residency:
-    """One host's residency state: the cap, the park device, recency, and which adapters are parked."""
+    """One host's residency state: the cap, the park device, the eviction policy, recency and load order,
+    which adapters are pinned and which are parked."""
 
     def __init__(self) -> None:
         self.cap: int | None = None
         self.park_device: torch.device = torch.device("cpu")
+        self.policy: str = "lru"  # which inactive adapter is parked first: least recently used, or first loaded
         self.recency: dict[str, None] = {}  # every loaded name, least recently activated first
+        self.load_order: dict[str, None] = {}  # every loaded name, first loaded first
+        self.pinned: set[str] = set()  # never parked, and not counted against the cap
         self.parked: set[str] = set()
 
     # -- bookkeeping -------------------------------------------------------------------------
@@ -115,9 +122,18 @@ class Residency:
             self.recency.pop(name, None)
             self.recency[name] = None
 
+    def loaded(self, name: str) -> None:
+        self.load_order.setdefault(name, None)
+
     def forget(self, name: str) -> None:
         self.recency.pop(name, None)
+        self.load_order.pop(name, None)
+        self.pinned.discard(name)
         self.parked.discard(name)
+
+    def eviction_order(self) -> list[str]:
+        """Loaded names in the order the policy parks them: least recently used first, or first loaded first."""
+        return list(self.recency if self.policy == "lru" else self.load_order)
 
     # -- moves -------------------------------------------------------------------------------
     def activate(self, registry: AdapterRegistry, names: list[str], active: list[str] | None = None) -> None:
@@ -136,14 +152,14 @@ class Residency:
                 self.parked.discard(name)  # only once every layer is back
 
     def enforce(self, registry: AdapterRegistry, active: list[str]) -> None:
-        """Park least recently activated inactive adapters while more than ``cap`` are resident."""
+        """Park inactive, unpinned adapters in the policy's order while more than ``cap`` unpinned ones are resident."""
         if self.cap is None:
             return
-        excess = len(registry.adapters) - len(self.parked) - self.cap
+        excess = len(set(registry.adapters) - self.parked - self.pinned) - self.cap
         if excess <= 0:
             return
-        keep = set(active)
-        for name in list(self.recency):
+        keep = set(active) | self.pinned
+        for name in self.eviction_order():
             if excess <= 0:
                 break
             if name in keep or name in self.parked:
@@ -164,12 +180,16 @@ class Residency:
 class LoraResidency:
     """The residency calls of `LoraHost` (pipelines and models): a cap on resident adapters, and the query."""
 
-    def set_max_resident_adapters(self, max_resident: int | None, park_device: str | torch.device = "cpu") -> None:
+    def set_max_resident_adapters(self, max_resident: int | None, park_device: str | torch.device = "cpu",
+                                  policy: str = "lru") -> None:  # fmt: skip
         """Keep at most ``max_resident`` adapters' tensors where their layers compute; park the others.
 
-        When more than ``max_resident`` adapters are resident, the least recently
-        activated ones that are not active (activation: a load, or being named in
-        `set_adapters` / `set_adapter`) are moved to ``park_device``. Active
+        When more than ``max_resident`` adapters are resident, inactive ones are moved
+        to ``park_device`` in the order of ``policy``: ``"lru"`` parks the least
+        recently used first (use: a load, being named in `set_adapters` /
+        `set_adapter`, or in a mixed batch's ``adapter_names``), ``"fifo"`` the first
+        loaded first. Pinned adapters (`pin_adapters`) are never parked and do not
+        count against the cap. Active
         adapters are always resident, so the cap can be exceeded by the active
         set. A parked adapter that is activated again is moved back first, layer
         by layer, to the device of each base layer (a layer whose weight is on the
@@ -179,8 +199,9 @@ class LoraResidency:
         Moving the whole model (``pipe.to("cuda")``) moves parked adapters with it:
         call this again afterwards to park them again.
 
-        ``max_resident`` must be None or an int >= 0 and ``park_device`` a device
-        this machine has (not ``meta``); otherwise `LoraError`, and nothing changes.
+        ``max_resident`` must be None or an int >= 0, ``park_device`` a device this
+        machine has (not ``meta``) and ``policy`` "lru" or "fifo"; otherwise
+        `LoraError`, and nothing changes.
 
         >>> import torch, lora_loader
         >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
@@ -193,10 +214,12 @@ class LoraResidency:
         """
         if max_resident is not None and (isinstance(max_resident, bool) or not isinstance(max_resident, int) or max_resident < 0):
             raise LoraError(f"max_resident must be None (no cap) or an int >= 0, got {max_resident!r}")
+        if policy not in POLICIES:
+            raise LoraError(f"policy={policy!r}; expected one of {', '.join(POLICIES)}")
         device = parse_device(park_device, "park_device")
         registry = self._lora_registry_to_change()
         residency = registry.residency
-        residency.cap, residency.park_device = max_resident, device
+        residency.cap, residency.park_device, residency.policy = max_resident, device, policy
         if max_resident is None:
             return
         active = set(registry.active)
@@ -226,3 +249,38 @@ class LoraResidency:
             "resident": [n for n in order if n not in residency.parked],
             "parked": [n for n in order if n in residency.parked],
         }
+
+    def pin_adapters(self, adapter_names: str | list[str]) -> None:
+        """Keep these adapters resident whatever the cap (a serving engine's pinned adapters): they are brought
+        home now, never parked, and not counted against `set_max_resident_adapters`'s cap.
+
+        >>> import torch, lora_loader
+        >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        >>> lora = {"0.lora_A.weight": torch.ones(2, 4), "0.lora_B.weight": torch.ones(4, 2)}
+        >>> for name in ("a", "b", "c"):
+        ...     _ = model.load_lora_weights(lora, adapter_name=name)
+        >>> model.pin_adapters("a")
+        >>> model.set_max_resident_adapters(1)
+        >>> model.lora_residency(), model.pinned_adapters()
+        ({'resident': ['a', 'c'], 'parked': ['b']}, ['a'])
+        """
+        registry = self._lora_registry_to_change()
+        names = registry.names(adapter_names, "pin_adapters")
+        residency = registry.residency
+        residency.bring_home(registry, names)
+        residency.pinned.update(names)
+        residency.enforce(registry, registry.active)
+        registry.push()
+
+    def unpin_adapters(self, adapter_names: str | list[str]) -> None:
+        """Let these pinned adapters be parked again by the cap (the least used first, as any other)."""
+        registry = self._lora_registry_to_change()
+        names = registry.names(adapter_names, "unpin_adapters")
+        registry.residency.pinned.difference_update(names)
+        registry.residency.enforce(registry, registry.active)
+        registry.push()
+
+    def pinned_adapters(self) -> list[str]:
+        """The pinned adapters, in load order."""
+        residency = self._lora_registry_to_read().residency
+        return [n for n in residency.load_order if n in residency.pinned]
