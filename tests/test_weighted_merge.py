@@ -182,3 +182,13 @@ def test_lora_loader_merge_of_peft_adapters_equals_peft_s_merge(capsys, folders,
     reference.set_adapter("merged")
     again = peft.PeftModel.from_pretrained(tiny_llama(0), str(out)).eval()
     torch.testing.assert_close(logits(again), logits(reference), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "peft"])
+def test_a_merged_adapter_saves_in_every_layout_and_loads_back_to_its_logits(folders, tmp_path, fmt, monkeypatch):
+    _, mine = both_merged(folders, ["a", "b"], [0.6, 0.4], "dare_ties", {"density": 0.5}, monkeypatch)
+    want = logits(mine)
+    path = mine.save_lora_weights(str(tmp_path / f"merged-{fmt}.safetensors"), "merged", format=fmt)
+    again = lora_loader.attach(tiny_llama(0))
+    again.load_lora_weights(path, adapter_name="merged")
+    torch.testing.assert_close(logits(again), want, rtol=1e-5, atol=1e-5)
