@@ -355,6 +355,25 @@ def cli_dir(tmp_path_factory):
     return folder
 
 
+def check_merged_file(cli_dir: Path, argv: list[str]) -> None:
+    """The merged file (a ``cat`` merge) alone gives what its sources blended with their weights give."""
+    from tiny import outputs, tiny_sd_pipeline
+
+    import lora_loader
+
+    weights = {a.partition(":")[0]: float(a.partition(":")[2]) for a in argv[2:] if ":" in a}
+    written = cli_dir / argv[argv.index("--to") + 1]
+    blend = lora_loader.attach(tiny_sd_pipeline(0))
+    for i, name in enumerate(weights):
+        blend.load_lora_weights(str(cli_dir / name), adapter_name=f"s{i}")
+    blend.set_adapters([f"s{i}" for i in range(len(weights))], list(weights.values()))
+    merged = lora_loader.attach(tiny_sd_pipeline(0))
+    merged.load_lora_weights(str(written), adapter_name="m")
+    want, got = outputs(blend), outputs(merged)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
 def _cli_id(item) -> str:
     line, argv = item
     return f"README.md:{line}:" + " ".join(argv[1:3])
@@ -383,6 +402,8 @@ def test_cli_line_exits_zero_and_does_what_it_says(item, cli_dir, monkeypatch, c
         with safe_open(written, "pt") as f:
             keys = list(f.keys())
         assert keys and all(k.startswith(("unet.", "text_encoder.")) for k in keys), keys[:4]
+    elif command == "merge":
+        check_merged_file(cli_dir, argv)
     elif command == "generate":
         images = sorted((cli_dir / "lora-loader-out").glob("*.png"))
         assert images, f"generate wrote no image: {out}"
