@@ -30,7 +30,7 @@ from tiny_hunyuan import forward, tiny_framepack, tiny_hunyuan, tiny_hunyuan_15,
 
 import lora_loader
 from lora_loader import LoraError
-from lora_loader.families import detect_family
+from lora_loader.families import detect_family, family_from_metadata
 from lora_loader.formats import convert
 from lora_loader.formats.original_names import FLUX, HUNYUAN_VIDEO, HUNYUAN_VIDEO_15, family_of
 
@@ -272,6 +272,38 @@ def test_every_tencent_module_gives_the_independent_merge(layout):
     assert_close(forward(mine), want, base)
 
 
+def test_a_diffusion_pipe_adapter_folder_gives_the_independent_merge(tmp_path):
+    """diffusion-pipe: peft on Tencent's model, saved as transformer.<name>.lora_A/B in adapter_model.safetensors
+    beside PEFT's adapter_config.json (the alpha there), with only_double_blocks as its configs often set it."""
+    model = tiny_hunyuan()
+    table = tencent_modules(model)
+    names = [n for n in musubi_names(table) if n.startswith("double_blocks.")]
+    factors = {n: (d, u, 8.0) for n, (d, u, _) in lora_factors(model, table, names, seed=21).items()}
+    save_state_dict({f"transformer.{n}.lora_{ab}.weight": t for n, (d, u, _) in factors.items() for ab, t in (("A", d), ("B", u))},
+                    tmp_path / "adapter_model.safetensors")  # fmt: skip
+    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 8, "target_modules": names, "lora_dropout": 0.0, "bias": "none"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    want = forward(merged(tiny_hunyuan(), table, lora_dense(factors)))
+    mine = lora_loader.attach(tiny_hunyuan_pipeline())
+    base = forward(mine)
+    mine.load_lora_weights(str(tmp_path), adapter_name="d")
+    assert_close(forward(mine), want, base)
+
+
+@pytest.mark.parametrize("part", ["attention", "single"])
+def test_a_file_in_names_flux_and_hunyuanvideo_share_loads_right_into_hunyuanvideo(part):
+    """img_attn_qkv, img_attn_proj, linear1, linear2 are Flux's names too: whichever table reads them, the same modules."""
+    model = tiny_hunyuan()
+    table = tencent_modules(model)
+    shared = ("_attn_qkv", "_attn_proj") if part == "attention" else ("linear1", "linear2")
+    factors = lora_factors(model, table, [n for n in musubi_names(table) if n.endswith(shared)], seed=22)
+    want = forward(merged(tiny_hunyuan(), table, lora_dense(factors)))
+    mine = lora_loader.attach(tiny_hunyuan_pipeline())
+    base = forward(mine)
+    mine.load_lora_weights(musubi_file(factors), adapter_name="s")
+    assert_close(forward(mine), want, base)
+
+
 @pytest.mark.parametrize("condition", [None, "token_replace"], ids=["t2v", "i2v"])
 def test_a_musubi_file_gives_the_independent_merge(condition, tmp_path):
     """bf16 tensors and alphas, musubi's header; the same file on HunyuanVideo-I2V's token-replace blocks."""
@@ -448,6 +480,23 @@ def test_dit_block_weights_match_module_paths_exactly():
     mine.load_lora_weights(sd, adapter_name="a")
     mine.set_adapters("a", {"transformer": {"transformer_blocks.1": 0.25, "single_transformer_blocks": 0.5}})
     assert_close(forward(mine), forward(want_model), base)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_saved_adapter_loads_back_the_same_and_its_header_names_the_family(fmt, tmp_path):
+    _, _, sd = musubi_adapter(20)
+    mine = lora_loader.attach(tiny_hunyuan_pipeline())
+    mine.load_lora_weights(sd, adapter_name="a")
+    want = forward(mine)
+    saved = mine.save_lora_weights(tmp_path / "out", "a", format=fmt)
+    again = lora_loader.attach(tiny_hunyuan_pipeline())
+    again.load_lora_weights(saved, adapter_name="a")
+    assert torch.equal(forward(again), want)
+    from lora_loader.cli.inspect_cmd import inspect_lora
+
+    assert inspect_lora(saved)["family"] == "hunyuan-video"
+    assert family_from_metadata({"lora_loader.base_model": "HunyuanVideo15Transformer3DModel"}) == "hunyuan-video-1.5"
+    assert family_from_metadata({"lora_loader.base_model": "HunyuanVideoFramepackTransformer3DModel"}) == "hunyuan-video"
 
 
 # -- LyCORIS kinds as musubi writes them, on the fused projections ------------------------------------

@@ -112,10 +112,12 @@ HUNYUAN_VIDEO_15 = Family(
         r"^image_embedder_linear_[12]$",
         r"^time_embed_timestep_embedder(_r)?_linear_[12]$",
         r"^cond_type_embed$",
-        r"^transformer_blocks_(4[89]|5[0-3])_(norm1_linear|norm1_context_linear|ff_net_0_proj|ff_net_2|ff_context_net_0_proj|ff_context_net_2)$",
+        r"^transformer_blocks_(4[89]|5[0-3])_"
+        r"(norm1_linear|norm1_context_linear|ff_net_0_proj|ff_net_2|ff_context_net_0_proj|ff_context_net_2)$",
     ),
-    # musubi-tuner: ss_base_model_version "hunyuan_video_1_5", modelspec.architecture "hunyuan-video-1.5/lora"
-    header_hints=("hunyuan_video_1_5", "hunyuan-video-1.5", "hunyuanvideo-1.5", "hunyuanvideo1.5"),
+    # musubi-tuner: ss_base_model_version "hunyuan_video_1_5", modelspec.architecture "hunyuan-video-1.5/lora";
+    # lora_loader's own saves: lora_loader.base_model "HunyuanVideo15Transformer3DModel"
+    header_hints=("hunyuan_video_1_5", "hunyuan-video-1.5", "hunyuanvideo-1.5", "hunyuanvideo1.5", "hunyuanvideo15"),
 )  # fmt: skip
 
 HUNYUAN_VIDEO = Family(
@@ -161,6 +163,7 @@ HUNYUAN_VIDEO = Family(
         r"^image_projection_(up|down)$",
         r"^single_transformer_blocks_3[89]_(attn_to_[qkv]|proj_mlp|proj_out|norm_linear)$",
     ),
-    # musubi-tuner: "hunyuan_video" / "hunyuan-video/lora", FramePack "framepack" / "framepack/lora"
+    # musubi-tuner: "hunyuan_video" / "hunyuan-video/lora", FramePack "framepack" / "framepack/lora"; lora_loader's
+    # saves: "HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"
     header_hints=("hunyuan_video", "hunyuan-video", "hunyuanvideo", "framepack"),
 )  # fmt: skip
