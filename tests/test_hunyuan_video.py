@@ -218,6 +218,23 @@ def test_a_peft_file_in_diffusers_layout_gives_what_diffusers_gives(condition, t
     assert_close(forward(mine), forward(ref), base)
 
 
+def test_two_peft_files_blend_as_diffusers_blends_them(tmp_path):
+    paths = []
+    for seed in (1, 2):
+        config = peft_config(seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            sd = add_peft_adapter(tiny_hunyuan(), config)
+        paths.append(save_diffusers_lora(tmp_path, HunyuanVideoPipeline, {"transformer": sd}, {"transformer": config}, f"{seed}.safetensors"))
+    ref, mine = tiny_hunyuan_pipeline(), lora_loader.attach(tiny_hunyuan_pipeline())
+    base = forward(ref)
+    for pipe in (ref, mine):
+        pipe.load_lora_weights(paths[0], adapter_name="a")
+        pipe.load_lora_weights(paths[1], adapter_name="b")
+        pipe.set_adapters(["a", "b"], [0.7, 0.3])
+    assert_close(forward(mine), forward(ref), base)
+
+
 @pytest.mark.parametrize("factory", [tiny_framepack, tiny_hunyuan_15], ids=["framepack", "1.5"])
 def test_a_peft_file_on_framepack_and_hunyuanvideo_15_gives_what_peft_gives(factory, tmp_path):
     """FramePack's extra modules (image_projection; clean_x_embedder is Conv3d) and 1.5's (context_embedder_2,
