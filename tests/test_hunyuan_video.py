@@ -96,7 +96,10 @@ def tencent_modules(model) -> dict[str, tuple[list[str], bool]]:
         table |= {
             "time_in.mlp.0": (["time_embed.timestep_embedder.linear_1"], False),
             "time_in.mlp.2": (["time_embed.timestep_embedder.linear_2"], False),
+            "time_r_in.mlp.0": (["time_embed.timestep_embedder_r.linear_1"], False),
+            "time_r_in.mlp.2": (["time_embed.timestep_embedder_r.linear_2"], False),
             "byt5_in.fc1": (["context_embedder_2.linear_1"], False),
+            "byt5_in.fc2": (["context_embedder_2.linear_2"], False),
             "byt5_in.fc3": (["context_embedder_2.linear_3"], False),
             "vision_in.proj.1": (["image_embedder.linear_1"], False),
             "vision_in.proj.3": (["image_embedder.linear_2"], False),
@@ -370,7 +373,8 @@ def test_a_musubi_framepack_file_in_diffusers_names_gives_the_independent_merge(
 
 def test_a_hunyuanvideo_15_file_in_tencents_names_gives_the_independent_merge():
     """musubi's HunyuanVideo 1.5 network (MMDoubleStreamBlock's Linears: separate img_attn_q/k/v), and the
-    modules it excludes (txt_in, byt5_in, vision_in, time_in: on diffusers' time_embed, not time_text_embed)."""
+    modules it excludes (txt_in, byt5_in, vision_in, time_in and MeanFlow's time_r_in: on diffusers' time_embed,
+    not time_text_embed)."""
     model = tiny_hunyuan_15()
     table = tencent_modules(model)
     factors = lora_factors(model, table, list(table), seed=7)

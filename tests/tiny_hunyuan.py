@@ -2,7 +2,7 @@
 
 The configs are diffusers' own test configs (``tests/lora/test_lora_layers_hunyuanvideo.py``,
 ``tests/models/transformers/test_models_transformer_hunyuan_video_framepack.py`` and
-``test_models_transformer_hunyuan_1_5.py``): hidden size 20 (2 heads of 10) for 1.0 and FramePack,
+``test_models_transformer_hunyuan_1_5.py``, with MeanFlow on): hidden size 20 (2 heads of 10) for 1.0 and FramePack,
 16 for 1.5. ``forward`` runs one transformer call on fixed inputs; a pipeline wraps a 1.0
 transformer alone (diffusers' ``HunyuanVideoPipeline`` with no text encoders or VAE), which is
 all ``load_lora_weights`` needs on either side.
@@ -31,6 +31,7 @@ HUNYUAN_15 = {
     "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
     "num_refiner_layers": 1, "mlp_ratio": 2.0, "patch_size": 1, "patch_size_t": 1, "text_embed_dim": 16,
     "text_embed_2_dim": 8, "image_embed_dim": 12, "rope_axes_dim": (2, 2, 4), "target_size": 16, "task_type": "t2v",
+    "use_meanflow": True,  # the distilled checkpoints' second timestep embedder (time_r_in)
 }  # fmt: skip
 
 
@@ -70,6 +71,7 @@ def _inputs(model) -> dict[str, torch.Tensor]:
     if isinstance(model, HunyuanVideo15Transformer3DModel):
         return {
             "hidden_states": torch.randn(1, 4, 1, 4, 4, generator=g), "timestep": torch.tensor([500.0]),
+            "timestep_r": torch.tensor([250.0]),
             "encoder_hidden_states": torch.randn(1, 6, cfg.text_embed_dim, generator=g),
             "encoder_attention_mask": torch.ones(1, 6),
             "encoder_hidden_states_2": torch.randn(1, 4, cfg.text_embed_2_dim, generator=g),

@@ -101,7 +101,6 @@ HUNYUAN_VIDEO_15 = Family(
         "byt5_in_fc3": "context_embedder_2.linear_3",
         "vision_in_proj_1": "image_embedder.linear_1",
         "vision_in_proj_3": "image_embedder.linear_2",
-        "cond_type_embedding": "cond_type_embed",
     },
     aliases={**_TEXT_IN_COMFY, "time_in_in_layer": "time_embed.timestep_embedder.linear_1",
              "time_in_out_layer": "time_embed.timestep_embedder.linear_2"},
@@ -111,7 +110,6 @@ HUNYUAN_VIDEO_15 = Family(
         r"^context_embedder_2_linear_[123]$",
         r"^image_embedder_linear_[12]$",
         r"^time_embed_timestep_embedder(_r)?_linear_[12]$",
-        r"^cond_type_embed$",
         r"^transformer_blocks_(4[89]|5[0-3])_"
         r"(norm1_linear|norm1_context_linear|ff_net_0_proj|ff_net_2|ff_context_net_0_proj|ff_context_net_2)$",
     ),
