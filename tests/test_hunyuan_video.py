@@ -617,6 +617,17 @@ def test_hunyuanvideo_and_flux_names_pick_their_own_tables():
     assert family_of(flux[:3]) is FLUX  # the names both know: Flux's table, first
 
 
+def test_aliases_are_read_but_the_way_back_names_tencents_modules():
+    from lora_loader.formats.original_names import Blocks, Family
+
+    assert HUNYUAN_VIDEO.targets("double_blocks_4_img_mlp_0").paths == ("transformer_blocks.4.ff.net.0.proj",)
+    assert HUNYUAN_VIDEO.original_name("transformer_blocks.4.ff.net.0.proj") == ("double_blocks_4_img_mlp_fc1", 0)
+    assert HUNYUAN_VIDEO_15.targets("double_blocks_2_img_attn_qkv").paths[1] == "transformer_blocks.2.attn.to_k"
+    assert HUNYUAN_VIDEO_15.original_name("transformer_blocks.2.attn.to_k") == ("double_blocks_2_img_attn_k", 0)
+    with pytest.raises(ValueError, match="both as modules and as aliases"):
+        Family("Demo", hint="", blocks=(Blocks("b_{i}_", "b.{i}.", {"x": "y"}, aliases={"x": "z"}),))
+
+
 def test_a_flux_file_loads_into_flux_as_before_and_a_hunyuanvideo_file_is_no_flux_file():
     from test_original_names import _kohya_flux_state_dict
 
