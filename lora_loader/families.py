@@ -25,6 +25,8 @@ FAMILY_LABELS = {
     "causal-lm": "causal LM",
     "unknown": "unknown",
 } | {family.key: family.name for family in FAMILIES if family.key not in ("flux", "sd3")}
+# Table families whose diffusers module names a Flux / SD3 guess would take: a header naming one decides first.
+_SHARED_NAMES_FAMILIES = {family.key for family in FAMILIES} - {"flux", "sd3"}
 # Cross-attention input width (the text encoder's hidden size the UNet attends to) per UNet family.
 _CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Text encoder hidden size: CLIP ViT-L (SD 1.x, SDXL's first), OpenCLIP ViT-H (SD 2.x), OpenCLIP bigG (SDXL's second).
@@ -96,7 +98,7 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     text_encoder = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c == "text_encoder"]
     unet = [n for n, _ in denoiser if any(marker in n for marker in _UNET_MARKERS)]
 
-    decided = _family_from_names(components, denoiser, unet, adapter_config)
+    decided = _family_from_names(components, denoiser, unet, adapter_config, metadata)
     if decided is not None:
         return decided
     family, evidence = _unet_family(components, denoiser, text_encoder, unet)
@@ -110,8 +112,11 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     return family, evidence
 
 
-def _family_from_names(components: set, denoiser: list, unet: list[str], adapter_config: dict | None) -> tuple[str, list[str]] | None:
-    """The families the names alone settle (a causal LM, Flux, SD3), or None: a UNet, or nothing known."""
+def _family_from_names(components: set, denoiser: list, unet: list[str], adapter_config: dict | None,
+                       metadata: dict[str, str] | None = None) -> tuple[str, list[str]] | None:
+    """The families the names alone settle (a causal LM, Flux, SD3), or None: a UNet, or nothing known. A header
+    naming a table family (not Flux or SD3) decides before the Flux / SD3 guesses, which go by diffusers names
+    other families share (HunyuanVideo's blocks are Flux's, HunyuanVideo 1.5's joint blocks SD3's)."""
     names = [n for n, _ in denoiser]
     if (adapter_config or {}).get("task_type") == "CAUSAL_LM":
         return "causal-lm", ["adapter_config.json says task_type CAUSAL_LM"]
@@ -119,6 +124,9 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         hit = next((n for n in names for pattern in family.detect if re.search(pattern, n)), None)
         if hit is not None:
             return family.key, [f"{family.name} module names ({hit})"]
+    hinted = family_from_metadata(metadata or {})
+    if hinted in _SHARED_NAMES_FAMILIES and not unet:
+        return hinted, [f"header metadata names {FAMILY_LABELS[hinted]} (its diffusers module names are shared)"]
     if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
     if "text_encoder_3" in components:

@@ -15,16 +15,19 @@ from __future__ import annotations
 
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, split_module, swapped
 from .flux import FLUX
+from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .sd3 import SD3
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
 # families share block names (Flux's and HunyuanVideo's double_blocks), not whole tables.
-FAMILIES = (FLUX, SD3)
+# HunyuanVideo 1.5 before 1.0: its header names ("hunyuan-video-1.5") contain 1.0's, and a file in
+# names both know (dual-stream blocks only) maps to the same modules in either.
+FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO)
 
 __all__ = [
-    "ALWAYS", "FAMILIES", "FLUX", "IF_TWO_HALVES", "SD3", "Blocks", "Family", "Target", "add_original", "family_of", "fused",
-    "family_of_model", "rename_original_names", "split_module", "swapped", "to_original",
+    "ALWAYS", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "SD3", "Blocks", "Family", "Target",
+    "add_original", "family_of", "family_of_model", "fused", "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.

@@ -21,6 +21,14 @@ rest for every family alike:
 ('layers.2.q', 'layers.2.k', 'layers.2.v')
 >>> fam.original_name("layers.2.k")
 ('blocks_2_qkv', 1)
+
+``aliases`` are other spellings of the same modules (ComfyUI's own names, another trainer's):
+read like ``modules``, never written back (the way back names the canonical original).
+
+>>> fam = Family("Demo", hint="blocks_*", blocks=(Blocks("blocks_{i}_", "layers.{i}.", {"mlp_fc1": "ff.0"},
+...              aliases={"mlp_0": "ff.0"}),))
+>>> fam.targets("blocks_3_mlp_0").paths, fam.original_name("layers.3.ff.0")
+(('layers.3.ff.0',), ('blocks_3_mlp_fc1', 0))
 """
 
 from __future__ import annotations
@@ -106,23 +114,27 @@ def _target(spec: str | tuple[str, ...] | Target) -> Target:
 class Blocks:
     """Repeated blocks: original names ``original`` + suffix, diffusers paths ``diffusers`` + path; ``{i}``
     is the block index in both. ``modules`` maps each suffix to a path, a tuple of paths (a fused
-    projection in equal parts) or a `Target`."""
+    projection in equal parts) or a `Target`; ``aliases`` the same for other spellings of those
+    modules, which are read but never written."""
 
     original: str
     diffusers: str
     modules: dict
+    aliases: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Family:
     """One model family's original names: `Blocks` and top-level ``modules`` (original name -> target).
-    ``hint`` names a few originals for the message about a module the table lacks; ``key``, ``detect``
-    and ``header_hints`` tell ``lora-loader inspect`` the family."""
+    ``hint`` names a few originals for the message about a module the table lacks; ``aliases`` are
+    other spellings of top-level modules (read, never written); ``key``, ``detect`` and
+    ``header_hints`` tell ``lora-loader inspect`` the family."""
 
     name: str
     hint: str
     blocks: tuple[Blocks, ...] = ()
     modules: dict = field(default_factory=dict)
+    aliases: dict = field(default_factory=dict)
     # For `families.detect_family` (``lora-loader inspect``): the family's id, regexes (``re.search``) over a
     # file's denoiser module paths in diffusers' names with dots as underscores that only this family has,
     # and substrings of a producer's header (``ss_base_model_version``, ``modelspec.architecture``) naming it.
@@ -136,12 +148,14 @@ class Family:
     def __post_init__(self):
         compiled = []
         for blocks in self.blocks:
+            _no_shadowing(blocks.modules, blocks.aliases, blocks.original)
             head, _, tail = blocks.original.partition("{i}")
             pattern = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}(.+)$")
-            table = {suffix: _target(spec) for suffix, spec in blocks.modules.items()}
+            table = {suffix: _target(spec) for suffix, spec in (blocks.modules | blocks.aliases).items()}
             compiled.append((pattern, blocks.diffusers, table))
+        _no_shadowing(self.modules, self.aliases, "")
         object.__setattr__(self, "_blocks", tuple(compiled))
-        object.__setattr__(self, "_modules", {name: _target(spec) for name, spec in self.modules.items()})
+        object.__setattr__(self, "_modules", {name: _target(spec) for name, spec in (self.modules | self.aliases).items()})
         object.__setattr__(self, "_back", None)
 
     def claims(self, module_names) -> bool:
@@ -186,14 +200,22 @@ class Family:
         return None
 
     def _inverse(self):
-        modules = {p: (name, part) for name, t in self._modules.items() for part, p in enumerate(t.paths)}
+        """The way back, from the canonical names only (``modules``; aliases are never written)."""
+        modules = {p: (name, part) for name, spec in self.modules.items() for part, p in enumerate(_target(spec).paths)}
         blocks = []
-        for spec, (_, prefix, table) in zip(self.blocks, self._blocks):
-            head, _, tail = prefix.partition("{i}")
+        for spec in self.blocks:
+            head, _, tail = spec.diffusers.partition("{i}")
             pattern = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}(.+)$")
-            back = {p: (suffix, part) for suffix, t in table.items() for part, p in enumerate(t.paths)}
+            back = {p: (suffix, part) for suffix, t in spec.modules.items() for part, p in enumerate(_target(t).paths)}
             blocks.append((pattern, spec.original, back))
         return blocks, modules
+
+
+def _no_shadowing(modules: dict, aliases: dict, where: str) -> None:
+    """An alias is another spelling: one that is also a canonical name would hide which one a table means."""
+    both = sorted(set(modules) & set(aliases))
+    if both:
+        raise ValueError(f"{where or 'top-level'} names {both} both as modules and as aliases")
 
 
 def _two_halves(delta) -> bool:
