@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, split_module, swapped
 from .flux import FLUX
+from .ltx import LTX2, LTX_VIDEO
 from .sd3 import SD3
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
 # families share block names (Flux's and HunyuanVideo's double_blocks), not whole tables.
-FAMILIES = (FLUX, SD3)
+FAMILIES = (FLUX, SD3, LTX2, LTX_VIDEO)  # LTX-2 before LTX-Video: inspect names LTX-Video only a file with no audio module
 
 __all__ = [
-    "ALWAYS", "FAMILIES", "FLUX", "IF_TWO_HALVES", "SD3", "Blocks", "Family", "Target", "add_original", "family_of", "fused",
+    "ALWAYS", "FAMILIES", "FLUX", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO", "SD3", "Blocks", "Family", "Target", "add_original", "family_of", "fused",
     "rename_original_names", "split_module", "swapped",
 ]  # fmt: skip
 
@@ -53,12 +54,15 @@ def family_of(module_names) -> Family | None:
 
 def add_original(result, family: Family, component: str, module: str, delta) -> None:
     """One module in ``family``'s original names into ``result`` (a `ConvertedLora`) under diffusers' path(s),
-    a fused projection split by rows; a module the table lacks, or that does not split, goes to ``unknown``."""
-    parts, why = family.convert_module(module.replace(".", "_"), delta)
+    a fused projection split by rows, in the component the table names for it (LTX-2's connectors) or else
+    ``component``; a module the table lacks, or that does not split, goes to ``unknown``."""
+    name = module.replace(".", "_")
+    parts, why = family.convert_module(name, delta)
     if why is not None:
         for key in delta.keys:
             result.unknown[key] = why
         return
+    component = family.targets(name).component or component
     for path, part in parts:
         result.deltas[(component, path)] = part
 

@@ -15,12 +15,22 @@ rest for every family alike:
   rows. A swapped module's ``B`` rows (or its dense rows) trade halves.
 - `Family.original_name`: the way back, a diffusers path to its original name (and its
   part of a fused projection), for writing files in original names.
+- A module may live in another pipeline component than the file's denoiser (``component``:
+  LTX-2's text connectors sit in the checkpoint's diffusion model, in diffusers' ``connectors``),
+  and a family whose checkpoint keeps most of diffusers' own names (LTX) says which names alone
+  make a file its own (``claim``), so a file in diffusers' names is never taken for it.
 
 >>> fam = Family("Demo", hint="blocks_*", blocks=(Blocks("blocks_{i}_", "layers.{i}.", {"qkv": fused("q", "k", "v")}),))
 >>> fam.targets("blocks_2_qkv").paths
 ('layers.2.q', 'layers.2.k', 'layers.2.v')
 >>> fam.original_name("layers.2.k")
 ('blocks_2_qkv', 1)
+>>> two = Family("Two", hint="blocks_*", blocks=(Blocks("text_blocks_{i}_", "blocks.{i}.", {"q": "to_q"}, component="text"),),
+...              modules={"patchify": "proj_in"}, claim=(r"patchify$", r"text_blocks_"))
+>>> two.targets("text_blocks_1_q").component, two.targets("patchify").component is None
+('text', True)
+>>> two.score(["patchify", "proj_out"]), Family("Plain", hint="", blocks=fam.blocks).score(["blocks_0_qkv", "x"])
+((1, 1), (1, 1))
 """
 
 from __future__ import annotations
@@ -47,13 +57,15 @@ class Target:
     are theirs in order: ``ratios`` are their relative row counts (None: equal parts),
     ``counts`` their absolute row counts instead. ``swap`` is `ALWAYS` or `IF_TWO_HALVES`
     when the module's output is ``(shift, scale)`` in the original and ``(scale, shift)``
-    in diffusers.
+    in diffusers. ``component`` names the pipeline component the paths are in when that is
+    not the file's denoiser (None: the component the file's key gave).
     """
 
     paths: tuple[str, ...]
     ratios: tuple[int, ...] | None = None
     counts: tuple[int, ...] | None = None
     swap: str | None = None
+    component: str | None = None
 
     def __post_init__(self):
         if self.swap not in (None, ALWAYS, IF_TWO_HALVES):
@@ -102,15 +114,22 @@ def _target(spec: str | tuple[str, ...] | Target) -> Target:
     return Target((spec,)) if isinstance(spec, str) else Target(tuple(spec))
 
 
+def _in_component(target: Target, component: str | None) -> Target:
+    """``target`` in a block group's ``component``, unless it names its own."""
+    return target if component is None or target.component is not None else dataclasses.replace(target, component=component)
+
+
 @dataclass(frozen=True)
 class Blocks:
     """Repeated blocks: original names ``original`` + suffix, diffusers paths ``diffusers`` + path; ``{i}``
     is the block index in both. ``modules`` maps each suffix to a path, a tuple of paths (a fused
-    projection in equal parts) or a `Target`."""
+    projection in equal parts) or a `Target`; ``component`` is the pipeline component of all of them
+    when not the file's denoiser (see `Target`)."""
 
     original: str
     diffusers: str
     modules: dict
+    component: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,27 +148,36 @@ class Family:
     key: str = ""
     detect: tuple[str, ...] = ()
     header_hints: tuple[str, ...] = ()
+    # Regexes (``re.match``) over Kohya-mangled original names that alone make a file this family's; empty:
+    # any name in one of its blocks does. For a family whose checkpoint keeps most of diffusers' own names
+    # (LTX): its blocks list those names too, but only the names diffusers renamed claim a file.
+    claim: tuple[str, ...] = ()
 
     def __post_init__(self):
         compiled = []
         for blocks in self.blocks:
             head, _, tail = blocks.original.partition("{i}")
             pattern = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}(.+)$")
-            table = {suffix: _target(spec) for suffix, spec in blocks.modules.items()}
+            table = {suffix: _in_component(_target(spec), blocks.component) for suffix, spec in blocks.modules.items()}
             compiled.append((pattern, blocks.diffusers, table))
         object.__setattr__(self, "_blocks", tuple(compiled))
         object.__setattr__(self, "_modules", {name: _target(spec) for name, spec in self.modules.items()})
+        object.__setattr__(self, "_claim", tuple(re.compile(p) for p in self.claim))
         object.__setattr__(self, "_back", None)
 
     def claims(self, module_names) -> bool:
-        """True when some of a file's denoiser names (Kohya-mangled) are in this family's blocks."""
+        """True when some of a file's denoiser names (Kohya-mangled) make it this family's (see `score`)."""
         return self.score(module_names)[1] > 0
 
     def score(self, module_names) -> tuple[int, int]:
-        """``(names the table knows, names in one of its blocks)`` among ``module_names`` (Kohya-mangled)."""
+        """``(names the table knows, names that claim the file)`` among ``module_names`` (Kohya-mangled): a name
+        claims it when it matches one of ``claim``, or without ``claim``, when it is in one of the blocks."""
         known = sum(1 for name in module_names if self.targets(name) is not None)
-        in_blocks = sum(1 for name in module_names if any(p.match(name) for p, _, _ in self._blocks))
-        return known, in_blocks
+        if self._claim:
+            claiming = sum(1 for name in module_names if any(p.match(name) for p in self._claim))
+        else:
+            claiming = sum(1 for name in module_names if any(p.match(name) for p, _, _ in self._blocks))
+        return known, claiming
 
     def targets(self, name: str) -> Target | None:
         """The `Target` of an original module name, with full diffusers paths, or None."""
