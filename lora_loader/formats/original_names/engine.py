@@ -31,6 +31,8 @@ rest for every family alike:
 ('text', True)
 >>> two.score(["patchify", "proj_out"]), Family("Plain", hint="", blocks=fam.blocks).score(["blocks_0_qkv", "x"])
 ((1, 1), (1, 1))
+>>> Family("Typo", hint="", modules={"norm_linear": "norm.linear"}, aliases={"norm_norm_": "norm_"}).targets("norm_norm_linear").paths
+('norm.linear',)
 """
 
 from __future__ import annotations
@@ -152,6 +154,9 @@ class Family:
     # any name in one of its blocks does. For a family whose checkpoint keeps most of diffusers' own names
     # (LTX): its blocks list those names too, but only the names diffusers renamed claim a file.
     claim: tuple[str, ...] = ()
+    # Other spellings producers write for some original names, as ``{prefix: the original's prefix}`` (ai-toolkit's
+    # LTX-2.3 writes ``audio_prompt_adaln_single_single_*``): read, never written back.
+    aliases: dict = field(default_factory=dict)
 
     def __post_init__(self):
         compiled = []
@@ -181,6 +186,9 @@ class Family:
 
     def targets(self, name: str) -> Target | None:
         """The `Target` of an original module name, with full diffusers paths, or None."""
+        wrong = next((w for w in self.aliases if name.startswith(w)), None)
+        if wrong is not None:
+            name = self.aliases[wrong] + name[len(wrong):]
         for pattern, prefix, table in self._blocks:
             match = pattern.match(name)
             if match is not None:

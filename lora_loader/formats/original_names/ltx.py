@@ -127,6 +127,9 @@ LTX2 = Family(
     ),
     header_hints=("ltx2", "ltx-2", "ltx_2", "ltxav", "ltxv2", "ltx-av"),
     claim=_LTX2_CLAIM,
+    # ai-toolkit's convert_lora_diffusers_to_original renames ``audio_prompt_adaln`` and then the ``prompt_adaln``
+    # inside the result (LTX-2.3, with ``transformer_only: false``); diffusers' converter reads it back the same way.
+    aliases={"audio_prompt_adaln_single_single_": "audio_prompt_adaln_single_"},
 )
 
 LTX_VIDEO = Family(
