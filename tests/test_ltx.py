@@ -351,6 +351,17 @@ def test_disable_is_exact_and_unfuse_gives_back_every_weight_bit_for_bit(tmp_pat
         assert all(torch.equal(now[k], v) for k, v in state.items() if k in now), component
 
 
+def test_a_file_in_lightricks_names_saved_in_the_diffusers_layout_loads_in_diffusers_to_the_same_outputs(tmp_path):
+    mine = lora_loader.attach(pipeline("ltx2.3"))
+    mine.load_lora_weights(ltx23_original_file(tmp_path), adapter_name="x")
+    path = os.fspath(tmp_path / "diffusers.safetensors")
+    mine.save_lora_weights(path, "x", format="diffusers")
+    ref = pipeline("ltx2.3")
+    base = outputs(ref)
+    ref.load_lora_weights(path, adapter_name="x")
+    assert_close(outputs(mine), outputs(ref), base)
+
+
 def test_keys_the_model_lacks_are_refused_whole_and_listed_with_strict_false(tmp_path):
     t_sd, _ = peft_adapter("ltx2", 10, targets=["to_q", "to_k"])
     sd = lightricks_names(t_sd, LTX2_RENAMES)
