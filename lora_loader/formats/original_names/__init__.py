@@ -33,14 +33,16 @@ DENOISER_COMPONENTS = ("denoiser", "transformer", "transformer_2", "transformer_
 
 def family_of(module_names) -> Family | None:
     """The family whose original names a file's denoiser modules use (Kohya-mangled: dots as underscores),
-    or None (diffusers' or UNet names): of the families whose blocks hold some of them, the one whose
-    table names most of them (then: whose blocks hold most, so a module the table lacks is reported as
-    that family's), the first on a tie.
+    or None (diffusers' or UNet names): of the families some of them claim (names in its blocks, or its
+    ``claim`` names), the one whose table names most of them (then: that most claim, so a module the table
+    lacks is reported as that family's), the first on a tie.
 
     >>> family_of(["double_blocks_0_img_attn_qkv", "single_blocks_3_linear1"]).name
     'Flux'
     >>> family_of(["transformer_blocks_0_attn_to_q"]) is None
     True
+    >>> family_of(["transformer_blocks_0_attn1_to_q"]) is None, family_of(["transformer_blocks_0_attn1_to_q", "patchify_proj"]).name
+    (True, 'LTX-2')
     """
     names = [name.replace(".", "_") for name in module_names]
     best, best_score = None, (0, 0)
