@@ -90,6 +90,11 @@ def to_peft(deltas: dict) -> tuple[dict, dict]:
 
 
 def _kohya_name(component: str, path: str, module_root, sgm: dict) -> str:
+    if component not in KOHYA_PREFIX:
+        raise LoraError(
+            f"{component}.{path}: Kohya layout has no prefix for a '{component}' component (sd-scripts names the UNet / "
+            "DiT and the text encoders only); save this adapter with format='diffusers' or 'peft'"
+        )
     if component in ("unet", "transformer"):
         if sgm:  # SDXL: sd-scripts writes Stability's block names
             path = sgm_name(path, sgm) or path

@@ -16,18 +16,21 @@ from __future__ import annotations
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, split_module, swapped
 from .flux import FLUX
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
+from .ltx import LTX2, LTX_VIDEO
 from .sd3 import SD3
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
 # families share block names (Flux's and HunyuanVideo's double_blocks), not whole tables.
 # HunyuanVideo 1.5 before 1.0: its header names ("hunyuan-video-1.5") contain 1.0's, and a file in
-# names both know (dual-stream blocks only) maps to the same modules in either.
-FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO)
+# names both know (dual-stream blocks only) maps to the same modules in either. LTX-2 before LTX-Video:
+# inspect names LTX-Video only a file with no audio module.
+FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, LTX2, LTX_VIDEO)
 
 __all__ = [
-    "ALWAYS", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "SD3", "Blocks", "Family", "Target",
-    "add_original", "family_of", "family_of_model", "fused", "rename_original_names", "split_module", "swapped", "to_original",
+    "ALWAYS", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO", "SD3", "Blocks",
+    "Family", "Target", "add_original", "family_of", "family_of_model", "fused", "rename_original_names", "split_module",
+    "swapped", "to_original",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.
@@ -36,14 +39,16 @@ DENOISER_COMPONENTS = ("denoiser", "transformer", "transformer_2", "transformer_
 
 def family_of(module_names) -> Family | None:
     """The family whose original names a file's denoiser modules use (Kohya-mangled: dots as underscores),
-    or None (diffusers' or UNet names): of the families whose blocks hold some of them, the one whose
-    table names most of them (then: whose blocks hold most, so a module the table lacks is reported as
-    that family's), the first on a tie.
+    or None (diffusers' or UNet names): of the families some of them claim (names in its blocks, or its
+    ``claim`` names), the one whose table names most of them (then: that most claim, so a module the table
+    lacks is reported as that family's), the first on a tie.
 
     >>> family_of(["double_blocks_0_img_attn_qkv", "single_blocks_3_linear1"]).name
     'Flux'
     >>> family_of(["transformer_blocks_0_attn_to_q"]) is None
     True
+    >>> family_of(["transformer_blocks_0_attn1_to_q"]) is None, family_of(["transformer_blocks_0_attn1_to_q", "patchify_proj"]).name
+    (True, 'LTX-2')
     """
     names = [name.replace(".", "_") for name in module_names]
     best, best_score = None, (0, 0)
@@ -63,12 +68,15 @@ def family_of_model(model) -> Family | None:
 
 def add_original(result, family: Family, component: str, module: str, delta) -> None:
     """One module in ``family``'s original names into ``result`` (a `ConvertedLora`) under diffusers' path(s),
-    a fused projection split by rows; a module the table lacks, or that does not split, goes to ``unknown``."""
-    parts, why = family.convert_module(module.replace(".", "_"), delta)
+    a fused projection split by rows, in the component the table names for it (LTX-2's connectors) or else
+    ``component``; a module the table lacks, or that does not split, goes to ``unknown``."""
+    name = module.replace(".", "_")
+    parts, why = family.convert_module(name, delta)
     if why is not None:
         for key in delta.keys:
             result.unknown[key] = why
         return
+    component = family.targets(name).component or component
     for path, part in parts:
         result.deltas[(component, path)] = part
 

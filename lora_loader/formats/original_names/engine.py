@@ -15,6 +15,10 @@ rest for every family alike:
   rows. A swapped module's ``B`` rows (or its dense rows) trade halves.
 - `Family.original_name`: the way back, a diffusers path to its original name (and its
   part of a fused projection), for writing files in original names.
+- A module may live in another pipeline component than the file's denoiser (``component``:
+  LTX-2's text connectors sit in the checkpoint's diffusion model, in diffusers' ``connectors``),
+  and a family whose checkpoint keeps most of diffusers' own names (LTX) says which names alone
+  make a file its own (``claim``), so a file in diffusers' names is never taken for it.
 
 >>> fam = Family("Demo", hint="blocks_*", blocks=(Blocks("blocks_{i}_", "layers.{i}.", {"qkv": fused("q", "k", "v")}),))
 >>> fam.targets("blocks_2_qkv").paths
@@ -25,10 +29,19 @@ rest for every family alike:
 ``aliases`` are other spellings of the same modules (ComfyUI's own names, another trainer's):
 read like ``modules``, never written back (the way back names the canonical original).
 
->>> fam = Family("Demo", hint="blocks_*", blocks=(Blocks("blocks_{i}_", "layers.{i}.", {"mlp_fc1": "ff.0"},
-...              aliases={"mlp_0": "ff.0"}),))
->>> fam.targets("blocks_3_mlp_0").paths, fam.original_name("layers.3.ff.0")
+>>> spelled = Family("Demo", hint="blocks_*", blocks=(Blocks("blocks_{i}_", "layers.{i}.", {"mlp_fc1": "ff.0"},
+...                  aliases={"mlp_0": "ff.0"}),))
+>>> spelled.targets("blocks_3_mlp_0").paths, spelled.original_name("layers.3.ff.0")
 (('layers.3.ff.0',), ('blocks_3_mlp_fc1', 0))
+
+>>> two = Family("Two", hint="blocks_*", blocks=(Blocks("text_blocks_{i}_", "blocks.{i}.", {"q": "to_q"}, component="text"),),
+...              modules={"patchify": "proj_in"}, claim=(r"patchify$", r"text_blocks_"))
+>>> two.targets("text_blocks_1_q").component, two.targets("patchify").component is None
+('text', True)
+>>> two.score(["patchify", "proj_out"]), Family("Plain", hint="", blocks=fam.blocks).score(["blocks_0_qkv", "x"])
+((1, 1), (1, 1))
+>>> Family("Typo", hint="", modules={"norm_linear": "norm.linear"}, prefix_aliases={"norm_norm_": "norm_"}).targets("norm_norm_linear").paths
+('norm.linear',)
 """
 
 from __future__ import annotations
@@ -55,13 +68,15 @@ class Target:
     are theirs in order: ``ratios`` are their relative row counts (None: equal parts),
     ``counts`` their absolute row counts instead. ``swap`` is `ALWAYS` or `IF_TWO_HALVES`
     when the module's output is ``(shift, scale)`` in the original and ``(scale, shift)``
-    in diffusers.
+    in diffusers. ``component`` names the pipeline component the paths are in when that is
+    not the file's denoiser (None: the component the file's key gave).
     """
 
     paths: tuple[str, ...]
     ratios: tuple[int, ...] | None = None
     counts: tuple[int, ...] | None = None
     swap: str | None = None
+    component: str | None = None
 
     def __post_init__(self):
         if self.swap not in (None, ALWAYS, IF_TWO_HALVES):
@@ -110,17 +125,24 @@ def _target(spec: str | tuple[str, ...] | Target) -> Target:
     return Target((spec,)) if isinstance(spec, str) else Target(tuple(spec))
 
 
+def _in_component(target: Target, component: str | None) -> Target:
+    """``target`` in a block group's ``component``, unless it names its own."""
+    return target if component is None or target.component is not None else dataclasses.replace(target, component=component)
+
+
 @dataclass(frozen=True)
 class Blocks:
     """Repeated blocks: original names ``original`` + suffix, diffusers paths ``diffusers`` + path; ``{i}``
     is the block index in both. ``modules`` maps each suffix to a path, a tuple of paths (a fused
     projection in equal parts) or a `Target`; ``aliases`` the same for other spellings of those
-    modules, which are read but never written."""
+    modules, which are read but never written; ``component`` is the pipeline component of all of them
+    when not the file's denoiser (see `Target`)."""
 
     original: str
     diffusers: str
     modules: dict
     aliases: dict = field(default_factory=dict)
+    component: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +166,13 @@ class Family:
     # The diffusers model classes whose modules the table names: `save_lora_weights(format="kohya")` writes
     # an adapter on one of them in the original names (`writer.to_original`), as the family's trainers do.
     model_classes: tuple[str, ...] = ()
+    # Regexes (``re.match``) over Kohya-mangled original names that alone make a file this family's; empty:
+    # any name in one of its blocks does. For a family whose checkpoint keeps most of diffusers' own names
+    # (LTX): its blocks list those names too, but only the names diffusers renamed claim a file.
+    claim: tuple[str, ...] = ()
+    # Other spellings producers write for some original names, as ``{prefix: the original's prefix}`` (ai-toolkit's
+    # LTX-2.3 writes ``audio_prompt_adaln_single_single_*``): read, never written back.
+    prefix_aliases: dict = field(default_factory=dict)
 
     def __post_init__(self):
         compiled = []
@@ -151,25 +180,33 @@ class Family:
             _no_shadowing(blocks.modules, blocks.aliases, blocks.original)
             head, _, tail = blocks.original.partition("{i}")
             pattern = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}(.+)$")
-            table = {suffix: _target(spec) for suffix, spec in (blocks.modules | blocks.aliases).items()}
+            table = {suffix: _in_component(_target(spec), blocks.component) for suffix, spec in (blocks.modules | blocks.aliases).items()}
             compiled.append((pattern, blocks.diffusers, table))
         _no_shadowing(self.modules, self.aliases, "")
         object.__setattr__(self, "_blocks", tuple(compiled))
         object.__setattr__(self, "_modules", {name: _target(spec) for name, spec in (self.modules | self.aliases).items()})
+        object.__setattr__(self, "_claim", tuple(re.compile(p) for p in self.claim))
         object.__setattr__(self, "_back", None)
 
     def claims(self, module_names) -> bool:
-        """True when some of a file's denoiser names (Kohya-mangled) are in this family's blocks."""
+        """True when some of a file's denoiser names (Kohya-mangled) make it this family's (see `score`)."""
         return self.score(module_names)[1] > 0
 
     def score(self, module_names) -> tuple[int, int]:
-        """``(names the table knows, names in one of its blocks)`` among ``module_names`` (Kohya-mangled)."""
+        """``(names the table knows, names that claim the file)`` among ``module_names`` (Kohya-mangled): a name
+        claims it when it matches one of ``claim``, or without ``claim``, when it is in one of the blocks."""
         known = sum(1 for name in module_names if self.targets(name) is not None)
-        in_blocks = sum(1 for name in module_names if any(p.match(name) for p, _, _ in self._blocks))
-        return known, in_blocks
+        if self._claim:
+            claiming = sum(1 for name in module_names if any(p.match(name) for p in self._claim))
+        else:
+            claiming = sum(1 for name in module_names if any(p.match(name) for p, _, _ in self._blocks))
+        return known, claiming
 
     def targets(self, name: str) -> Target | None:
         """The `Target` of an original module name, with full diffusers paths, or None."""
+        wrong = next((w for w in self.prefix_aliases if name.startswith(w)), None)
+        if wrong is not None:
+            name = self.prefix_aliases[wrong] + name[len(wrong):]
         for pattern, prefix, table in self._blocks:
             match = pattern.match(name)
             if match is not None:
