@@ -160,10 +160,23 @@ def write(path: str, tensors: dict, metadata: dict, fmt: str, family: str) -> st
         if not path.endswith(".safetensors"):
             os.makedirs(path, exist_ok=True)
             path = os.path.join(path, "pytorch_lora_weights.safetensors")
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path, metadata=header)
+        save_file(_unshared(tensors), path, metadata=header)
     except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # safetensors has its own error for an unwritable path
         raise LoraFileError(f"{target}: cannot write the adapter there ({type(err).__name__}: {err})") from None
     return path
+
+
+def _unshared(tensors: dict) -> dict:
+    """Each tensor contiguous and in storage of its own: the parts of a fused projection share their
+    ``lora_A`` (one tensor under three keys), which safetensors refuses to write."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
+    return out
 
 
 def model_family(components: dict) -> str:
