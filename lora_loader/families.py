@@ -25,6 +25,7 @@ FAMILY_LABELS = {
     "causal-lm": "causal LM",
     "unknown": "unknown",
 } | {family.key: family.name for family in FAMILIES if family.key not in ("flux", "sd3")}
+_TABLE_FAMILIES = {family.key for family in FAMILIES}
 # Cross-attention input width (the text encoder's hidden size the UNet attends to) per UNet family.
 _CROSS_ATTENTION_WIDTH = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Text encoder hidden size: CLIP ViT-L (SD 1.x, SDXL's first), OpenCLIP ViT-H (SD 2.x), OpenCLIP bigG (SDXL's second).
@@ -96,7 +97,7 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     text_encoder = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c == "text_encoder"]
     unet = [n for n, _ in denoiser if any(marker in n for marker in _UNET_MARKERS)]
 
-    decided = _family_from_names(components, denoiser, unet, adapter_config)
+    decided = _family_from_names(components, denoiser, unet, adapter_config, family_from_metadata(metadata or {}))
     if decided is not None:
         return decided
     family, evidence = _unet_family(components, denoiser, text_encoder, unet)
@@ -110,20 +111,27 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     return family, evidence
 
 
-def _family_from_names(components: set, denoiser: list, unet: list[str], adapter_config: dict | None) -> tuple[str, list[str]] | None:
-    """The families the names alone settle (a causal LM, Flux, SD3), or None: a UNet, or nothing known."""
+def _family_from_names(
+    components: set, denoiser: list, unet: list[str], adapter_config: dict | None, hinted: str | None = None
+) -> tuple[str, list[str]] | None:
+    """The families the names alone settle (a causal LM, Flux, SD3), or None: a UNet, or nothing known.
+    ``hinted`` is the header's family: it decides a DiT whose names are only joint-block names."""
     names = [n for n, _ in denoiser]
     if (adapter_config or {}).get("task_type") == "CAUSAL_LM":
         return "causal-lm", ["adapter_config.json says task_type CAUSAL_LM"]
     for family in FAMILIES:  # module names only one DiT family has (the tables' `detect`)
         hit = next((n for n in names for pattern in family.detect if re.search(pattern, n)), None)
-        if hit is not None:
+        if hit is not None and not any(re.search(pattern, n) for pattern in family.detect_unless for n in names):
             return family.key, [f"{family.name} module names ({hit})"]
     if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
     if "text_encoder_3" in components:
         return "sd3", ["keys for a third text encoder (lora_te3_ / text_encoder_3)"]
     if not unet and any("transformer_blocks_" in n for n in names):
+        # A DiT family whose converted names are only such blocks' (musubi-tuner's MiniMax-H3 attention and MLP)
+        # is named by its header; the width below is a guess between SD3 and Flux.
+        if hinted in _TABLE_FAMILIES and hinted not in ("flux", "sd3"):
+            return hinted, [f"DiT transformer_blocks, and the header names {FAMILY_LABELS[hinted]}"]
         to_q = _first_match(denoiser, r"transformer_blocks_\d+_attn_to_q$")
         width = _in_features(to_q) if to_q is not None else None
         if width == 3072:

@@ -14,16 +14,17 @@ modules), its entry in `FAMILIES`, and tests against diffusers' own converter.
 from __future__ import annotations
 
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, interleaved, split_module, swapped
+from .cogvideox_mochi import COGVIDEOX, MOCHI
 from .flux import FLUX
 from .minimax_h3 import MINIMAX_H3
 from .sd3 import SD3
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
 # families share block names (Flux's and HunyuanVideo's double_blocks), not whole tables.
-FAMILIES = (FLUX, SD3, MINIMAX_H3)
+FAMILIES = (FLUX, SD3, MINIMAX_H3, MOCHI, COGVIDEOX)
 
 __all__ = [
-    "ALWAYS", "FAMILIES", "FLUX", "IF_TWO_HALVES", "MINIMAX_H3", "SD3", "Blocks", "Family", "Target", "add_original", "family_of",
+    "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "IF_TWO_HALVES", "MINIMAX_H3", "MOCHI", "SD3", "Blocks", "Family", "Target", "add_original", "family_of",
     "fused", "interleaved", "rename_original_names", "split_module", "swapped",
 ]  # fmt: skip
 

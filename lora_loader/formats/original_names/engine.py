@@ -179,6 +179,9 @@ class Family:
     key: str = ""
     detect: tuple[str, ...] = ()
     header_hints: tuple[str, ...] = ()
+    # Regexes of the same kind that rule the family out when any name matches (names ``detect`` shares with
+    # another family that has these too: CogVideoX's attn1-only blocks, LTX-Video's attn1 + attn2).
+    detect_unless: tuple[str, ...] = ()
     # diffusers reads this family's network alpha from a numeric ``alpha`` entry of the safetensors header
     # when the file has no alpha tensors and no ``lora_adapter_metadata`` (MiniMax-H3's LightX2V files).
     metadata_alpha: bool = False
