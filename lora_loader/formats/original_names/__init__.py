@@ -24,8 +24,8 @@ from .sd3 import SD3
 FAMILIES = (FLUX, SD3, MINIMAX_H3, MOCHI, COGVIDEOX)
 
 __all__ = [
-    "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "IF_TWO_HALVES", "MINIMAX_H3", "MOCHI", "SD3", "Blocks", "Family", "Target", "add_original", "family_of",
-    "fused", "interleaved", "rename_original_names", "split_module", "swapped",
+    "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "IF_TWO_HALVES", "MINIMAX_H3", "MOCHI", "SD3", "Blocks", "Family", "Target",
+    "add_original", "family_of", "fused", "interleaved", "rename_original_names", "split_module", "swapped",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.

@@ -103,8 +103,9 @@ class Target:
         group = len(self.paths) * self.head_dim  # one head's rows of every part
         if rows % group:
             return None
+        heads = range(rows // group)
         return [
-            tuple((head * group + part * self.head_dim, head * group + (part + 1) * self.head_dim) for head in range(rows // group))
+            tuple((h * group + part * self.head_dim, h * group + (part + 1) * self.head_dim) for h in heads)
             for part in range(len(self.paths))
         ]
 
@@ -276,7 +277,8 @@ def split_module(delta, target: Target, swap: bool) -> tuple[list[tuple[str, obj
     else:
         ranges = target.row_ranges(total)
         if ranges is None:
-            return [], f"its weight has {total} rows, which do not split into the {len(target.paths)} fused projections{_heads(target)}"
+            parts = f"the {len(target.paths)} fused projections{_heads(target)}"
+            return [], f"its weight has {total} rows, which do not split into {parts}"
     dora = delta.dora_scale
     if dora is not None and not dora_on_output(dora, shape):
         return [], "a DoRA scale on the input axis of a fused projection spans all its parts and cannot be split"
