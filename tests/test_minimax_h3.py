@@ -353,6 +353,19 @@ def test_one_adapter_in_both_partitions_weighted_per_partition(tmp_path):
     assert_close(run(mine, "transformer_ref"), run(ref, "transformer_ref"), base_ref)
 
 
+@pytest.mark.parametrize("layout", ["diffusers", "ai-toolkit"])
+def test_a_pipeline_holding_transformer_ref_alone_loads_a_transformer_file_there_as_diffusers_does(layout, tmp_path):
+    """The ref2va workflow loads transformer_ref and no transformer; published LoRAs say no partition."""
+    path = LAYOUTS[layout][0](tmp_path / f"{layout}.safetensors")
+    ref, mine = tiny_minimax_pipeline(main=False), lora_loader.attach(tiny_minimax_pipeline(main=False))
+    assert getattr(ref, "transformer", None) is None
+    base = run(ref, "transformer_ref")
+    ref.load_lora_weights(path, adapter_name="a")
+    report = mine.load_lora_weights(path, adapter_name="a")
+    assert list(report.modules) == ["transformer_ref"]
+    assert_close(run(mine, "transformer_ref"), run(ref, "transformer_ref"), base)
+
+
 def test_load_into_transformer_ref_without_that_partition_is_refused(tmp_path):
     path = diffusers_file(tmp_path / "d.safetensors")
     ref, mine = both(ref=False)

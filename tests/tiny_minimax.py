@@ -66,10 +66,11 @@ def tiny_transformer(seed: int) -> MiniMaxH3Transformer3DModel:
     return model.eval()
 
 
-def tiny_minimax_pipeline(seed: int = 0, ref: bool = True):
-    """A ``MiniMaxH3ModularPipeline`` holding ``transformer`` (and ``transformer_ref``, another seed)."""
+def tiny_minimax_pipeline(seed: int = 0, ref: bool = True, main: bool = True):
+    """A ``MiniMaxH3ModularPipeline`` holding ``transformer`` (unless ``main`` is False: the ref2va workflow's
+    pipeline) and ``transformer_ref`` (another seed; unless ``ref`` is False: the t2va / fl2va workflows')."""
     pipe = MiniMaxH3Blocks().init_pipeline()
-    components = {"transformer": tiny_transformer(seed)}
+    components = {"transformer": tiny_transformer(seed)} if main else {}
     if ref:
         components["transformer_ref"] = tiny_transformer(seed + 100)
     pipe.update_components(**components)
