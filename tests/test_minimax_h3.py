@@ -442,7 +442,8 @@ def test_keys_the_model_lacks_are_an_error_naming_them_and_change_nothing(tmp_pa
         assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     assert mine.get_list_adapters() == {} and torch.equal(run(mine), base)
     # strict=False loads the rest, and its report lists what it skipped.
-    report = mine.load_lora_weights(path, adapter_name="a", strict=False)
+    with pytest.warns(lora_loader.LoraWarning, match="skipped"):
+        report = mine.load_lora_weights(path, adapter_name="a", strict=False)
     skipped = " ".join(map(str, report.skipped))
     assert "blocks.7.attn.qkv_proj" in skipped and "final_layer.extra_proj" in skipped
     _, clean = both()
