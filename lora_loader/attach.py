@@ -20,11 +20,16 @@ def _is_pipeline(obj) -> bool:
         from diffusers import DiffusionPipeline
     except ImportError:  # pragma: no cover - diffusers is a runtime dependency
         return False
-    return isinstance(obj, DiffusionPipeline)
+    try:  # diffusers' modular pipelines (MiniMax-H3 has only one) are no DiffusionPipeline
+        from diffusers.modular_pipelines import ModularPipeline
+    except ImportError:  # pragma: no cover - older diffusers
+        return isinstance(obj, DiffusionPipeline)
+    return isinstance(obj, (DiffusionPipeline, ModularPipeline))
 
 
 def attach(obj: T) -> T:
-    """Give ``obj`` the lora_loader calls; returns the same object. Attaching twice is a no-op.
+    """Give ``obj`` (a diffusers pipeline, modular or not, or any ``nn.Module``) the lora_loader calls; returns
+    the same object. Attaching twice is a no-op.
 
     Only this instance changes: its class becomes a subclass of its own class
     with the mixin first, so our methods take precedence over diffusers' and

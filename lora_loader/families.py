@@ -122,7 +122,7 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         return "causal-lm", ["adapter_config.json says task_type CAUSAL_LM"]
     for family in FAMILIES:  # module names only one DiT family has (the tables' `detect`)
         hit = next((n for n in names for pattern in family.detect if re.search(pattern, n)), None)
-        if hit is not None:
+        if hit is not None and not any(re.search(pattern, n) for pattern in family.detect_unless for n in names):
             return family.key, [f"{family.name} module names ({hit})"]
     hinted = family_from_metadata(metadata or {})
     if hinted in _SHARED_NAMES_FAMILIES and not unet:

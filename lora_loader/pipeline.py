@@ -88,6 +88,9 @@ class LoraPipelineMixin(LoraHost, LoraLifecycle):
 
     def _lora_resolve_component(self, symbolic: str) -> str | None:
         components = self._lora_components()
+        if symbolic in ("denoiser", "transformer") and "unet" not in components and "transformer" not in components:
+            # MiniMax-H3's ref2va workflow holds transformer_ref alone: a file's transformer part goes there, as in diffusers.
+            return "transformer_ref" if "transformer_ref" in components else None
         if symbolic == "denoiser":
             return "unet" if "unet" in components else ("transformer" if "transformer" in components else None)
         if symbolic == "t5":  # the T5 encoder, whichever slot the pipeline gives it

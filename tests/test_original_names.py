@@ -67,7 +67,8 @@ def test_the_parts_of_a_fused_projection_share_one_down_tensor():
     assert [p.up.shape[0] for p in parts] == [HIDDEN, HIDDEN, HIDDEN, 4 * HIDDEN]
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+# The families with original names (CogVideoX and Mochi have only `detect`: their LoRAs are in diffusers' names).
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.blocks], ids=lambda f: f.name)
 def test_every_diffusers_path_of_a_table_maps_back_to_its_original_name(family):
     originals = [b.original.replace("{i}", "7") + s for b in family.blocks for s in b.modules] + list(family.modules)
     for name in originals:

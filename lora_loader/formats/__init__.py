@@ -8,19 +8,22 @@ entry in `_CONVERTERS`; nothing else changes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import warnings
 
 import torch
 
 from ..config import LoraConfig
-from ..errors import LoraError, LoraFormatError
+from ..errors import LoraError, LoraFormatError, LoraWarning
 from . import comfyui as comfyui_format
 from . import diffusers as diffusers_format
 from . import flux_control as flux_control_format
 from . import kohya as kohya_format
 from . import xlabs as xlabs_format
 from .canonical import COMPONENTS, ConvertedLora, not_lora_error
+from .original_names import FAMILIES
 
 __all__ = ["COMPONENTS", "ConvertedLora", "adapter_configs", "convert", "not_lora_error", "tensor_problems"]
 
@@ -164,4 +167,45 @@ def convert(
         result.unrecognized.update(part.unrecognized)
     for key in remaining:
         result.not_lora_key(key, "not a key of any LoRA format lora_loader reads")
+    _alpha_from_header(result, tensors, metadata, configs)
     return result
+
+
+def _alpha_from_header(result: ConvertedLora, tensors: dict, metadata: dict[str, str] | None, configs: dict) -> None:
+    """The network alpha a file records in its safetensors header (``"alpha": "8"``), given to every module, for
+    the families diffusers reads it for (`Family.metadata_alpha`: MiniMax-H3, whose LightX2V Turbo files carry it).
+
+    As diffusers' ``MiniMaxH3LoraLoaderMixin.lora_state_dict`` applies it: only when the file has no alpha
+    tensors and no PEFT config (``lora_adapter_metadata``, ``adapter_config.json``), and only for a number;
+    then each module's scale is ``alpha / rank``. A file of any other family keeps ``alpha = rank``, whatever
+    its header holds (diffusers reads this entry for MiniMax-H3 alone).
+
+    >>> import torch
+    >>> sd = {"transformer_blocks.0.adaln_proj.linear.lora_A.weight": torch.ones(4, 8),
+    ...       "transformer_blocks.0.adaln_proj.linear.lora_B.weight": torch.ones(8, 4)}
+    >>> [d.scale for d in convert(sd, {"alpha": "2"}).deltas.values()], [d.scale for d in convert(sd).deltas.values()]
+    ([0.5], [1.0])
+    """
+    raw = (metadata or {}).get("alpha")
+    if raw is None or configs or not result.deltas or any(k == "alpha" or k.endswith(".alpha") for k in tensors):
+        return
+    from ..families import detect_family  # families imports the tables this package's converters use
+
+    family, _ = detect_family(result.deltas, metadata)
+    if not any(f.key == family and f.metadata_alpha for f in FAMILIES):
+        return
+    try:
+        alpha = float(raw)
+    except ValueError:
+        alpha = math.nan
+    if not math.isfinite(alpha) or alpha == 0:
+        warnings.warn(
+            f"the safetensors header's 'alpha' is {raw!r}, not a finite non-zero number; the LoRA is loaded at alpha = rank",
+            LoraWarning,
+            stacklevel=4,
+        )
+        return
+    result.deltas = {
+        target: delta if delta.alpha is not None else dataclasses.replace(delta, alpha=alpha)
+        for target, delta in result.deltas.items()
+    }

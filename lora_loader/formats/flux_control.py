@@ -29,8 +29,11 @@ from ..delta import LoraDelta
 from .canonical import ConvertedLora
 from .original_names import FLUX
 
-# BFL's top-level modules; no diffusers module path starts with these.
-_ROOT = re.compile(r"^(?:(?:double|single)_blocks\.\d+|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.")
+# BFL's top-level modules; no diffusers module path starts with these. Only Flux's own final-layer modules:
+# MiniMax-H3's original names have a final_layer too (adaln_proj.linear, video_out, audio_out).
+_ROOT = re.compile(
+    r"^(?:(?:double|single)_blocks\.\d+|img_in|txt_in|time_in|vector_in|guidance_in|final_layer\.(?:linear|adaLN_modulation))\."
+)
 _NORM = re.compile(r"^(?:double_blocks\.(\d+)\.(img|txt)_attn|single_blocks\.(\d+))\.norm\.(query|key)_norm\.scale$")
 _SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "up_bias"}
 

@@ -58,7 +58,9 @@ def _split(key: str) -> tuple[str, str, str]:
     module_key, _, suffix = key.partition(".")
     for prefix, component in PREFIXES:
         if module_key.startswith(prefix):
-            return component, module_key[len(prefix):], suffix
+            # VideoX-Fun (CogVideoX-Fun, its Wan and EasyAnimate LoRAs) joins prefix, the adapted root's empty
+            # name and the path with dots before mangling: lora_unet__transformer_blocks_0_attn1_to_q.
+            return component, module_key[len(prefix):].removeprefix("_"), suffix
     raise AssertionError(key)  # claims() guarantees a prefix
 
 

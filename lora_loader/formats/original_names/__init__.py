@@ -13,24 +13,28 @@ modules), its entry in `FAMILIES`, and tests against diffusers' own converter.
 
 from __future__ import annotations
 
-from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, split_module, swapped
+from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, interleaved, split_module, swapped
+from .cogvideox_mochi import COGVIDEOX, MOCHI
 from .flux import FLUX
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .ltx import LTX2, LTX_VIDEO
+from .minimax_h3 import MINIMAX_H3
 from .sd3 import SD3
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
 # families share block names (Flux's and HunyuanVideo's double_blocks), not whole tables.
 # HunyuanVideo 1.5 before 1.0: its header names ("hunyuan-video-1.5") contain 1.0's, and a file in
-# names both know (dual-stream blocks only) maps to the same modules in either. LTX-2 before LTX-Video:
-# inspect names LTX-Video only a file with no audio module.
-FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, LTX2, LTX_VIDEO)
+# names both know (dual-stream blocks only) maps to the same modules in either. MiniMax-H3 (audio blocks
+# too) before LTX-2, LTX-2 before LTX-Video: inspect names LTX-Video only a file with no audio module.
+# Mochi and CogVideoX (whose LoRAs name only attn1, and veto a file with attn2) before LTX-Video, whose
+# inspect rule is any attn1 name.
+FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
 
 __all__ = [
-    "ALWAYS", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO", "SD3", "Blocks",
-    "Family", "Target", "add_original", "family_of", "family_of_model", "fused", "rename_original_names", "split_module",
-    "swapped", "to_original",
+    "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
+    "MINIMAX_H3", "MOCHI", "SD3", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
+    "interleaved", "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.

@@ -12,7 +12,9 @@ rest for every family alike:
   slice of ``B``'s rows (and of ``lora_B.bias``), which is that product restricted to
   its rows. A LyCORIS kind keeps its factors whole and each part takes its rows of
   their dense product (``rows=``); a full diff is cut by rows, a DoRA scale by output
-  rows. A swapped module's ``B`` rows (or its dense rows) trade halves.
+  rows. A swapped module's ``B`` rows (or its dense rows) trade halves. A fused projection whose
+  rows interleave per head (``interleaved``: head 0's q, k, v rows, then head 1's, ...) gives
+  each part its rows head by head, the same way.
 - `Family.original_name`: the way back, a diffusers path to its original name (and its
   part of a fused projection), for writing files in original names.
 - A module may live in another pipeline component than the file's denoiser (``component``:
@@ -69,7 +71,10 @@ class Target:
     ``counts`` their absolute row counts instead. ``swap`` is `ALWAYS` or `IF_TWO_HALVES`
     when the module's output is ``(shift, scale)`` in the original and ``(scale, shift)``
     in diffusers. ``component`` names the pipeline component the paths are in when that is
-    not the file's denoiser (None: the component the file's key gave).
+    not the file's denoiser (None: the component the file's key gave). ``head_dim`` set: the parts'
+    rows interleave per head, ``head_dim`` rows of each part in turn for head 0, then for head 1, ...
+    (equal parts); ``interleaved_if`` (a regex, ``re.search``) limits that to a module whose file keys
+    match it, for a producer that keeps the checkpoint's interleaved rows where the others reorder them.
     """
 
     paths: tuple[str, ...]
@@ -77,6 +82,8 @@ class Target:
     counts: tuple[int, ...] | None = None
     swap: str | None = None
     component: str | None = None
+    head_dim: int | None = None
+    interleaved_if: str | None = None
 
     def __post_init__(self):
         if self.swap not in (None, ALWAYS, IF_TWO_HALVES):
@@ -86,6 +93,8 @@ class Target:
         for split in (self.ratios, self.counts):
             if split is not None and len(split) != len(self.paths):
                 raise ValueError(f"{split} gives {len(split)} parts for {len(self.paths)} paths")
+        if self.head_dim is not None and (not self.fused or self.ratios or self.counts or self.head_dim < 1):
+            raise ValueError("an interleaved projection is a fused one in equal parts, with a head_dim of 1 or more")
 
     @property
     def fused(self) -> bool:
@@ -98,6 +107,38 @@ class Target:
         ratios = self.ratios or (1,) * len(self.paths)
         unit, left = divmod(rows, sum(ratios))
         return None if left else [ratio * unit for ratio in ratios]
+
+    def row_ranges(self, rows: int) -> list[tuple[tuple[int, int], ...]] | None:
+        """Each part's rows of a fused output of ``rows`` rows, as ``[start, stop)`` ranges in order, or None
+        if it does not split so: one range per part, or with ``head_dim`` one per head.
+
+        >>> fused("q", "k").row_ranges(4)
+        [((0, 2),), ((2, 4),)]
+        >>> interleaved("q", "k", head_dim=1).row_ranges(4)
+        [((0, 1), (2, 3)), ((1, 2), (3, 4))]
+        """
+        sizes = self.sizes(rows)
+        if sizes is None:
+            return None
+        if self.head_dim is None:
+            bounds = [0] + list(itertools.accumulate(sizes))
+            return [((a, b),) for a, b in zip(bounds, bounds[1:])]
+        group = len(self.paths) * self.head_dim  # one head's rows of every part
+        if rows % group:
+            return None
+        heads = range(rows // group)
+        return [
+            tuple((h * group + part * self.head_dim, h * group + (part + 1) * self.head_dim) for h in heads)
+            for part in range(len(self.paths))
+        ]
+
+    def for_keys(self, keys) -> Target:
+        """This target for a module with these file keys: not interleaved when ``interleaved_if`` matches none."""
+        if self.head_dim is None or self.interleaved_if is None:
+            return self
+        if any(re.search(self.interleaved_if, key) for key in keys):
+            return self
+        return dataclasses.replace(self, head_dim=None, interleaved_if=None)
 
     def under(self, prefix: str) -> Target:
         return dataclasses.replace(self, paths=tuple(prefix + path for path in self.paths))
@@ -112,6 +153,16 @@ def fused(*parts: str | tuple[str, int]) -> Target:
     paths = tuple(p if isinstance(p, str) else p[0] for p in parts)
     ratios = tuple(1 if isinstance(p, str) else p[1] for p in parts)
     return Target(paths, ratios=None if set(ratios) == {1} else ratios)
+
+
+def interleaved(*paths: str, head_dim: int, only_if: str | None = None) -> Target:
+    """A fused projection in equal parts whose rows interleave per head (``[q0 k0 v0 q1 k1 v1 ...]``, each
+    ``head_dim`` rows), in files whose keys match the regex ``only_if`` (None: always).
+
+    >>> interleaved("to_q", "to_k", "to_v", head_dim=2).row_ranges(12)[1]
+    ((2, 4), (8, 10))
+    """
+    return Target(tuple(paths), head_dim=head_dim, interleaved_if=only_if)
 
 
 def swapped(path: str, when: str = ALWAYS) -> Target:
@@ -173,6 +224,12 @@ class Family:
     # Other spellings producers write for some original names, as ``{prefix: the original's prefix}`` (ai-toolkit's
     # LTX-2.3 writes ``audio_prompt_adaln_single_single_*``): read, never written back.
     prefix_aliases: dict = field(default_factory=dict)
+    # Regexes of the same kind that rule the family out when any name matches (names ``detect`` shares with
+    # another family that has these too: CogVideoX's attn1-only blocks, LTX-Video's attn1 + attn2).
+    detect_unless: tuple[str, ...] = ()
+    # diffusers reads this family's network alpha from a numeric ``alpha`` entry of the safetensors header
+    # when the file has no alpha tensors and no ``lora_adapter_metadata`` (MiniMax-H3's LightX2V files).
+    metadata_alpha: bool = False
 
     def __post_init__(self):
         compiled = []
@@ -220,7 +277,7 @@ class Family:
         if target is None:
             return [], f"'{name}' is no {self.name} module lora_loader knows ({self.hint})"
         swap = target.swap == ALWAYS or (target.swap == IF_TWO_HALVES and _two_halves(delta))
-        return split_module(delta, target, swap)
+        return split_module(delta, target.for_keys(delta.keys), swap)
 
     def original_name(self, path: str) -> tuple[str, int] | None:
         """``(original name, part)`` of a diffusers module path (``part``: its place in a fused projection), or None."""
@@ -280,11 +337,10 @@ def split_module(delta, target: Target, swap: bool) -> tuple[list[tuple[str, obj
     if swap:
         ranges = [((total // 2, total), (0, total // 2))]
     else:
-        sizes = target.sizes(total)
-        if sizes is None:
-            return [], f"its weight has {total} rows, which do not split into the {len(target.paths)} fused projections"
-        bounds = [0] + list(itertools.accumulate(sizes))
-        ranges = [((a, b),) for a, b in zip(bounds, bounds[1:])]
+        ranges = target.row_ranges(total)
+        if ranges is None:
+            parts = f"the {len(target.paths)} fused projections{_heads(target)}"
+            return [], f"its weight has {total} rows, which do not split into {parts}"
     dora = delta.dora_scale
     if dora is not None and not dora_on_output(dora, shape):
         return [], "a DoRA scale on the input axis of a fused projection spans all its parts and cannot be split"
@@ -323,10 +379,13 @@ def _split_lora(target: Target, delta: LoraDelta, swap: bool):
         per_row = {name: _swap_halves(tensor) for name, tensor in per_row.items()}
     if not target.fused:
         return [(target.paths[0], dataclasses.replace(delta, **per_row))], None
-    sizes = target.sizes(rows)
-    if sizes is None:
-        return [], f"lora_up has {rows} rows, which do not split into the {len(target.paths)} fused projections"
-    pieces = {name: tensor.split(sizes, dim=0) for name, tensor in per_row.items()}
-    out = [(path, dataclasses.replace(delta, **{name: parts[i] for name, parts in pieces.items()}))
-           for i, path in enumerate(target.paths)]
+    ranges = target.row_ranges(rows)
+    if ranges is None:
+        return [], f"lora_up has {rows} rows, which do not split into the {len(target.paths)} fused projections{_heads(target)}"
+    out = [(path, dataclasses.replace(delta, **{name: take_rows(tensor, part) for name, tensor in per_row.items()}))
+           for path, part in zip(target.paths, ranges)]
     return out, None
+
+
+def _heads(target: Target) -> str:
+    return "" if target.head_dim is None else f" of interleaved {target.head_dim}-row heads"
