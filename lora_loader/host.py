@@ -222,8 +222,9 @@ class LoraHost(LoraResidency):
             raise LoraFormatError(f"{source.name}: {err}") from None
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, source.name, source.tensors)
         record = registry.adapters[name]
-        if planned.copies or planned.biases or planned.norms or any(p.widen for p in planned.modules):
-            raise LoraError(f"{source.name}: hotswap of full module copies, biases, norm weights or a wider x_embedder is not supported")
+        if planned.copies or planned.biases or planned.norms or planned.params or any(p.widen for p in planned.modules):
+            raise LoraError(f"{source.name}: hotswap of full module copies, biases, norm weights, parameter diffs or a wider "
+                            "x_embedder is not supported")
         loaded = {id(module) for _, _, module in record.layers}
         extra = [f"{p.component}.{p.path}" for p in planned.modules if id(p.module) not in loaded]
         if extra:
