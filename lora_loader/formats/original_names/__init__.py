@@ -16,13 +16,14 @@ from __future__ import annotations
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, split_module, swapped
 from .flux import FLUX
 from .sd3 import SD3
+from .wan import WAN
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
 # families share block names (Flux's and HunyuanVideo's double_blocks), not whole tables.
-FAMILIES = (FLUX, SD3)
+FAMILIES = (FLUX, SD3, WAN)
 
 __all__ = [
-    "ALWAYS", "FAMILIES", "FLUX", "IF_TWO_HALVES", "SD3", "Blocks", "Family", "Target", "add_original", "family_of", "fused",
+    "ALWAYS", "FAMILIES", "FLUX", "IF_TWO_HALVES", "SD3", "WAN", "Blocks", "Family", "Target", "add_original", "family_of", "fused",
     "rename_original_names", "split_module", "swapped",
 ]  # fmt: skip
 
