@@ -122,6 +122,7 @@ def write(layout: str, sd: dict, config: LoraConfig, directory) -> str:
         "transformer-prefix": lambda s: peft_original(s, prefix="transformer."),
         "diffsynth": lambda s: peft_original(s, prefix="", infix=".default"),
         "musubi": musubi,
+        "videox-fun": lambda s: {k.replace("lora_unet_", "lora_unet__"): v for k, v in musubi(s).items()},
         "kohya-diffusers-names": lambda s: kohya_diffusers_names(s, "lora_unet_"),
         "onetrainer": lambda s: kohya_diffusers_names(s, "lora_transformer_"),
     }
@@ -137,6 +138,7 @@ LAYOUTS = {
     "ai-toolkit": ("comfyui", True),
     "diffusion-pipe": ("comfyui", True),
     "musubi": ("kohya", True),
+    "videox-fun": ("kohya", False),  # lora_unet__blocks_0_...: the doubled separator VideoX-Fun writes
     "transformer-prefix": ("diffusers", False),
     "diffsynth": ("diffusers", False),
     "kohya-diffusers-names": ("kohya", False),
@@ -516,8 +518,11 @@ def lycoris_file(kind: str, model, g) -> tuple[dict, dict]:
                 (out_l, out_k), (in_m, in_n) = _halves(out_f), _halves(in_f)
                 f = {"lokr_w1": rnd(out_l, in_m), "lokr_w2_a": rnd(out_k, r), "lokr_w2_b": rnd(r, in_n)}
                 deltas[path] = ALPHA / r * torch.kron(f["lokr_w1"], f["lokr_w2_a"] @ f["lokr_w2_b"])
-            elif kind == "ai-toolkit-lokr":  # both factors full: scale 1, whatever the alpha says (ai-toolkit writes rank)
+            elif kind in ("ai-toolkit-lokr", "ai-toolkit-old-lokr"):  # both factors full: scale 1 (ai-toolkit writes rank)
                 stem = "diffusion_model." + original_name(path)
+                if kind == "ai-toolkit-old-lokr":  # lycoris_ + its convert_to_original on an underscored name
+                    stem = "lycoris_" + path.replace(".", "_").replace("attn1", "self_attn").replace("attn2", "cross_attn")
+                    stem = stem.replace("to_q", "q").replace("to_k", "k").replace("to_v", "v")
                 (out_l, out_k), (in_m, in_n) = _halves(out_f), _halves(in_f)
                 f = {"lokr_w1": rnd(out_l, in_m), "lokr_w2": rnd(out_k, in_n)}
                 deltas[path] = torch.kron(f["lokr_w1"], f["lokr_w2"])
@@ -528,11 +533,11 @@ def lycoris_file(kind: str, model, g) -> tuple[dict, dict]:
                 combined = weight + ALPHA / r * f["lora_up.weight"] @ f["lora_down.weight"]
                 norm = combined.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps
                 deltas[path] = combined * (f["dora_scale"] / norm) - weight
-            sd |= {f"{stem}.{k}": v for k, v in f.items()} | {f"{stem}.alpha": torch.tensor(ALPHA if kind != "ai-toolkit-lokr" else float(r))}
+            sd |= {f"{stem}.{k}": v for k, v in f.items()} | {f"{stem}.alpha": torch.tensor(float(r) if "ai-toolkit" in kind else ALPHA)}
     return sd, deltas
 
 
-@pytest.mark.parametrize("kind", ["musubi-loha", "musubi-lokr", "ai-toolkit-lokr", "dora-scale"])
+@pytest.mark.parametrize("kind", ["musubi-loha", "musubi-lokr", "ai-toolkit-lokr", "ai-toolkit-old-lokr", "dora-scale"])
 def test_lycoris_kinds_in_wan_names_give_their_merged_weights(kind):
     model = lora_loader.attach(tiny_wan())
     sd, deltas = lycoris_file(kind, model, torch.Generator().manual_seed(12))

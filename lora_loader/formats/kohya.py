@@ -67,7 +67,9 @@ def _split(key: str) -> tuple[str, str, str]:
     module_key, _, suffix = key.partition(".")
     for prefix, component in PREFIXES:
         if module_key.startswith(prefix):
-            return component, module_key[len(prefix):], suffix
+            # VideoX-Fun writes "lora_unet__blocks_0_..." (prefix + "." + "" + "." + path, underscored): no path
+            # starts with "_", so the doubled separator goes (as ComfyUI's lora_convert does).
+            return component, module_key[len(prefix):].lstrip("_"), suffix
     raise AssertionError(key)  # claims() guarantees a prefix
 
 

@@ -106,11 +106,18 @@ def _target(spec: str | tuple[str, ...] | Target) -> Target:
 class Blocks:
     """Repeated blocks: original names ``original`` + suffix, diffusers paths ``diffusers`` + path; ``{i}``
     is the block index in both. ``modules`` maps each suffix to a path, a tuple of paths (a fused
-    projection in equal parts) or a `Target`."""
+    projection in equal parts) or a `Target`. ``aliases`` are other spellings of a suffix that some
+    producer writes (read as that suffix, never written).
+
+    >>> fam = Family("Demo", hint="blocks_*", blocks=(Blocks("blocks_{i}_", "layers.{i}.", {"o": "to_out.0"}, {"to_out_0": "o"}),))
+    >>> fam.targets("blocks_1_to_out_0").paths, fam.original_name("layers.1.to_out.0")
+    (('layers.1.to_out.0',), ('blocks_1_o', 0))
+    """
 
     original: str
     diffusers: str
     modules: dict
+    aliases: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,8 @@ class Family:
             head, _, tail = blocks.original.partition("{i}")
             pattern = re.compile(rf"^{re.escape(head)}(\d+){re.escape(tail)}(.+)$")
             table = {suffix: _target(spec) for suffix, spec in blocks.modules.items()}
+            # Aliases first, so the way back (`original_name`) writes the suffix itself.
+            table = {alias: table[suffix] for alias, suffix in blocks.aliases.items()} | table
             compiled.append((pattern, blocks.diffusers, table))
         object.__setattr__(self, "_blocks", tuple(compiled))
         object.__setattr__(self, "_modules", {name: _target(spec) for name, spec in self.modules.items()})

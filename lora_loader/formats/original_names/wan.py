@@ -51,6 +51,11 @@ _ATTENTION = {
 }
 
 
+# Half-renamed spellings ai-toolkit writes: its convert_to_original renames dotted names only, so an old-format
+# LyCORIS file (lycoris_blocks_0_self_attn_to_out_0) and an all-layers one keep diffusers' ends.
+_ALIASES = {"self_attn_to_out_0": "self_attn_o", "cross_attn_to_out_0": "cross_attn_o", "cross_attn_norm_added_k": "cross_attn_norm_k_img"}
+
+
 def _block(extra: dict) -> dict:
     return _ATTENTION | extra
 
@@ -79,9 +84,9 @@ WAN = Family(
     "Wan",
     hint="blocks_*_self_attn_q, blocks_*_cross_attn_k_img, blocks_*_ffn_0, head_head, time_projection_1, ...",
     blocks=(
-        Blocks("blocks_{i}_", "blocks.{i}.", _block({})),
+        Blocks("blocks_{i}_", "blocks.{i}.", _block({}), _ALIASES),
         # VACE's control blocks: the same block, plus the projections in and out of the main stream.
-        Blocks("vace_blocks_{i}_", "vace_blocks.{i}.", _block({"before_proj": "proj_in", "after_proj": "proj_out"})),
+        Blocks("vace_blocks_{i}_", "vace_blocks.{i}.", _block({"before_proj": "proj_in", "after_proj": "proj_out"}), _ALIASES),
     ),
     modules=_TOP_LEVEL,
     keep_unknown=True,  # diffusers' own names share the blocks_N_ prefix: kept for the live model to resolve
