@@ -1044,9 +1044,13 @@ _param_classes: dict[type, type] = {}
 
 
 def wrap_param(module: nn.Module) -> None:
-    # No name prefix: the owner may be a whole model, whose class name its config records.
+    # The owner may be a whole model (Wan's head modulation is the transformer's own scale_shift_table): its
+    # class keeps its name (the config records it) and, for an attached model, still compares equal to the
+    # class it attaches to (diffusers' from_pipe keeps a component by its class).
     if not isinstance(module, ParamDiffLayer):
+        base = type(module)
         _swap_in(module, ParamDiffLayer, _param_classes, "", "lora_params", {"_lora_param_active": []})
+        type(module)._lora_attached_to = base.__dict__.get("_lora_attached_to", base)
 
 
 def unwrap_param(module: nn.Module) -> None:
