@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LoraError, LoraFileError
+from .errors import LoraError, LoraFileError, LoraFormatError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -243,6 +243,21 @@ def pattern_key(patterns, module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return pattern
     return None
+
+
+def lycoris_peft_config(config: dict, source: str) -> None:
+    """PEFT's config of a LoKr / LoHa adapter (diffusion-pipe saves one beside its ``lokr_*`` keys): those keys
+    name their algorithm and take no config, so it says nothing once its scale ``alpha / r`` is 1 (what the
+    keys mean without an ``alpha``); any other alpha would be lost, which is a `LoraFormatError`.
+
+    >>> lycoris_peft_config({"peft_type": "LOKR", "r": 8, "alpha": 8}, "adapter_config.json")
+    """
+    r, alpha = config.get("r", 8), config.get("alpha", config.get("r", 8))
+    if not isinstance(r, (int, float)) or not isinstance(alpha, (int, float)) or alpha != r:
+        raise LoraFormatError(
+            f"{source}: a PEFT {config.get('peft_type')} config with alpha={alpha!r}, r={r!r}; lora_loader reads LoKr / LoHa "
+            "keys with their own .alpha (alpha = rank without one): add .alpha tensors to the file"
+        )
 
 
 def read_adapter_config(path: str) -> dict:

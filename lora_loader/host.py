@@ -20,7 +20,7 @@ from torch import nn
 from . import hotswap, inject, save
 from .adapters import AdapterRecord, AdapterRegistry, ComponentWeight
 from .blocks import BlockWeights, expand_block_weights, expand_path_weights
-from .config import LoraConfig
+from .config import LoraConfig, lycoris_peft_config
 from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
 from .fuse import dense_delta, fuse_layer, fuse_problem, keep_fused, unfuse_layer
@@ -171,6 +171,9 @@ class LoraHost(LoraResidency):
         source = read_source(pretrained_model_name_or_path_or_dict, weight_name, **source_kwargs)
         if adapter_config is not None:
             source.adapter_config = adapter_config
+        if str((source.adapter_config or {}).get("peft_type", "")).upper() in ("LOKR", "LOHA"):
+            lycoris_peft_config(source.adapter_config, source.name)  # diffusion-pipe's LoKr folder: the keys say it all
+            source.adapter_config = None
         try:
             converted = convert(source.tensors, source.metadata, source.adapter_config)
         except LoraFormatError as err:

@@ -666,3 +666,30 @@ def test_vace_control_blocks_in_original_names_give_peft_output(tmp_path):
     model = lora_loader.attach(make())
     assert model.load_lora_weights(tensors, adapter_name="v").modules == {"model": len(targets)}
     assert_close(output(model), output(ref), base)
+
+
+def test_a_diffusion_pipe_lokr_folder_gives_peft_lokrs_output(tmp_path):
+    """diffusion-pipe's LoKr: PEFT's LoKrConfig (alpha = rank, as diffusion-pipe forces) saved beside
+    ``diffusion_model.<original name>.lokr_w1`` / ``lokr_w2``, ``.default`` dropped."""
+    import peft
+    from peft.utils import get_peft_model_state_dict
+
+    ref = tiny_wan()
+    base = wan_output(ref)
+    torch.manual_seed(16)
+    peft.inject_adapter_in_model(peft.LoKrConfig(r=RANK, alpha=RANK, target_modules=T2V_TARGETS, init_weights=False), ref)
+    sd = get_peft_model_state_dict(ref)
+    tensors = {}
+    for key, tensor in sd.items():
+        path, _, factor = key.partition(".lokr_")
+        tensors[f"diffusion_model.{original_name(path)}.lokr_{factor}"] = tensor
+    targets = sorted({original_name(k.partition(".lokr_")[0]) for k in sd})
+    peft.LoKrConfig(r=RANK, alpha=RANK, target_modules=targets).save_pretrained(tmp_path)
+    save_file(tensors, os.fspath(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model = lora_loader.attach(tiny_wan())
+    assert model.load_lora_weights(os.fspath(tmp_path), adapter_name="k").modules == {"model": 2 * len(T2V_TARGETS)}
+    assert_close(wan_output(model), wan_output(ref), base)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"alpha": 2 * RANK}))  # a scale the keys cannot say
+    with pytest.raises(LoraError, match="alpha=8"):
+        lora_loader.attach(tiny_wan()).load_lora_weights(os.fspath(tmp_path), adapter_name="k")
