@@ -171,9 +171,8 @@ class LoraHost(LoraResidency):
         source = read_source(pretrained_model_name_or_path_or_dict, weight_name, **source_kwargs)
         if adapter_config is not None:
             source.adapter_config = adapter_config
-        if str((source.adapter_config or {}).get("peft_type", "")).upper() in ("LOKR", "LOHA"):
-            lycoris_peft_config(source.adapter_config, source.name)  # diffusion-pipe's LoKr folder: the keys say it all
-            source.adapter_config = None
+        if lycoris_peft_config(source.adapter_config, source.tensors, source.name):
+            source.adapter_config = None  # diffusion-pipe's LoKr folder: its lokr_* keys say it all
         try:
             converted = convert(source.tensors, source.metadata, source.adapter_config)
         except LoraFormatError as err:

@@ -121,6 +121,7 @@ def write(layout: str, sd: dict, config: LoraConfig, directory) -> str:
         "ai-toolkit": peft_original,
         "transformer-prefix": lambda s: peft_original(s, prefix="transformer."),
         "diffsynth": lambda s: peft_original(s, prefix="", infix=".default"),
+        "peft-original": lambda s: peft_original(s, prefix="base_model.model."),
         "musubi": musubi,
         "videox-fun": lambda s: {k.replace("lora_unet_", "lora_unet__"): v for k, v in musubi(s).items()},
         "kohya-diffusers-names": lambda s: kohya_diffusers_names(s, "lora_unet_"),
@@ -141,6 +142,7 @@ LAYOUTS = {
     "videox-fun": ("kohya", False),  # lora_unet__blocks_0_...: the doubled separator VideoX-Fun writes
     "transformer-prefix": ("diffusers", False),
     "diffsynth": ("diffusers", False),
+    "peft-original": ("peft", False),  # PEFT's own save of the original model (base_model.model.blocks.0.self_attn.q)
     "kohya-diffusers-names": ("kohya", False),
     "onetrainer": ("kohya", False),
 }
@@ -203,7 +205,8 @@ def test_lora_loader_inspect_names_wan(layout, t2v_files, capsys):
 def test_the_header_names_wan_when_the_names_cannot():
     from lora_loader.families import family_from_metadata
 
-    for header in (MUSUBI_HEADER, {"modelspec.architecture": "wan2.1/lora"}, {"ss_base_model_version": "wan_2.2_14b"}):
+    for header in (MUSUBI_HEADER, {"modelspec.architecture": "wan2.1/lora"}, {"ss_base_model_version": "wan_2.2_14b"},
+                   {"lora_loader.base_model": "WanTransformer3DModel"}):
         assert family_from_metadata(header) == "wan", header
 
 

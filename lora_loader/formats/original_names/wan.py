@@ -100,6 +100,7 @@ WAN = Family(
         r"^condition_embedder_(time_proj|time_embedder_linear_[12]|text_embedder_linear_[12]|image_embedder_)",
     ),
     # musubi-tuner: ss_base_model_version "wan", modelspec.architecture "wan2.1/lora"; ai-toolkit "wan_2.1",
-    # "wan_2.2_14b"; lora_loader's own header.
-    header_hints=("wan2", "wan_2", "wan-2", "wan21", "wan22"),
+    # "wan_2.2_14b"; lora_loader's own header names the transformer's class.
+    header_hints=("wan2", "wan_2", "wan-2", "wan21", "wan22", "wantransformer3dmodel", "wanvacetransformer3dmodel",
+                  "skyreelsv2transformer3dmodel", "heliostransformer3dmodel"),
 )  # fmt: skip
