@@ -384,6 +384,9 @@ class _Walk:
             owner = self.components[component]
         if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
             return None
+        # A layer's weight and bias take module deltas (diff, diff_b); one wrapping per module.
+        if layer_type(owner) is not None or isinstance(owner, (LoraLayer, SavedCopyLayer, BiasLayer, NormWeightLayer)):
+            return None
         return owner, param
 
     def module_copy(self, target: tuple[str, str], params: dict[str, str]) -> PlannedCopy | _Refusal:

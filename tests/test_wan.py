@@ -696,3 +696,17 @@ def test_a_diffusion_pipe_lokr_folder_gives_peft_lokrs_output(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"alpha": 2 * RANK}))  # a scale the keys cannot say
     with pytest.raises(LoraError, match="alpha=8"):
         lora_loader.attach(tiny_wan()).load_lora_weights(os.fspath(tmp_path), adapter_name="k")
+
+
+def test_a_diff_m_that_does_not_fit_its_modulation_is_refused_and_changes_nothing():
+    model = lora_loader.attach(tiny_wan())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {"diffusion_model.blocks.0.diff_m": torch.ones(1, 6, DIM + 1), "diffusion_model.blocks.1.diff_m": torch.ones(1, 6, DIM)}
+    with pytest.raises(LoraError, match=r"diffusion_model\.blocks\.0\.diff_m.*\[1, 6, 25\]"):
+        model.load_lora_weights(bad, adapter_name="x")
+    lora_on_a_parameter = {"diffusion_model.blocks.0.modulation.lora_down.weight": torch.ones(RANK, DIM),
+                           "diffusion_model.blocks.0.modulation.lora_up.weight": torch.ones(DIM, RANK)}  # fmt: skip
+    with pytest.raises(LoraError, match="only a full diff"):
+        model.load_lora_weights(lora_on_a_parameter, adapter_name="x")
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before) and model.get_list_adapters() == {}
+    assert type(model.blocks[0]).__name__ == "WanTransformerBlock" and not hasattr(model.blocks[0], "lora_params")
