@@ -14,7 +14,7 @@ from torch import nn
 from .blocks import BlockWeights, PathWeights
 from .errors import LoraError, LoraNameError
 from .fuse import show_fused
-from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, SavedCopyLayer, show_active, show_nothing
+from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, ParamDiffLayer, SavedCopyLayer, show_active, show_nothing
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -361,8 +361,10 @@ class AdapterRegistry:
         # modules_to_save: a module runs the copy of the first active adapter that has one.
         # bias="all": a module without LoRA adds each active adapter's weighted bias delta.
         # Flux Control norms: a norm computes with the weight of the first active adapter that has one.
+        # Parameter diffs (Wan's diff_m): a module adds each active adapter's weighted diff to its parameters.
         chosen: dict[int, tuple[nn.Module, nn.Module | None]] = {}
         biases: dict[int, tuple[nn.Module, list]] = {}
+        params: dict[int, tuple[nn.Module, list]] = {}
         norms: dict[int, tuple[nn.Module, nn.Parameter | None]] = {}
         for record in self.adapters.values():
             for _, _, module in record.copies:
@@ -372,7 +374,9 @@ class AdapterRegistry:
                     biases.setdefault(id(module), (module, []))
                 elif isinstance(module, NormWeightLayer):
                     norms.setdefault(id(module), (module, None))
-        self._copies_pushed = bool(chosen or biases or norms)
+                elif isinstance(module, ParamDiffLayer):
+                    params.setdefault(id(module), (module, []))
+        self._copies_pushed = bool(chosen or biases or norms or params)
         for component_active, names in self.active_in.items():
             if component_active in self.disabled:
                 continue
@@ -389,12 +393,16 @@ class AdapterRegistry:
                         biases[id(module)][1].append((module.lora_biases[name], w))
                     elif id(module) in norms and norms[id(module)][1] is None:
                         norms[id(module)] = (module, module.lora_norms[name].weight)
+                    elif id(module) in params:
+                        params[id(module)][1].append((module.lora_params[name], w))
         for module, copy in chosen.values():
             module.set_lora_copy(copy)
         for module, weight in norms.values():
             module.set_lora_norm(weight)
         for module, active in biases.values():
             module.set_lora_bias_active(active)
+        for module, active in params.values():
+            module.set_lora_param_active(active)
 
     def list_by_component(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import LoraError, LoraFileError
+from .errors import LoraError, LoraFileError, LoraFormatError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -243,6 +243,28 @@ def pattern_key(patterns, module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return pattern
     return None
+
+
+def lycoris_peft_config(config: dict | None, keys, source: str) -> bool:
+    """Whether ``config`` is PEFT's config of a LoKr / LoHa adapter whose file keys name their algorithm
+    (diffusion-pipe saves one beside its ``lokr_*`` keys), and so says nothing more: its scale ``alpha / r``
+    must be 1, what those keys mean without an ``alpha``; any other alpha would be lost (a `LoraFormatError`).
+    Beside LoRA keys such a config stays, and is refused where it is read.
+
+    >>> lycoris_peft_config({"peft_type": "LOKR", "r": 8, "alpha": 8}, ["x.lokr_w1", "x.lokr_w2"], "adapter_config.json")
+    True
+    """
+    kind = str((config or {}).get("peft_type", "")).upper()
+    factor = {"LOKR": ".lokr_", "LOHA": ".hada_"}.get(kind)
+    if factor is None or not any(factor in k for k in keys) or any(".lora_" in k for k in keys):
+        return False
+    r, alpha = config.get("r", 8), config.get("alpha", config.get("r", 8))
+    if not isinstance(r, (int, float)) or not isinstance(alpha, (int, float)) or alpha != r:
+        raise LoraFormatError(
+            f"{source}: a PEFT {config.get('peft_type')} config with alpha={alpha!r}, r={r!r}; lora_loader reads LoKr / LoHa "
+            "keys with their own .alpha (alpha = rank without one): add .alpha tensors to the file"
+        )
+    return True
 
 
 def read_adapter_config(path: str) -> dict:

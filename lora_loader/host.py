@@ -20,7 +20,7 @@ from torch import nn
 from . import hotswap, inject, merge, save
 from .adapters import AdapterRecord, AdapterRegistry, ComponentWeight
 from .blocks import BlockWeights, expand_block_weights, expand_path_weights
-from .config import LoraConfig
+from .config import LoraConfig, lycoris_peft_config
 from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
 from .fuse import dense_delta, fuse_layer, fuse_problem, keep_fused, unfuse_layer
@@ -194,6 +194,8 @@ class LoraHost(LoraResidency):
         source = read_source(pretrained_model_name_or_path_or_dict, weight_name, **source_kwargs)
         if adapter_config is not None:
             source.adapter_config = adapter_config
+        if lycoris_peft_config(source.adapter_config, source.tensors, source.name):
+            source.adapter_config = None  # diffusion-pipe's LoKr folder: its lokr_* keys say it all
         try:
             converted = convert(source.tensors, source.metadata, source.adapter_config)
         except LoraFormatError as err:
@@ -245,8 +247,9 @@ class LoraHost(LoraResidency):
             raise LoraFormatError(f"{source.name}: {err}") from None
         planned = inject.plan(converted, self._lora_components(), self._lora_resolve_component, source.name, source.tensors)
         record = registry.adapters[name]
-        if planned.copies or planned.biases or planned.norms or any(p.widen for p in planned.modules):
-            raise LoraError(f"{source.name}: hotswap of full module copies, biases, norm weights or a wider x_embedder is not supported")
+        if planned.copies or planned.biases or planned.norms or planned.params or any(p.widen for p in planned.modules):
+            raise LoraError(f"{source.name}: hotswap of full module copies, biases, norm weights, parameter diffs or a wider "
+                            "x_embedder is not supported")
         loaded = {id(module) for _, _, module in record.layers}
         extra = [f"{p.component}.{p.path}" for p in planned.modules if id(p.module) not in loaded]
         if extra:

@@ -25,10 +25,12 @@ from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError,
 from .formats import ConvertedLora
 from .layers import (
     LORA_LAYER_TYPES,
+    NORM_TYPES,
     BiasLayer,
     LoraAdapter,
     LoraLayer,
     NormWeightLayer,
+    ParamDiffLayer,
     SavedCopyLayer,
     adapter_from_delta,
     bias_adapter,
@@ -36,13 +38,16 @@ from .layers import (
     make_saved_copy,
     norm_weight,
     layer_type,
+    param_diff,
     unwrap,
     unwrap_bias,
     unwrap_norm,
+    unwrap_param,
     unwrap_saved_copy,
     wrap,
     wrap_bias,
     wrap_norm,
+    wrap_param,
     wrap_saved_copy,
 )
 from .names import ModuleIndex
@@ -82,6 +87,15 @@ class PlannedNorm:
     weight: torch.Tensor  # the adapter's full replacement of the module's weight (Flux Control LoRAs' norms)
 
 
+@dataclass
+class PlannedParam:
+    component: str
+    path: str  # the parameter's path (``blocks.0.scale_shift_table``)
+    module: nn.Module  # the module that owns it
+    param: str  # its name there
+    diff: torch.Tensor  # a full diff of it (LightX2V's diff_m), added with the blend weight
+
+
 # Why a key of a file is not applied. Callers test these codes, never the messages.
 UNKNOWN_KEY = "unknown-key"  # no converter could use it (the converter says why)
 INVALID_TENSOR = "invalid-tensor"  # a NaN, an integer factor, a rank 0: never skipped as "all zero"
@@ -107,6 +121,7 @@ class Plan:
     copies: list[PlannedCopy] = field(default_factory=list)
     biases: list[PlannedBias] = field(default_factory=list)
     norms: list[PlannedNorm] = field(default_factory=list)
+    params: list[PlannedParam] = field(default_factory=list)
     unapplied: dict[str, Unapplied] = field(default_factory=dict)  # every key not applied, with its reason
     skipped: list[str] = field(default_factory=list)  # keys not applied (all-zero, or strict=False)
 
@@ -119,12 +134,12 @@ def factor_delta_problem(delta, module: nn.Module) -> str | None:
     """Why a LyCORIS-kind delta cannot apply to ``module``: its dense shape must be the weight's."""
     weight_shape = dense_weight_shape(module)
     what = f"{type(module).__name__} with weight [out, in, ...] = {list(weight_shape)}"
-    is_norm = layer_type(module) in ("layernorm", "groupnorm")
+    is_norm = layer_type(module) in NORM_TYPES
     if is_norm and delta.kind not in ("norm", "full"):
         return f"module is a {type(module).__name__}: only norm (w_norm/b_norm) and full (diff/diff_b) diffs apply to norms"
     if is_norm and delta.dora_scale is not None:
         return f"module is a {type(module).__name__}: dora_scale applies to weight matrices, not norms"
-    if layer_type(module) == "conv2d" and module.groups != 1:
+    if layer_type(module) in ("conv2d", "conv3d") and module.groups != 1:
         return f"Conv2d with groups={module.groups}; {delta.algorithm.title} supports groups=1 only"
     shape = delta.dense_shape()
     if shape is None and (delta.kind != "full" or "diff" in delta.factors):
@@ -246,11 +261,14 @@ def plan(
                     result.unapplied[key] = Unapplied(key, outcome.code, outcome.why)
                 if strict and outcome.error is not None:
                     shape_errors.append(outcome.error)
+            elif isinstance(outcome, PlannedParam):  # a delta on a bare parameter, not a module
+                result.params.append(outcome)
             elif outcome is not None:
                 planned.append(outcome)
                 walk.claimed[type(outcome)].add((outcome.component, outcome.path))
         if planned is result.modules:
             _refuse_twice_named(result.modules, source_name)
+            _refuse_twice_named_params(result.params, source_name)
     if shape_errors:
         more = f" ({len(shape_errors) - 1} more modules do not fit)" if len(shape_errors) > 1 else ""
         raise LoraShapeError(
@@ -294,7 +312,7 @@ def _report_unapplied(result: Plan, converted: ConvertedLora, source_name: str, 
             stacklevel=4,
         )
         result.skipped.extend(u.key for u in nonzero)
-    if not result.modules and not result.copies and not result.biases and not result.norms:
+    if not result.modules and not result.copies and not result.biases and not result.norms and not result.params:
         raise LoraFormatError(
             f"{source_name}: no module of this model matched any LoRA in the file "
             f"(format detected: {converted.format}). Nothing was loaded."
@@ -339,6 +357,9 @@ class _Walk:
             return _Refusal(delta.keys, NO_COMPONENT, why)
         _, path, module = self.locate(symbolic, name)
         if path is None:
+            owned = self.parameter(component, symbolic, name)
+            if owned is not None:
+                return _param_plan(component, name, *owned, delta)
             return _Refusal(delta.keys, NO_MODULE, f"targets no module of {component} (looked for '{name}')")
         if layer_type(module) is None:
             why = f"targets {component}.{path}, a {type(module).__name__}; LoRA applies to Linear, Conv2d, Conv1D and Embedding"
@@ -350,6 +371,23 @@ class _Walk:
             error = None if delta.is_all_zero() else f"'{delta.keys[0]}' does not fit {component}.{path}: {problem}"
             return _Refusal(delta.keys, DOES_NOT_FIT, f"does not fit {component}.{path}: {problem}", error)
         return PlannedModule(component, path, module, delta, widening)
+
+    def parameter(self, component: str, symbolic: str, name: str) -> tuple[nn.Module, str] | None:
+        """``(owner, parameter name)`` when ``name`` is the dotted path of a bare parameter of ``component``
+        (Wan's ``blocks.0.scale_shift_table``, or ``scale_shift_table`` of the model itself), else None."""
+        owner_path, _, param = name.rpartition(".")
+        if owner_path:
+            index = _index(self.indexes, self.components, component)
+            path = _lookup(index, symbolic, owner_path)
+            owner = index.modules[path] if path is not None else None
+        else:
+            owner = self.components[component]
+        if owner is None or not isinstance(owner._parameters.get(param), torch.Tensor):
+            return None
+        # A layer's weight and bias take module deltas (diff, diff_b); one wrapping per module.
+        if layer_type(owner) is not None or isinstance(owner, (LoraLayer, SavedCopyLayer, BiasLayer, NormWeightLayer)):
+            return None
+        return owner, param
 
     def module_copy(self, target: tuple[str, str], params: dict[str, str]) -> PlannedCopy | _Refusal:
         component, path, module = self.locate(*target)
@@ -406,6 +444,29 @@ class _Walk:
                    "(a resized vocabulary?); lora_loader never overwrites base weights")
             return _Refusal((key,), BASE_WEIGHT_DIFFERS, why)
         return None
+
+
+def _param_plan(component: str, name: str, owner: nn.Module, param: str, delta) -> PlannedParam | _Refusal:
+    """A delta on a bare parameter: only a full diff of it (``diff``, shaped as the parameter) applies."""
+    own = offload.real_tensor(owner, param)
+    diff = delta.factors.get("diff") if isinstance(delta, FactorDelta) and delta.kind == "full" else None
+    if diff is None or set(delta.factors) != {"diff"} or delta.dora_scale is not None or delta.rows is not None:
+        why = f"targets {component}.{name}, a parameter of a {type(owner).__name__}, not a module: only a full diff (diff, diff_m) applies to it"
+        return _Refusal(delta.keys, UNSUPPORTED_MODULE, why)
+    if tuple(diff.shape) != tuple(own.shape):
+        problem = f"the diff is {_shape(diff)}, the parameter is {_shape(own)}"
+        error = None if delta.is_all_zero() else f"'{delta.keys[0]}' does not fit {component}.{name}: {problem}"
+        return _Refusal(delta.keys, DOES_NOT_FIT, f"does not fit {component}.{name}: {problem}", error)
+    return PlannedParam(component, name, owner, param, diff)
+
+
+def _refuse_twice_named_params(planned: list[PlannedParam], source_name: str) -> None:
+    first: dict[tuple[int, str], PlannedParam] = {}
+    for p in planned:
+        seen = first.setdefault((id(p.module), p.param), p)
+        if seen is not p:
+            raise LoraFormatError(f"{source_name}: {p.component}.{p.path} is diffed twice, by two spellings of one parameter. "
+                                  "Nothing was loaded.")
 
 
 def _fit_input_width(delta, root: nn.Module, path: str, module: nn.Module):
@@ -490,6 +551,7 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
     copied: list[nn.Module] = []
     biased: list[nn.Module] = []
     normed: list[nn.Module] = []
+    diffed: list[nn.Module] = []
     widened: list[nn.Module] = []
     try:
         for p in planned.modules:  # Flux Control LoRAs: a wider x_embedder first, then its adapter
@@ -501,6 +563,10 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
         copies = [make_saved_copy(c.module, c.tensors) for c in planned.copies]
         bias_adapters = [bias_adapter(b.module, b.bias) for b in planned.biases]
         norm_weights = [norm_weight(n.module, n.weight) for n in planned.norms]
+        owners: dict[int, tuple[str, str, nn.Module, dict]] = {}  # one ParamDiff per module, with all its parameters
+        for p in planned.params:
+            owners.setdefault(id(p.module), (p.component, p.path, p.module, {}))[3][p.param] = p.diff
+        param_diffs = [(c, path, m, param_diff(m, diffs)) for c, path, m, diffs in owners.values()]
         for p, adapter in zip(planned.modules, adapters):
             if not isinstance(p.module, LoraLayer):
                 wrap(p.module)
@@ -525,6 +591,12 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
                 newly_wrapped.append(n.module)
             n.module.lora_norms[adapter_name] = weight
             normed.append(n.module)
+        for _, _, module, diff in param_diffs:
+            if not isinstance(module, ParamDiffLayer):
+                wrap_param(module)
+                newly_wrapped.append(module)
+            module.lora_params[adapter_name] = diff
+            diffed.append(module)
     except BaseException as err:
         for module in added:
             if adapter_name in module.lora_adapters:
@@ -538,11 +610,15 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
         for module in normed:
             if adapter_name in module.lora_norms:
                 del module.lora_norms[adapter_name]
+        for module in diffed:
+            if adapter_name in module.lora_params:
+                del module.lora_params[adapter_name]
         for module in newly_wrapped:
             unwrap(module)
             unwrap_saved_copy(module)
             unwrap_bias(module)
             unwrap_norm(module)
+            unwrap_param(module)
         for module in reversed(widened):
             widen.restore(module, force=True)
         if isinstance(err, LoraError) or not isinstance(err, Exception):  # KeyboardInterrupt stays itself
@@ -551,6 +627,7 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
     layers = [(p.component, p.path, p.module) for p in planned.modules]
     copies = [(c.component, c.path, c.module) for c in planned.copies]
     extras = [(b.component, b.path, b.module) for b in planned.biases] + [(n.component, n.path, n.module) for n in planned.norms]
+    extras += [(component, path, module) for component, path, module, _ in param_diffs]
     return layers, copies + extras
 
 
@@ -562,6 +639,7 @@ def remove(adapter_name: str, modules) -> None:
             (SavedCopyLayer, "lora_copies", unwrap_saved_copy),
             (BiasLayer, "lora_biases", unwrap_bias),
             (NormWeightLayer, "lora_norms", unwrap_norm),
+            (ParamDiffLayer, "lora_params", unwrap_param),
         ):
             if not isinstance(module, kind) or adapter_name not in getattr(module, container):
                 continue

@@ -571,13 +571,27 @@ class LoraConv2dMixin(LoraLayer):
         return self._conv_forward(h, weight, None)
 
 
+class LoraConv3dMixin(LoraLayer):
+    """``nn.Conv3d`` (a video DiT's patch embedding): full diffs and the other LyCORIS kinds, applied as one
+    dense weight through the base conv; LoRA factors do not apply (no trainer writes them for it)."""
+
+    def _lora_bias_shape(self, bias):
+        return bias.view(-1, 1, 1, 1)
+
+    def _dense_op(self, h, weight):
+        return self._conv_forward(h, weight, None)
+
+
 class LoraNormMixin(LoraLayer):
-    """LayerNorm / GroupNorm: only norm and full diffs apply; their change is ``normalize(x) * dw + db``."""
+    """LayerNorm / GroupNorm / RMSNorm: only norm and full diffs apply; their change is ``normalize(x) * dw + db``
+    (an RMSNorm has no bias)."""
 
     def _dense_op(self, h, weight):
         if isinstance(self, nn.GroupNorm):
             normalized = F.group_norm(h, self.num_groups, None, None, self.eps)
             return normalized * weight.view(-1, *[1] * (h.dim() - 2))
+        if isinstance(self, nn.RMSNorm):
+            return F.rms_norm(h, self.normalized_shape, None, self.eps) * weight
         return F.layer_norm(h, self.normalized_shape, None, None, self.eps) * weight
 
     def _lora_bias_shape(self, bias):
@@ -615,13 +629,15 @@ _layer_types: dict[type, str | None] = {}
 
 def layer_type_of(module_type: type) -> str | None:
     """The layer type of a module class: ``"linear"``, ``"conv2d"``, ``"conv1d"`` (transformers' Conv1D),
-    ``"embedding"``, ``"layernorm"``, ``"groupnorm"``, or None. (An adapter's algorithm is its ``kind``.)"""
+    ``"embedding"``, ``"layernorm"``, ``"groupnorm"``, ``"rmsnorm"``, ``"conv3d"``, or None. (An adapter's
+    algorithm is its ``kind``.)"""
     if module_type in _layer_types:
         return _layer_types[module_type]
     conv1d = _conv1d_class()
     found = None
     for base, name in ((nn.Conv2d, "conv2d"), (nn.Linear, "linear"), (conv1d, "conv1d"), (nn.Embedding, "embedding"),
-                       (nn.LayerNorm, "layernorm"), (nn.GroupNorm, "groupnorm")):
+                       (nn.LayerNorm, "layernorm"), (nn.GroupNorm, "groupnorm"), (nn.RMSNorm, "rmsnorm"),
+                       (nn.Conv3d, "conv3d")):
         if base is not None and issubclass(module_type, base):
             found = name
             break
@@ -632,17 +648,18 @@ def layer_type_of(module_type: type) -> str | None:
 def layer_type(module: nn.Module) -> str | None:
     """The layer type of a (possibly wrapped) module, or None for modules no adapter applies to."""
     found = layer_type_of(module.__dict__.get("_lora_base_class") or type(module))
-    if found in ("layernorm", "groupnorm") and getattr(module, "weight", None) is None:
+    if found in NORM_TYPES and getattr(module, "weight", None) is None:
         return None  # a norm without affine parameters has nothing a diff could change
     return found
 
 
 _MIXINS = {
     "conv2d": LoraConv2dMixin, "linear": LoraLinearMixin, "conv1d": LoraConv1DMixin, "embedding": LoraEmbeddingMixin,
-    "layernorm": LoraNormMixin, "groupnorm": LoraNormMixin,
+    "layernorm": LoraNormMixin, "groupnorm": LoraNormMixin, "rmsnorm": LoraNormMixin, "conv3d": LoraConv3dMixin,
 }  # fmt: skip
-# Layer types that take LoRA factors; norms take only norm and full diffs.
+# Layer types that take LoRA factors; norms take only norm and full diffs, a Conv3d the LyCORIS kinds.
 LORA_LAYER_TYPES = ("linear", "conv2d", "conv1d", "embedding")
+NORM_TYPES = ("layernorm", "groupnorm", "rmsnorm")
 _wrapped_classes: dict[type, type] = {}
 
 
@@ -956,6 +973,99 @@ def bias_adapter(module: nn.Module, bias: torch.Tensor) -> BiasAdapter:
     base = offload.real_tensor(module, "bias").detach()  # an offloaded module's bias is in its hook's weights map
     device = offload.compute_device(module, module.bias) or base.device
     return BiasAdapter((bias.to(device=device, dtype=torch.float32) - base.float().to(device)).to(base.dtype))
+
+
+class ParamDiff(nn.Module):
+    """One adapter's full diff of a module's own parameters, each under the parameter's name (LightX2V's
+    ``diff_m``: the diff of a Wan block's ``modulation``, diffusers' ``scale_shift_table``)."""
+
+    def __init__(self, diffs: dict[str, torch.Tensor]):
+        super().__init__()
+        for name, tensor in diffs.items():
+            self._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        return
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        return
+
+
+class ParamDiffLayer:
+    """A module (a Wan transformer block, the transformer itself) that computes with ``p + sum_i w_i * diff_i``
+    for its own parameters ``p`` that adapters diff, while they are active: the sum is put in place of the
+    parameter for the forward and the parameter is put back after it, so ``state_dict()`` stays the base
+    model's and disabling gives the base outputs exactly. Not fused: it keeps running after `fuse_lora`.
+    """
+
+    lora_params: AdapterDict
+    _lora_base_class: type
+    _lora_param_active: list[tuple[ParamDiff, float]]
+
+    def set_lora_param_active(self, active: list[tuple[ParamDiff, float]]) -> None:
+        self.__dict__["_lora_param_active"] = active
+
+    def drop_lora_adapter(self, name: str) -> None:
+        """Remove adapter ``name``'s diffs, from what the module shows too."""
+        removed = self.lora_params[name]
+        del self.lora_params[name]
+        self.set_lora_param_active([(d, w) for d, w in self._lora_param_active if d is not removed])
+
+    def forward(self, *args, **kwargs):
+        names = MIXED_BATCH.get()
+        if names is not None:
+            mixed = sorted(set(names) & set(self.lora_params))
+            if mixed:
+                from .errors import LoraError
+
+                raise LoraError(f"adapters {mixed} diff parameters of a {type(self).__name__} (e.g. diff_m): "
+                                "a mixed batch (one adapter per row) cannot apply those; run them in separate batches")
+            return super().forward(*args, **kwargs)
+        active = self._lora_param_active
+        scale = CALL_SCALE.get()
+        if not active or scale == 0:
+            return super().forward(*args, **kwargs)
+        params = self._parameters
+        own = {}
+        for diff, weight in active:
+            w = weight if scale is None else weight * scale
+            for name, tensor in diff._parameters.items():
+                if name not in own:
+                    own[name] = params[name]
+                current = params[name]
+                params[name] = current + w * tensor.to(device=current.device, dtype=current.dtype)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            params.update(own)
+
+
+_param_classes: dict[type, type] = {}
+
+
+def wrap_param(module: nn.Module) -> None:
+    # The owner may be a whole model (Wan's head modulation is the transformer's own scale_shift_table): its
+    # class keeps its name (the config records it) and, for an attached model, still compares equal to the
+    # class it attaches to (diffusers' from_pipe keeps a component by its class).
+    if not isinstance(module, ParamDiffLayer):
+        base = type(module)
+        _swap_in(module, ParamDiffLayer, _param_classes, "", "lora_params", {"_lora_param_active": []})
+        type(module)._lora_attached_to = base.__dict__.get("_lora_attached_to", base)
+
+
+def unwrap_param(module: nn.Module) -> None:
+    if isinstance(module, ParamDiffLayer):
+        _swap_out(module, "lora_params", ("_lora_param_active",))
+
+
+def param_diff(module: nn.Module, diffs: dict[str, torch.Tensor]) -> ParamDiff:
+    """The diffs in each parameter's own dtype, where the module computes."""
+    placed = {}
+    for name, tensor in diffs.items():
+        own = offload.real_tensor(module, name)
+        device = offload.compute_device(module, module._parameters[name]) or own.device
+        placed[name] = tensor.to(device=device, dtype=own.dtype, copy=True)
+    return ParamDiff(placed)
 
 
 class NormWeight(nn.Module):

@@ -30,7 +30,7 @@ from .formats import ConvertedLora
 from .formats.diffusers import saved_module_matches
 from .host import _REGISTRY, COMPONENT_NAME, LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
 from .layers import (
-    BASE, LORA_LAYER_TYPES, MIXED_BATCH, BiasLayer, LoraLayer, NormWeightLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, layer_type_of,
+    BASE, LORA_LAYER_TYPES, MIXED_BATCH, BiasLayer, LoraLayer, NormWeightLayer, ParamDiffLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, layer_type_of,
 )
 
 MODEL = "model"
@@ -358,6 +358,9 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             if isinstance(module, NormWeightLayer):  # a Flux Control LoRA's norm scale, as diffusers keys it
                 out[f"{path}.weight"] = module.lora_norms[record.name].weight.detach()
                 continue
+            if isinstance(module, ParamDiffLayer):
+                raise LoraError(f"adapter '{record.name}' diffs the parameter {path} (e.g. Wan's diff_m), which has no "
+                                "PEFT key: keep the file it was loaded from")
             for param, tensor in module.lora_copies[record.name].state_dict().items():
                 out[f"{path}.{param}"] = tensor.detach()
         return out
@@ -612,7 +615,8 @@ def _set_trainable(record: AdapterRecord, trainable: bool) -> None:
             p.requires_grad_(trainable)
     for _, _, module in record.copies:
         extras = module.lora_biases if isinstance(module, BiasLayer) else (
-            module.lora_norms if isinstance(module, NormWeightLayer) else module.lora_copies
+            module.lora_norms if isinstance(module, NormWeightLayer) else (
+                module.lora_params if isinstance(module, ParamDiffLayer) else module.lora_copies)
         )
         for p in extras[record.name].parameters():
             p.requires_grad_(trainable)

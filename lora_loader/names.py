@@ -23,7 +23,7 @@ def mangle(name: str) -> str:
 
 
 # Containers our wrapping adds to a module: adapters, never targets of a file.
-_OUR_CONTAINERS = frozenset({"lora_adapters", "lora_copies", "lora_biases", "lora_norms"})
+_OUR_CONTAINERS = frozenset({"lora_adapters", "lora_copies", "lora_biases", "lora_norms", "lora_params"})
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

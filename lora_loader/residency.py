@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .adapters import AdapterRecord, AdapterRegistry
 
 # Where a module keeps one adapter's tensors: LoRA factors, PEFT's modules_to_save copies, bias deltas, norm weights.
-_CONTAINERS = ("lora_adapters", "lora_copies", "lora_biases", "lora_norms")
+_CONTAINERS = ("lora_adapters", "lora_copies", "lora_biases", "lora_norms", "lora_params")
 
 
 def parse_device(device, what: str = "device") -> torch.device:

@@ -35,6 +35,11 @@ def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
             f"adapter '{record.name}' replaces norm weights (a Flux Control LoRA); save_lora_weights does not write "
             "those yet: keep the file it was loaded from"
         )
+    if any("lora_params" in module._modules for _, _, module in record.copies):
+        raise LoraError(
+            f"adapter '{record.name}' diffs bare parameters (e.g. Wan's diff_m); save_lora_weights does not write "
+            "those yet: keep the file it was loaded from"
+        )
     if record.copies:
         raise LoraError(f"adapter '{record.name}' carries full module copies or biases; save it with save_adapter (PEFT layout)")
     return out

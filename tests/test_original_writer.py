@@ -151,3 +151,27 @@ def test_a_fused_file_whose_parts_share_lora_down_saves_in_diffusers_names_too(f
     again = lora_loader.attach(tiny_flux())
     again.load_lora_weights(path, adapter_name="k")
     assert torch.equal(output(again), want)
+
+
+def test_a_wan_adapter_saved_as_kohya_is_musubi_tuners_layout_which_diffusers_reads(tmp_path):
+    """Wan in Kohya layout: musubi-tuner's ``lora_unet_blocks_0_self_attn_q`` names, read by diffusers' own
+    ``_convert_musubi_wan_lora_to_diffusers`` + peft to the outputs of the adapter it was saved from."""
+    from test_wan import T2V_TARGETS, peft_lora
+    from tiny_wan import tiny_wan_pipeline, wan_output
+
+    sd, config = peft_lora(T2V_TARGETS, seed=5)
+    mine = lora_loader.attach(tiny_wan_pipeline(two_experts=False))
+    base = wan_output(mine.transformer)
+    mine.load_lora_weights({f"transformer.{k}": v for k, v in sd.items()}, adapter_name="w",
+                           _adapter_config={"r": config.r, "lora_alpha": config.lora_alpha})
+    want = wan_output(mine.transformer)
+    path = mine.save_lora_weights(tmp_path / "musubi.safetensors", "w", format="kohya")
+    written = load_file(path)
+    assert any(k.startswith("lora_unet_blocks_0_self_attn_q.") for k in written)
+    assert any(k.startswith("lora_unet_blocks_1_ffn_0.") for k in written)
+    assert not any("attn1" in k or "to_q" in k for k in written), "every module in Wan's original names"
+    reference = tiny_wan_pipeline(two_experts=False)
+    reference.load_lora_weights(path, adapter_name="w")  # diffusers + peft
+    got = wan_output(reference.transformer)
+    assert (want - base).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -26,6 +26,8 @@ TEXT_ENCODERS = {"clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5xxl": "lora_te
 _SUFFIXES = {s: s for s in sorted(all_factor_keys())} | {
     "alpha": "alpha",
     "dora_scale": "dora_scale",
+    "diff_m": "diff_m",  # LightX2V: the diff of the module's modulation parameter (formats.kohya)
+    "magnitude": "dora_scale",  # ai-toolkit's DoRA: PEFT's per-row magnitude, LyCORIS' dora_scale on the output axis
     "lora_A.weight": "lora_down.weight",
     "lora_B.weight": "lora_up.weight",
     "lora.down.weight": "lora_down.weight",

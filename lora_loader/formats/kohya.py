@@ -20,6 +20,12 @@ the same naming (and as ``lycoris_<path>``): ``lora_mid`` (LoCon Tucker),
 ``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff``/``diff_b`` (full) and
 ``dora_scale`` (DoRA) become `delta.FactorDelta`; a plain pair stays a
 `LoraDelta` with its fast paths.
+
+Two extras that LightX2V's and Kijai's Wan LoRAs (and ComfyUI, which reads them) use:
+a ``diff_b`` beside a plain pair is the bias change of that module, applied with the
+LoRA (``lora_B.bias`` as diffusers converts it, divided by the pair's scale so the
+layer's ``scale * lora_B.bias`` is ``diff_b`` again); and ``<module>.diff_m`` is the
+diff of the module's ``modulation`` parameter, read as ``<module>_modulation.diff``.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ _NOT_YET = {
     "oft_blocks": "OFT / BOFT (oft_blocks) is not supported",
 }
 _SUFFIXES = all_factor_keys() | set(SHARED_KEYS)
+# LightX2V's diff of a module's ``modulation`` parameter (tools/extract/lora_extractor.py: ".modulation" -> ".diff_m").
+MODULATION_DIFF = "diff_m"
+_LORA_PAIR = {"lora_down.weight", "lora_up.weight"}
 
 
 def claims(key: str) -> bool:
@@ -73,6 +82,8 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     modules: dict[tuple[str, str], dict[str, str]] = {}
     for key in tensors:
         component, module, suffix = _split(key)
+        if suffix == MODULATION_DIFF:  # blocks_0.diff_m: the diff of parameter blocks_0_modulation
+            module, suffix = f"{module}_modulation", "diff"
         if suffix in _SUFFIXES:
             modules.setdefault((component, module), {})[suffix] = key
         elif suffix in _NOT_YET:
@@ -95,7 +106,9 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
             if dora_key:
                 result.unknown[dora_key] = "a dora_scale with no LoRA factors beside it"
             continue
-        found = algorithm_of_suffixes(set(keys))
+        # A plain pair with the module's bias diff (LightX2V): one LoRA whose lora_B carries a bias.
+        lora_bias_key = factor_keys.pop("diff_b") if set(factor_keys) == _LORA_PAIR | {"diff_b"} and not dora_key else None
+        found = algorithm_of_suffixes(set(keys) - {"diff_b"} if lora_bias_key else set(keys))
         if found is None:
             algorithms = ", ".join(sorted({a.title for s in factor_keys for a in ALGORITHMS.values() if s in a.factor_keys and a.kind != "locon"}))
             for k in factor_keys.values():
@@ -113,10 +126,13 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
         alpha = alpha_value(tensors[alpha_key]) if alpha_key else None
         if alpha == 0:
             alpha = None  # sd-scripts and LyCORIS: alpha 0 or None means alpha = rank
-        used = tuple(factor_keys.values()) + tuple(k for k in (alpha_key, dora_key) if k)
+        used = tuple(factor_keys.values()) + tuple(k for k in (alpha_key, dora_key, lora_bias_key) if k)
         if kind == "lora" and dora_key is None:
             down, up = tensors[factor_keys["lora_down.weight"]], tensors[factor_keys["lora_up.weight"]]
             delta = LoraDelta(down, up, alpha, keys=used)
+            if lora_bias_key:  # added as scale * up_bias: the bias change itself, divided by the scale
+                diff_b = tensors[lora_bias_key]
+                delta.up_bias = diff_b if delta.scale == 1 else diff_b.float() / delta.scale
         else:
             factors = {s: tensors[k] for s, k in factor_keys.items()}
             dora = tensors[dora_key] if dora_key else None

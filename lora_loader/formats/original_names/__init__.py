@@ -20,6 +20,7 @@ from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
 from .sd3 import SD3
+from .wan import WAN
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
@@ -27,13 +28,15 @@ from .writer import to_original
 # HunyuanVideo 1.5 before 1.0: its header names ("hunyuan-video-1.5") contain 1.0's, and a file in
 # names both know (dual-stream blocks only) maps to the same modules in either. MiniMax-H3 (audio blocks
 # too) before LTX-2, LTX-2 before LTX-Video: inspect names LTX-Video only a file with no audio module.
+# Wan before MiniMax-H3: both name blocks_N_; a Kohya file in diffusers names of neither table goes to Wan, which
+# keeps names it lacks for the live model (MiniMax-H3 would refuse them).
 # Mochi and CogVideoX (whose LoRAs name only attn1, and veto a file with attn2) before LTX-Video, whose
 # inspect rule is any attn1 name.
-FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
+FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
 
 __all__ = [
     "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
-    "MINIMAX_H3", "MOCHI", "SD3", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
+    "MINIMAX_H3", "MOCHI", "SD3", "WAN", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
     "interleaved", "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
@@ -80,7 +83,8 @@ def add_original(result, family: Family, component: str, module: str, delta) -> 
         for key in delta.keys:
             result.unknown[key] = why
         return
-    component = family.targets(name).component or component
+    target = family.targets(name)  # None: a name a keep_unknown family kept for the live model
+    component = (target.component if target is not None else None) or component
     for path, part in parts:
         result.deltas[(component, path)] = part
 

@@ -201,7 +201,16 @@ class Family:
     """One model family's original names: `Blocks` and top-level ``modules`` (original name -> target).
     ``hint`` names a few originals for the message about a module the table lacks; ``aliases`` are
     other spellings of top-level modules (read, never written); ``key``, ``detect`` and
-    ``header_hints`` tell ``lora-loader inspect`` the family."""
+    ``header_hints`` tell ``lora-loader inspect`` the family. With ``keep_unknown``, a name
+    the table lacks is not refused but kept as the file spells it, for the live model's names to resolve:
+    for a family whose original and diffusers names share their block prefix (Wan's ``blocks_N_``), so a
+    Kohya file in diffusers' names (``blocks_0_attn1_to_q``) still loads.
+
+    >>> fam = Family("Demo", hint="blocks_*", blocks=(Blocks("blocks_{i}_", "layers.{i}.", {"q": "to_q"}),), keep_unknown=True)
+    >>> delta = LoraDelta(torch.ones(1, 2), torch.ones(2, 1))
+    >>> [path for path, _ in fam.convert_module("blocks_0_q", delta)[0]], [path for path, _ in fam.convert_module("blocks_0_to_k", delta)[0]]
+    (['layers.0.to_q'], ['blocks_0_to_k'])
+    """
 
     name: str
     hint: str
@@ -230,6 +239,7 @@ class Family:
     # diffusers reads this family's network alpha from a numeric ``alpha`` entry of the safetensors header
     # when the file has no alpha tensors and no ``lora_adapter_metadata`` (MiniMax-H3's LightX2V files).
     metadata_alpha: bool = False
+    keep_unknown: bool = False
 
     def __post_init__(self):
         compiled = []
@@ -274,6 +284,8 @@ class Family:
     def convert_module(self, name: str, delta) -> tuple[list[tuple[str, object]], str | None]:
         """``([(diffusers path, delta)], None)`` for one original-named module, or ``([], why)``."""
         target = self.targets(name)
+        if target is None and self.keep_unknown:
+            return [(name, delta)], None
         if target is None:
             return [], f"'{name}' is no {self.name} module lora_loader knows ({self.hint})"
         swap = target.swap == ALWAYS or (target.swap == IF_TWO_HALVES and _two_halves(delta))
