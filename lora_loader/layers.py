@@ -37,6 +37,7 @@ from .algorithms import algorithm
 from .algorithms import dora as dora_math
 from .algorithms.lora import low_rank_product
 from .delta import FactorDelta, LoraDelta, take_rows
+from .errors import LoraError
 
 # Per-row adapter names of the batch being computed (mixed-batch inference), or None.
 MIXED_BATCH: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("lora_loader_mixed_batch", default=None)
@@ -1016,8 +1017,6 @@ class ParamDiffLayer:
         if names is not None:
             mixed = sorted(set(names) & set(self.lora_params))
             if mixed:
-                from .errors import LoraError
-
                 raise LoraError(f"adapters {mixed} diff parameters of a {type(self).__name__} (e.g. diff_m): "
                                 "a mixed batch (one adapter per row) cannot apply those; run them in separate batches")
             return super().forward(*args, **kwargs)

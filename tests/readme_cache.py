@@ -13,7 +13,12 @@ under exactly the repo ids and file names the README uses:
   as the real file is (``double_blocks.{i}.processor.{qkv,proj}_lora{1,2}.{down,up}.weight``, no alpha);
 - ``facebook/opt-350m``: a tiny ``OPTForCausalLM`` from an ``OPTConfig`` (``model.safetensors``,
   ``generation_config.json``) and a byte-level GPT-2 BPE tokenizer (OPT's ``</s>`` / ``<pad>`` ids) built offline;
-  ``ybelkada/opt-350m-lora``: a PEFT adapter folder written by peft for that model.
+  ``ybelkada/opt-350m-lora``: a PEFT adapter folder written by peft for that model;
+- ``Wan-AI/Wan2.2-T2V-A14B-Diffusers``: a tiny WanPipeline with two experts (UMT5, Wan VAE);
+  ``lightx2v/Wan2.2-Lightning``: the high- and low-noise files in ComfyUI's Wan names with alphas;
+- ``hunyuanvideo-community/HunyuanVideo``: a tiny HunyuanVideo transformer under ``transformer/``;
+  ``Cseti/HunyuanVideo-LoRA-Arcane_Jinx-v1``: a LoRA in Tencent's dotted names behind ``diffusion_model.``
+  (fused ``img_attn_qkv`` and ``linear1``), as ComfyUI-era HunyuanVideo LoRAs are.
 
 `child_main` is the body of the separate process the snippets run in: huggingface_hub, diffusers and
 transformers read ``HF_HUB_CACHE`` / ``HF_HUB_OFFLINE`` when they are imported, so the snippets need a
@@ -44,6 +49,14 @@ FLUX_REPO = "black-forest-labs/FLUX.1-dev"
 XLABS_REPO = "XLabs-AI/flux-RealismLora"
 XLABS_FILE = "lora.safetensors"
 XLABS_RANK = 4
+WAN_REPO = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+LIGHTNING_REPO = "lightx2v/Wan2.2-Lightning"
+LIGHTNING_FILES = {  # weight_name -> (seed, expert)
+    "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1/high_noise_model.safetensors": (51, "transformer"),
+    "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1/low_noise_model.safetensors": (52, "transformer_2"),
+}
+HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
+JINX_REPO, JINX_FILE = "Cseti/HunyuanVideo-LoRA-Arcane_Jinx-v1", "csetiarcane-nfjinx-v1-6000.safetensors"
 OPT_REPO = "facebook/opt-350m"
 OPT_LORA_REPO = "ybelkada/opt-350m-lora"
 
@@ -104,6 +117,44 @@ def xlabs_lora(transformer, seed: int, rank: int = XLABS_RANK) -> dict:
     return sd
 
 
+def tiny_wan_22(seed: int = 0):
+    """A tiny WanPipeline with Wan 2.2 A14B's two experts, a UMT5 text encoder and a Wan VAE, all narrow."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from tiny import tiny_tokenizer
+    from tiny_wan import tiny_wan
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=520, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    return WanPipeline(
+        tokenizer=tiny_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=tiny_wan(seed), transformer_2=tiny_wan(seed + 1), boundary_ratio=0.875,
+    )  # fmt: skip
+
+
+def lightning_lora(seed: int) -> dict:
+    """A Wan 2.2 Lightning-style file: ComfyUI keys on Wan's original names (``diffusion_model.blocks.N.self_attn.q``)
+    with ``lora_down`` / ``lora_up`` / ``alpha``, on every attention and feed-forward of the tiny transformer."""
+    import torch
+    from tiny_wan import BLOCK_ORIGINAL, LAYERS, tiny_wan
+
+    modules = dict(tiny_wan(0).named_modules())
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(LAYERS):
+        for path, original in BLOCK_ORIGINAL.items():
+            module = modules.get(f"blocks.{i}.{path}")
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            key = f"diffusion_model.blocks.{i}.{original}"
+            sd[f"{key}.lora_down.weight"] = torch.randn(4, module.in_features, generator=g) * 0.3
+            sd[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 4, generator=g) * 0.3
+            sd[f"{key}.alpha"] = torch.tensor(4.0)
+    return sd
+
+
 def opt_tokenizer(folder: Path):
     """A byte-level GPT-2 BPE tokenizer (no merges) with OPT's special tokens: <s> 0, <pad> 1, </s> 2, <unk> 3."""
     from tiny import _bytes_to_unicode
@@ -159,6 +210,25 @@ def build_hub_cache(cache: Path, work: Path) -> dict[str, str]:
     save_state_dict(xlabs_lora(flux.transformer, seed=21), work / XLABS_FILE)
     commits[XLABS_REPO] = hub_cache_add(cache, XLABS_REPO, {XLABS_FILE: work / XLABS_FILE})
 
+    wan = tiny_wan_22(0)
+    wan.save_pretrained(work / "wan")
+    commits[WAN_REPO] = hub_cache_add(cache, WAN_REPO, _folder_files(work / "wan"))
+    lightning = {}
+    for weight_name, (seed, _) in LIGHTNING_FILES.items():
+        lightning[weight_name] = Path(save_state_dict(lightning_lora(seed), work / weight_name.replace("/", "--")))
+    commits[LIGHTNING_REPO] = hub_cache_add(cache, LIGHTNING_REPO, lightning)
+
+    from test_hunyuan_video import lora_factors, musubi_file, musubi_names, tencent_modules
+    from tiny_hunyuan import tiny_hunyuan
+
+    hunyuan = tiny_hunyuan(0)
+    hunyuan.save_pretrained(work / "hunyuan" / "transformer")
+    commits[HUNYUAN_REPO] = hub_cache_add(cache, HUNYUAN_REPO, _folder_files(work / "hunyuan"))
+    table = tencent_modules(hunyuan)
+    jinx = {f"diffusion_model.{k[len('lora_unet_'):]}": v for k, v in musubi_file(lora_factors(hunyuan, table, musubi_names(table), 61)).items()}
+    jinx = {_comfyui_dotted(k, table): v for k, v in jinx.items()}
+    commits[JINX_REPO] = hub_cache_add(cache, JINX_REPO, {JINX_FILE: Path(save_state_dict(jinx, work / JINX_FILE))})
+
     opt_dir = work / "opt"
     model = tiny_opt_350m(0)
     model.generation_config.pad_token_id = 1
@@ -170,6 +240,14 @@ def build_hub_cache(cache: Path, work: Path) -> dict[str, str]:
     adapter = Path(peft_adapter(model, config, work / "opt-lora", seed=31))
     commits[OPT_LORA_REPO] = hub_cache_add(cache, OPT_LORA_REPO, _folder_files(adapter))
     return commits
+
+
+def _comfyui_dotted(key: str, table: dict) -> str:
+    """``diffusion_model.double_blocks_0_img_attn_qkv.lora_up.weight`` -> the dotted Tencent name ComfyUI writes."""
+    head, _, rest = key.partition(".")
+    module, _, suffix = rest.partition(".")
+    dotted = next(name for name in table if name.replace(".", "_") == module)
+    return f"{head}.{dotted}.{suffix}"
 
 
 # -- the child process ----------------------------------------------------------------------------------------------
@@ -381,7 +459,58 @@ def check_llm(ns: dict, cwd: Path) -> None:
     assert logits.shape[-1] == 260 and torch.isfinite(logits).all()
 
 
-CHECKS = {"sdxl": check_sdxl, "flux": check_flux, "llm": check_llm}
+def check_wan(ns: dict, cwd: Path) -> None:
+    """Both Lightning files, one per expert, under one name; each expert at its own weight, as the files alone give."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+    from tiny_wan import wan_inputs
+
+    import lora_loader
+    from huggingface_hub import hf_hub_download
+
+    pipe = ns["pipe"]
+    assert pipe.get_list_adapters() == {"transformer": ["light"], "transformer_2": ["light"]}, pipe.get_list_adapters()
+    weights = {"transformer": 1.0, "transformer_2": 0.8}
+    for weight_name, (_, expert) in LIGHTNING_FILES.items():
+        # from_pretrained as the snippet's pipeline does: Wan keeps some modules in fp32 under torch_dtype=bfloat16
+        alone = lora_loader.attach(WanTransformer3DModel.from_pretrained(WAN_REPO, subfolder=expert, torch_dtype=torch.bfloat16))
+        alone.load_lora_weights(load_file(hf_hub_download(LIGHTNING_REPO, weight_name)), adapter_name="x")
+        alone.set_adapters("x", weights[expert])
+        inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in wan_inputs().items()}
+        with torch.no_grad():
+            want, got = alone(**inputs).sample.float(), getattr(pipe, expert)(**inputs).sample.float()
+            alone.disable_lora()
+            base = alone(**inputs).sample.float()
+        assert (want - base).abs().max() > 1e-2, f"the {expert} file does not change the tiny expert"
+        assert torch.allclose(got, want, atol=1e-2, rtol=1e-2), (expert, float((got - want).abs().max()))
+
+
+def check_hunyuan(ns: dict, cwd: Path) -> None:
+    """The Tencent-named file loads into the transformer alone; its scale is the snippet's 0.8."""
+    import torch
+
+    transformer = ns["transformer"]
+    assert transformer.get_list_adapters() == {"model": ["jinx"]}, transformer.get_list_adapters()
+    from huggingface_hub import hf_hub_download
+    from safetensors import safe_open
+
+    with safe_open(hf_hub_download(JINX_REPO, JINX_FILE), "pt") as f:
+        in_file = {k.rsplit(".lora_", 1)[0] for k in f.keys() if ".lora_" in k}
+    layers = transformer._lora_registry_to_read().adapters["jinx"].layers
+    # every module of the file, and more: the fused img_attn_qkv / txt_attn_qkv / linear1 are split into parts
+    assert len(layers) > len(in_file), (len(layers), len(in_file))
+    from tiny_hunyuan import forward
+
+    with torch.no_grad():
+        on = forward(transformer).float()
+        transformer.disable_lora()
+        off = forward(transformer).float()
+        transformer.enable_lora()
+    assert (on - off).abs().max() > 1e-2, "the LoRA does not change the transformer"
+
+
+CHECKS = {"sdxl": check_sdxl, "flux": check_flux, "llm": check_llm, "wan": check_wan, "hunyuan": check_hunyuan}
 
 
 if __name__ == "__main__":

@@ -69,6 +69,10 @@ def python_kind(code: str) -> str | None:
         return "flux"
     if "AutoModelForCausalLM" in code:
         return "llm"
+    if "WanPipeline" in code:
+        return "wan"
+    if "HunyuanVideoTransformer3DModel" in code:
+        return "hunyuan"
     if "from lora_loader import embedded" in code:
         return "embedded"
     return None
@@ -112,7 +116,8 @@ def test_every_fenced_block_is_one_this_module_runs():
             # The only untagged block is the package layout (a file tree, not code).
             assert language == "" and code.startswith("lora_loader/\n"), f"{where}: a ```{language} block no test here runs"
     kinds = [python_kind(c) for lang, _, c in BLOCKS if lang == "python"] + [bash_kind(c) for lang, _, c in BLOCKS if lang == "bash"]
-    assert sorted(kinds) == sorted(["sdxl", "embedded", "flux", "llm", "cli", "test-command", "demo-command", "newest-check"]), kinds
+    assert sorted(kinds) == sorted(["sdxl", "embedded", "flux", "llm", "wan", "hunyuan", "cli", "test-command", "demo-command",
+                                    "newest-check"]), kinds
 
 
 # -- the install commands -------------------------------------------------------------------------------------------
@@ -203,6 +208,8 @@ def test_the_constraints_file_pins_every_package_the_project_installs_and_their_
 
 # -- the Hub snippets, in a child process with a local HF cache ----------------------------------------------------
 
+HUB_KINDS = ("sdxl", "flux", "llm", "wan", "hunyuan")
+
 
 @pytest.fixture(scope="module")
 def hub_runs(tmp_path_factory):
@@ -213,7 +220,7 @@ def hub_runs(tmp_path_factory):
     cache = root / "hf-cache"
     readme_cache.build_hub_cache(cache, root / "stand-ins")
     jobs = []
-    for kind in ("sdxl", "flux", "llm"):
+    for kind in HUB_KINDS:
         for line, code in blocks_of("python", kind):
             cwd = root / f"cwd-{kind}-{line}"
             cwd.mkdir()
@@ -238,14 +245,16 @@ def hub_runs(tmp_path_factory):
     return {"jobs": jobs, "results": results, "returncode": proc.returncode, "output": (proc.stdout + proc.stderr)[-6000:]}
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "flux", "llm"])
+@pytest.mark.parametrize("kind", HUB_KINDS)
 def test_hub_snippet_runs_and_keeps_its_promises(hub_runs, kind):
     """sdxl: two Kohya SDXL LoRAs from their repos, blended, block weights, disable gives the base UNet output
     exactly, fuse + unfuse leave every weight bit-identical, ``3d-kohya.safetensors`` holds Kohya keys with the
     real alphas and reloads to the same adapter. flux: FLUX.1-dev + the XLabs file, DiT block weights by path
     (``single_transformer_blocks.37`` exists), an image; the LoRA changes the transformer. llm: OPT + a PEFT
     adapter repo loaded twice and blended, per-row adapters in ``generate``, a new ``LoraConfig`` adapter saved
-    as a folder peft reads, ``AutoLoraModelForCausalLM`` loading it back on the base its config names."""
+    as a folder peft reads, ``AutoLoraModelForCausalLM`` loading it back on the base its config names. wan: Wan 2.2's
+    two experts, one Lightning file each under one name, each expert at its weight as its file alone gives.
+    hunyuan: a Tencent-named LoRA on the HunyuanVideo transformer alone changes its output."""
     jobs = [job for job in hub_runs["jobs"] if job["kind"] == kind]
     assert jobs, f"README.md has no ```python block of kind {kind}"
     for job in jobs:
