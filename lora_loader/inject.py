@@ -46,6 +46,7 @@ from .layers import (
     wrap_saved_copy,
 )
 from .names import ModuleIndex
+from .param_layer import LoraParamMixin, ParamDelta, ParamGroup, param_adapter, resolve, wrap_params
 
 
 @dataclass
@@ -320,6 +321,7 @@ class _Walk:
         self.components, self.resolve_component, self.tensors = components, resolve_component, tensors
         self.indexes: dict[str, ModuleIndex] = {}
         self.claimed: dict[type, set] = {PlannedModule: set(), PlannedCopy: set(), PlannedBias: set(), PlannedNorm: set()}
+        self.param_groups: dict[tuple[str, str], ParamGroup] = {}  # (component, path) -> the parameter LoRAs planned there
 
     def locate(self, symbolic: str, name: str) -> tuple[str | None, str | None, nn.Module | None]:
         """(component, path, module) a part targets; path and module None when it names no module of the model."""
@@ -331,15 +333,28 @@ class _Walk:
     def _claimed_by(self, where, *kinds) -> bool:
         return any(where in self.claimed[kind] for kind in kinds)
 
-    def lora_delta(self, target: tuple[str, str], delta) -> PlannedModule | _Refusal:
+    def lora_delta(self, target: tuple[str, str], delta) -> PlannedModule | _Refusal | None:
         symbolic, name = target
         component = self.resolve_component(symbolic)
         if component is None:
             why = f"targets component '{symbolic}', which is not in this model ({sorted(self.components)})"
             return _Refusal(delta.keys, NO_COMPONENT, why)
+        if isinstance(delta, ParamDelta):
+            name = delta.module
         _, path, module = self.locate(symbolic, name)
         if path is None:
             return _Refusal(delta.keys, NO_MODULE, f"targets no module of {component} (looked for '{name}')")
+        if isinstance(delta, ParamDelta):
+            resolved = resolve(delta, module, path)
+            if isinstance(resolved, str):
+                return _Refusal(delta.keys, DOES_NOT_FIT, f"does not fit {component}.{path}: {resolved}",
+                                None if delta.is_all_zero() else f"'{delta.keys[0]}' does not fit {component}.{path}: {resolved}")
+            if isinstance(resolved, ParamDelta):
+                return self.parameter_delta(component, path, module, resolved)
+            delta = resolved  # a target_modules LoRA of a config that also has target_parameters
+        if isinstance(module, LoraParamMixin):
+            why = f"{component}.{path} carries LoRAs on its parameters (target_parameters); a LoRA on the module cannot join them"
+            return _Refusal(delta.keys, DOES_NOT_FIT, why, f"'{delta.keys[0]}' does not fit: {why}")
         if layer_type(module) is None:
             why = f"targets {component}.{path}, a {type(module).__name__}; LoRA applies to Linear, Conv2d, Conv1D and Embedding"
             return _Refusal(delta.keys, UNSUPPORTED_MODULE, why)
@@ -350,6 +365,21 @@ class _Walk:
             error = None if delta.is_all_zero() else f"'{delta.keys[0]}' does not fit {component}.{path}: {problem}"
             return _Refusal(delta.keys, DOES_NOT_FIT, f"does not fit {component}.{path}: {problem}", error)
         return PlannedModule(component, path, module, delta, widening)
+
+    def parameter_delta(self, component: str, path: str, module: nn.Module, delta: ParamDelta) -> PlannedModule | _Refusal | None:
+        """A resolved parameter LoRA joins its module's `ParamGroup`: the first plans the module, the others add to it."""
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraParamMixin):
+            why = f"{component}.{path} carries a LoRA on the module; a LoRA on its parameter {delta.parameter} cannot join it"
+            return _Refusal(delta.keys, DOES_NOT_FIT, why, f"'{delta.keys[0]}' does not fit: {why}")
+        group = self.param_groups.get((component, path))
+        if group is None:
+            group = self.param_groups[(component, path)] = ParamGroup({delta.parameter: delta})
+            return PlannedModule(component, path, module, group)
+        if delta.parameter in group.parts:
+            why = f"{component}.{path}.{delta.parameter} is named twice, by '{group.parts[delta.parameter].keys[0]}' and '{delta.keys[0]}'"
+            return _Refusal(delta.keys, DOES_NOT_FIT, why, why)
+        group.parts[delta.parameter] = delta
+        return None
 
     def module_copy(self, target: tuple[str, str], params: dict[str, str]) -> PlannedCopy | _Refusal:
         component, path, module = self.locate(*target)
@@ -497,13 +527,16 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
                 root, attribute, in_features = p.widen
                 p.module = widen.widen(root, p.path, p.module, in_features, attribute)
                 widened.append(p.module)
-        adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module, copy) for p in planned.modules]
+        adapters: list[LoraAdapter] = [
+            param_adapter(p.delta, p.module) if isinstance(p.delta, ParamGroup) else adapter_from_delta(p.delta, p.module, copy)
+            for p in planned.modules
+        ]
         copies = [make_saved_copy(c.module, c.tensors) for c in planned.copies]
         bias_adapters = [bias_adapter(b.module, b.bias) for b in planned.biases]
         norm_weights = [norm_weight(n.module, n.weight) for n in planned.norms]
         for p, adapter in zip(planned.modules, adapters):
             if not isinstance(p.module, LoraLayer):
-                wrap(p.module)
+                (wrap_params if isinstance(p.delta, ParamGroup) else wrap)(p.module)
                 newly_wrapped.append(p.module)
             p.module.lora_adapters[adapter_name] = adapter
             added.append(p.module)
