@@ -46,7 +46,7 @@ from .layers import (
     wrap_saved_copy,
 )
 from .names import ModuleIndex
-from .param_layer import LoraParamMixin, ParamDelta, ParamGroup, param_adapter, resolve, wrap_params
+from .param_layer import LoraParamMixin, ParamDelta, ParamGroup, param_adapter, renamed, resolve, restack_per_expert, wrap_params
 
 
 @dataclass
@@ -232,8 +232,10 @@ def plan(
     for key, why in converted.invalid.items():
         result.unapplied[key] = Unapplied(key, INVALID_TENSOR, why)
     shape_errors: list[str] = []
+    # An adapter of transformers 4's per-expert modules on transformers 5's stacked experts: one delta per parameter.
+    deltas = restack_per_expert(converted.deltas, walk.locate, components)
     parts = (  # (the file's parts, their handler, where what it plans goes)
-        (converted.deltas.items(), walk.lora_delta, result.modules),
+        (deltas.items(), walk.lora_delta, result.modules),
         (converted.module_copies.items(), walk.module_copy, result.copies),
         (converted.module_biases.items(), walk.module_bias, result.biases),
         (converted.norm_weights.items(), walk.norm_weight, result.norms),
@@ -342,8 +344,15 @@ class _Walk:
         if isinstance(delta, ParamDelta):
             name = delta.module
         _, path, module = self.locate(symbolic, name)
+        if path is None and renamed(self.components[component], name) is not None:
+            _, path, module = self.locate(symbolic, renamed(self.components[component], name))  # Mixtral's block_sparse_moe
         if path is None:
             return _Refusal(delta.keys, NO_MODULE, f"targets no module of {component} (looked for '{name}')")
+        if type(delta) is LoraDelta and layer_type(module) is None and _is_weight_lora(delta, module):
+            # A router that was an nn.Linear (transformers 4) and reads its own weight now: the LoRA goes on that
+            # parameter, as peft converts it (Mixtral's and Qwen3-MoE's "gate" -> "gate.weight").
+            delta = ParamDelta(delta.down, delta.up, module=name, parameter="weight", keys=delta.keys, alpha=delta.alpha,
+                               use_rslora=delta.use_rslora)
         if isinstance(delta, ParamDelta):
             resolved = resolve(delta, module, path)
             if isinstance(resolved, str):
@@ -436,6 +445,15 @@ class _Walk:
                    "(a resized vocabulary?); lora_loader never overwrites base weights")
             return _Refusal((key,), BASE_WEIGHT_DIFFERS, why)
         return None
+
+
+def _is_weight_lora(delta: LoraDelta, module: nn.Module) -> bool:
+    """A plain LoRA pair whose product has the shape of ``module``'s own 2-D ``weight`` parameter."""
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    if weight is None or weight.dim() != 2 or not weight.dtype.is_floating_point or isinstance(module, LoraLayer):
+        return False
+    plain = delta.magnitude is None and delta.bias is None and delta.up_bias is None
+    return plain and delta.down.dim() == 2 and delta.up.dim() == 2 and delta.up.shape[0] == weight.shape[0] and delta.down.shape[1] == weight.shape[1]
 
 
 def _fit_input_width(delta, root: nn.Module, path: str, module: nn.Module):

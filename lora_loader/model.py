@@ -691,6 +691,11 @@ def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
         if component != here:
             continue
         adapter = module.lora_adapters[record.name]
+        if isinstance(adapter, ParamAdapter):  # the config must name each parameter, with its rank and alpha
+            if not _describes_parameters(config, module, path, adapter):
+                current = False
+                break
+            continue
         if not hasattr(adapter, "down"):
             continue
         if (config.rank_for(path), config.alpha_for(path)) != (adapter.rank, adapter.alpha) or bool(config.use_rslora) != adapter.use_rslora:
@@ -704,6 +709,18 @@ def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
         config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config.inference_mode = True
     return config
+
+
+def _describes_parameters(config: LoraConfig, module: nn.Module, path: str, adapter: ParamAdapter) -> bool:
+    """Does ``config`` target exactly ``adapter``'s parameters of ``module`` (PEFT nests keys by that set), with
+    their ranks, alphas and scaling rule? (Not so for an adapter of transformers 4's per-expert modules.)"""
+    targeted = targeted_parameters(module, path, config.target_parameters or [])
+    if targeted != list(adapter.parts):
+        return False
+    return all(
+        (config.rank_for(f"{path}.{name}"), config.alpha_for(f"{path}.{name}"), bool(config.use_rslora)) == (part.r, part.alpha, part.use_rslora)
+        for name, part in adapter.parts.items()
+    )
 
 
 def _config_from_record(record: AdapterRecord, model: nn.Module) -> LoraConfig:

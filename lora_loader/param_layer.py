@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,8 @@ class ParamDelta:
 
     @property
     def rank(self) -> int:
+        if self.parameter is None and self.config is not None:  # not resolved yet (the experts are unknown)
+            return int(self.config.r)
         return max(1, int(self.down.shape[0]) // max(1, self.experts))
 
     @property
@@ -385,7 +388,9 @@ class LoraParamMixin(LoraLayer):
                     if part.down.device != base.device:
                         adapter.to(base.device)
                 lhs, rhs = part.factors(base.dtype)
-                adapted[name] = base + (lhs @ rhs) * (factor * (part.scale if scale is None else part.scale * scale))
+                rhs = rhs * (factor * (part.scale if scale is None else part.scale * scale))  # the small factor scaled
+                # W + lhs @ rhs in one op: no change-sized tensor besides the result (PEFT folds it the same way)
+                adapted[name] = torch.baddbmm(base, lhs, rhs) if part.stacked else torch.addmm(base, lhs, rhs)
         own = {name: params[name] for name in adapted}
         params.update(adapted)
         try:
@@ -394,28 +399,34 @@ class LoraParamMixin(LoraLayer):
             params.update(own)
 
     def _lora_param_rows(self, names: list[str], args, kwargs):
-        """A mixed batch: the base output for every row, then each adapter's rows computed again with it."""
+        """A mixed batch: the base output for every row, then each adapter's rows computed again with it
+        (every tensor argument and output with one entry per row is cut to those rows; a tuple output, as a
+        router's ``(logits, scores, indices)``, entry by entry)."""
         x = next((a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a) and a.dim() > 0), None)
         out = super(LoraLayer, self).forward(*args, **kwargs)
         if x is None:
             return out
         n = x.shape[0]
         groups = rows_by_adapter(names, n, x.device, self.lora_adapters)
-        if groups and not (torch.is_tensor(out) and out.dim() > 0 and out.shape[0] == n):
+
+        def per_row(value) -> bool:
+            return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n
+
+        outputs = list(out) if isinstance(out, tuple) else [out]
+        if groups and not any(per_row(o) for o in outputs):
             raise LoraError(
                 f"a mixed batch (adapter_names=) through {type(self).__name__}, whose LoRA is on its parameters, needs an "
                 f"output with one row per input row; got {type(out).__name__}"
             )
-
-        def rows(value, index):
-            return value[index] if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n else value
-
         for name, index in groups.items():
             adapter = self.lora_adapters[name]
             with self._lora_params_shown([(adapter, 1.0)]):
-                part = super(LoraLayer, self).forward(*[rows(a, index) for a in args], **{k: rows(v, index) for k, v in kwargs.items()})
-            out = out.index_copy(0, index, part.to(out.dtype))
-        return out
+                part = super(LoraLayer, self).forward(
+                    *[a[index] if per_row(a) else a for a in args], **{k: v[index] if per_row(v) else v for k, v in kwargs.items()}
+                )
+            parts = list(part) if isinstance(part, tuple) else [part]
+            outputs = [o.index_copy(0, index, p.to(o.dtype)) if per_row(o) else o for o, p in zip(outputs, parts)]
+        return tuple(outputs) if isinstance(out, tuple) else outputs[0]
 
 
 _param_classes: dict[type, type] = {}
@@ -478,3 +489,151 @@ def fuse_problem(module: nn.Module) -> str | None:
     if any(offload.is_offloaded(module, name) for name, _ in module.named_parameters(recurse=False)):
         return "its parameters are offloaded by accelerate; fusing a LoRA on parameters needs them in memory"
     return None
+
+
+# -- adapters trained on transformers 4's per-expert modules, for transformers 5's stacked experts ------------------
+
+
+@dataclass
+class _ExpertStack:
+    """One of transformers' checkpoint conversions that stacks per-expert Linear weights into a parameter:
+    ``sources[k]`` (a regex of the old module path, expert index captured) goes to slot ``k`` of ``parameter``
+    (slots concatenated along the rows), under the module ``target`` names."""
+
+    sources: list
+    target: str  # the stacked parameter's module path tail, e.g. ".experts" or "mlp.experts"
+    parameter: str
+
+
+def _conversion_rules(root: nn.Module):
+    """``(renames, stacks)`` from transformers' checkpoint conversion mapping of ``root``'s model type (the
+    one ``from_pretrained`` applies to transformers 4 checkpoints, and peft to their adapters): renames as
+    ``(regex, replacement)``, stacks as `_ExpertStack`. Empty when transformers has none."""
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
+    if model_type is None:
+        return [], []
+    if model_type not in _RULES:
+        _RULES[model_type] = _read_conversion_rules(model_type)
+    return _RULES[model_type]
+
+
+_RULES: dict[str, tuple[list, list]] = {}
+
+
+def _read_conversion_rules(model_type: str):
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        mapping = get_checkpoint_conversion_mapping(model_type) or []
+    except Exception:  # an older or newer transformers without it: no conversion
+        return [], []
+    renames, stacks = [], []
+    for conversion in mapping:
+        sources, targets = list(conversion.source_patterns), list(conversion.target_patterns)
+        kind = type(conversion).__name__
+        if kind == "WeightRenaming" and len(sources) == len(targets) == 1:
+            renames.append((sources[0], targets[0]))
+            continue
+        ops = [type(op).__name__ for op in getattr(conversion, "operations", [])]
+        if kind != "WeightConverter" or len(targets) != 1 or ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
+            continue
+        if [getattr(op, "dim", None) for op in conversion.operations] not in ([0], [0, 1]):
+            continue
+        if not all(s.endswith(".weight") and s.count("*") == 1 for s in sources):
+            continue
+        target, _, parameter = targets[0].rpartition(".")
+        regexes = [re.escape(s[: -len(".weight")]).replace(r"\*", r"(\d+)") + "$" for s in sources]
+        stacks.append(_ExpertStack(regexes, target, parameter))
+    return renames, stacks
+
+
+def renamed(root: nn.Module, name: str) -> str | None:
+    """``name`` after transformers' checkpoint renamings for ``root`` (Mixtral's ``block_sparse_moe`` -> ``mlp``), or None."""
+    renames, _ = _conversion_rules(root)
+    text = f".{name}."
+    for source, target in renames:
+        text = re.sub(source, target, text)
+    text = text.strip(".")
+    return text if text != name else None
+
+
+def restack_per_expert(deltas: dict, locate, roots: dict) -> dict:
+    """``deltas`` with LoRAs of transformers 4's per-expert modules (``mlp.experts.3.gate_proj``, Mixtral's
+    ``block_sparse_moe.experts.3.w1``) on a model whose experts are stacked parameters (transformers 5) put
+    together into one `ParamDelta` per stacked parameter, as peft converts such adapters: per expert ``e``,
+    ``lora_A`` rows are the slots' ``A`` stacked (gate, then up), ``lora_B`` their ``B`` block-diagonal;
+    experts or slots the file lacks are zeros. Every other delta stays as it is.
+
+    ``locate(symbolic, name) -> (component, path, module)``; ``roots``: component -> its model.
+    """
+    from .delta import LoraDelta
+
+    groups: dict = {}  # (symbolic, experts name, parameter) -> {(expert, slot): (key, delta)}
+    info: dict = {}
+    for key, delta in deltas.items():
+        symbolic, name = key
+        if type(delta) is not LoraDelta or delta.magnitude is not None or delta.bias is not None or delta.up_bias is not None:
+            continue
+        component, path, _ = locate(symbolic, name)
+        if component is None or path is not None:
+            continue
+        root = roots.get(component)
+        if root is None:
+            continue
+        name = renamed(root, name) or name
+        for stack in _conversion_rules(root)[1]:
+            for slot, regex in enumerate(stack.sources):
+                match = re.search(regex, name)
+                if match is None:
+                    continue
+                experts_name = (name[: match.start()] + stack.target).strip(".")
+                _, experts_path, module = locate(symbolic, experts_name)
+                if module is None or not isinstance(getattr(module, stack.parameter, None), torch.Tensor):
+                    continue
+                if bool(getattr(module, "is_transposed", False)) or not getattr(module, "is_concatenated", True):
+                    continue  # transformers 4 never had per-expert modules for these layouts
+                group = (symbolic, experts_name, stack.parameter)
+                groups.setdefault(group, {})[(int(match.group(1)), slot)] = (key, delta)
+                info[group] = (module, len(stack.sources))
+                break
+            else:
+                continue
+            break
+    if not groups:
+        return deltas
+    out = dict(deltas)
+    for (symbolic, experts_name, parameter), parts in groups.items():
+        module, slots = info[(symbolic, experts_name, parameter)]
+        for key, _ in parts.values():
+            out.pop(key, None)
+        out[(symbolic, f"{experts_name}.{parameter}")] = _stacked(parts, module, parameter, slots, experts_name)
+    return out
+
+
+def _stacked(parts: dict, module: nn.Module, parameter: str, slots: int, experts_name: str) -> ParamDelta:
+    experts = int(offload.real_tensor(module, parameter).shape[0])
+    ranks = [max((d.rank for (e, s), (_, d) in parts.items() if s == slot), default=0) for slot in range(slots)]
+    scales = {d.scale for _, d in parts.values()}
+    uniform = len(scales) == 1 and len({d.rank for _, d in parts.values()}) == 1 and len(parts) == experts * slots
+    rank = sum(ranks)
+    sample = next(iter(parts.values()))[1]
+    dtype, device = sample.down.dtype, sample.down.device
+    ins = {d.down.shape[1] for _, d in parts.values()}
+    outs = [max((d.up.shape[0] for (e, s), (_, d) in parts.items() if s == slot), default=0) for slot in range(slots)]
+    if len(ins) != 1 or any(o == 0 for o in outs):  # parts that do not chain: the planner reports the first's shapes
+        return ParamDelta(sample.down, sample.up, module=experts_name, parameter=parameter,
+                          keys=tuple(k for _, d in parts.values() for k in d.keys))
+    in_f = ins.pop()
+    down = torch.zeros(experts, rank, in_f, dtype=dtype, device=device)
+    up = torch.zeros(sum(outs), rank, experts, dtype=dtype, device=device)
+    for (e, slot), (_, d) in parts.items():
+        if e >= experts:
+            continue
+        r0, o0 = sum(ranks[:slot]), sum(outs[:slot])
+        factor = 1.0 if uniform else d.scale
+        down[e, r0 : r0 + d.rank] = d.down.to(dtype)
+        up[o0 : o0 + d.up.shape[0], r0 : r0 + d.rank, e] = d.up.to(dtype) * factor
+    keys = tuple(k for _, (_, d) in sorted(parts.items(), key=lambda kv: kv[0]) for k in d.keys)
+    alpha = (scales.pop() if uniform else 1.0) * rank
+    return ParamDelta(down.reshape(experts * rank, in_f), up.reshape(sum(outs), rank * experts), module=experts_name,
+                      parameter=parameter, keys=keys, alpha=alpha)

@@ -146,3 +146,40 @@ def peft_model(build, folders: dict[str, str], is_trainable: bool = False) -> pe
     for name, folder in rest:
         model.load_adapter(folder, adapter_name=name, is_trainable=is_trainable)
     return model if is_trainable else model.eval()
+
+
+# transformers 4 kept each expert as its own Linear modules; peft adapters trained then name them so.
+V4_EXPERTS = {
+    "qwen3_moe": ("mlp", {"gate_proj": ("hidden", "expert"), "up_proj": ("hidden", "expert"), "down_proj": ("expert", "hidden")}),
+    "mixtral": ("block_sparse_moe", {"w1": ("hidden", "expert"), "w3": ("hidden", "expert"), "w2": ("expert", "hidden")}),
+}
+
+
+def v4_moe_adapter(arch: str, folder, r: int = 2, lora_alpha: int = 4, seed: int = 3) -> str:
+    """A peft adapter as peft wrote it for transformers 4's ``arch``: ``q_proj``, the router ``gate`` (then an
+    ``nn.Linear``) and every expert's own projections (``mlp.experts.3.gate_proj``; Mixtral's
+    ``block_sparse_moe.experts.3.w1``), random factors, peft's config with those ``target_modules``."""
+    from safetensors.torch import save_file
+
+    config = ARCHS[arch].build().config
+    experts = getattr(config, "num_experts", None) or config.num_local_experts
+    width = {"hidden": config.hidden_size, "expert": getattr(config, "moe_intermediate_size", None) or config.intermediate_size}
+    block, projections = V4_EXPERTS[arch]
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    tensors = {}
+
+    def pair(module: str, d_in: int, d_out: int) -> None:
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) * 0.3
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.3
+
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}"
+        pair(f"{prefix}.self_attn.q_proj", config.hidden_size, 2 * 16)
+        pair(f"{prefix}.{block}.gate", config.hidden_size, experts)
+        for expert in range(experts):
+            for name, (d_in, d_out) in projections.items():
+                pair(f"{prefix}.{block}.experts.{expert}.{name}", width[d_in], width[d_out])
+    folder = os.fspath(folder)
+    peft.LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "gate", *projections]).save_pretrained(folder)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder

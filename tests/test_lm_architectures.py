@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 
 import lora_loader
 import transformers as T
-from llm_archs import ARCHS, EXPERT_PARAMS, EXPERTS, causal, input_ids, peft_adapter, peft_model
+from llm_archs import ARCHS, EXPERT_PARAMS, EXPERTS, causal, input_ids, peft_adapter, peft_model, v4_moe_adapter
 from lora_loader import LoraConfig, LoraError
 
 TOL = 1e-4
@@ -505,3 +505,32 @@ def test_a_file_whose_config_sets_an_unimplemented_math_field_is_a_lora_error_na
         model.add_adapter(LoraConfig(r=2, target_modules=["q_proj"], **{field: UNIMPLEMENTED[field]}), adapter_name="x")
     assert_same_state(model, before)
     assert model.get_list_adapters() == {}
+
+
+# -- adapters of transformers 4's per-expert modules on transformers 5's stacked experts ---------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_an_adapter_of_per_expert_modules_loads_as_peft_converts_it(arch, tmp_path, base_logits):
+    """peft 0.21 converts such an adapter on loading (transformers' checkpoint conversion: experts stacked, gate
+    and up fused with a block-diagonal lora_B, Mixtral's block_sparse_moe renamed, the router's LoRA on its
+    weight); lora_loader gives peft's tensors, peft's logits, per-row batches, and saves what peft reads."""
+    folder = v4_moe_adapter(arch, tmp_path / "v4")
+    model = lora_loader.attach(ARCHS[arch].build())
+    model.load_adapter(folder, adapter_name="old")
+    oracle = peft.PeftModel.from_pretrained(ARCHS[arch].build(), folder, adapter_name="old").eval()
+    ids = input_ids()
+    got = logits(model, ids)
+    assert_close_and_moved(got, logits(oracle, ids), base_logits[arch], f"{arch} transformers 4 adapter")
+    want = {k.removeprefix("base_model.model."): v for k, v in peft.get_peft_model_state_dict(oracle, adapter_name="old").items()}
+    ours_tensors = model.get_adapter_state_dict("old")
+    assert sorted(ours_tensors) == sorted(want)
+    assert all(torch.equal(ours_tensors[k], want[k]) for k in want)
+    mixed = logits(model, ids, adapter_names=["old", "__base__", "old"])
+    assert (mixed[[0, 2]] - got[[0, 2]]).abs().max() <= TOL
+    assert (mixed[1] - base_logits[arch][1]).abs().max() <= 1e-5
+    model.save_adapter(str(tmp_path / "v5"), adapter_name="old")
+    reread = peft.PeftModel.from_pretrained(ARCHS[arch].build(), str(tmp_path / "v5")).eval()
+    assert (logits(reread, ids) - got).abs().max() <= TOL
+    model.fuse_lora()
+    assert (logits(model, ids) - got).abs().max() <= TOL

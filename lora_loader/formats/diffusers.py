@@ -281,5 +281,5 @@ def _param_delta(tensors: dict, keys: dict[str, str], stem: str, config: LoraCon
     up_bias = tensors[keys["up_bias"]] if keys.get("up_bias") else None
     return ParamDelta(
         tensors[keys["down"]], tensors[keys["up"]], module=module, nesting=nesting, patterns=tuple(config.target_parameters),
-        config=config, keys=used, up_bias=up_bias,
-    )
+        config=config, keys=used, up_bias=up_bias, alpha=config.lora_alpha, use_rslora=bool(config.use_rslora),
+    )  # alpha and rsLoRA as the config has them, until the planner reads alpha_pattern for the parameter
