@@ -26,7 +26,6 @@ _UNSUPPORTED_WHEN_SET = {
     "use_qalora": "QA-LoRA",
     "layer_replication": "layer replication",
     "trainable_token_indices": "trainable tokens",
-    "target_parameters": "LoRA on nn.Parameter targets",
     "megatron_config": "Megatron parallel layers",
     "loftq_config": "LoftQ initialisation",
     "eva_config": "EVA initialisation",
@@ -34,6 +33,17 @@ _UNSUPPORTED_WHEN_SET = {
     "use_bdlora": "BD-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "arrow_config": "Arrow routing",
+    "lora_ga_config": "LoRA-GA initialisation",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+# What PEFT's ParamWrapper (LoRA on an nn.Parameter, target_parameters) refuses, with the field that asks for it.
+_NOT_WITH_TARGET_PARAMETERS = {
+    "use_dora": "DoRA",
+    "lora_bias": "a lora_B bias",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "lora_dropout": "dropout (the input cannot be factored out of a changed weight)",
 }
 # init_lora_weights values lora_loader can create (loading ignores init: the tensors come from the file).
 _INITS = (True, False, "gaussian")
@@ -68,14 +78,15 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    lora_bias: bool = False  # PEFT's lora_B.bias: part of the LoRA's output, scaled with it
+    # LoRA on nn.Parameters by name (MoE experts' "mlp.experts.gate_up_proj"): see param_layer.py.
+    target_parameters: list | None = None
     # PEFT fields lora_loader does not implement: accepted (so PEFT configs construct unchanged) and refused
     # by check_supported when set to anything but their default.
     use_qalora: bool = False
     qalora_group_size: int = 16
     layer_replication: list | None = None
-    lora_bias: bool = False  # loaded files' lora_B.bias tensors apply; add_adapter does not create one
     trainable_token_indices: list | dict | None = None
-    target_parameters: list | None = None
     megatron_config: dict | None = None
     megatron_core: str | None = "megatron.core"
     loftq_config: dict = field(default_factory=dict)
@@ -141,6 +152,13 @@ class LoraConfig:
         if self.bias not in ("none", "all", "lora_only"):
             raise LoraError(f"{source}: bias={self.bias!r}; expected 'none', 'all' or 'lora_only'")
         self.check_fields(source)
+        if self.target_parameters:
+            for name, what in _NOT_WITH_TARGET_PARAMETERS.items():
+                if getattr(self, name):
+                    raise LoraError(
+                        f"{source}: {name}={getattr(self, name)!r} with target_parameters asks for {what} on a LoRA of "
+                        "an nn.Parameter, which PEFT does not define either"
+                    )
 
     def check_fields(self, source: str = "adapter config") -> None:
         """Each field that shapes the math has PEFT's type; a value of another type is a `LoraError` naming
@@ -173,6 +191,10 @@ class LoraConfig:
                 raise bad(name, "null, a regex string, or a list of module-name suffixes")
             if isinstance(value, str) and value != "all-linear":
                 _check_regex(value, f"{source}: {name}")
+        if self.target_parameters is not None and not is_names(self.target_parameters):
+            raise bad("target_parameters", "null or a list of parameter names ('mlp.experts.gate_up_proj')")
+        if not isinstance(self.lora_bias, bool):
+            raise bad("lora_bias", "true or false")
         if self.modules_to_save is not None and not is_names(self.modules_to_save):
             raise bad("modules_to_save", "null or a list of module names")
         if self.layers_to_transform is not None and not is_int(self.layers_to_transform) and not (
@@ -202,8 +224,8 @@ class LoraConfig:
             )
         if self.r <= 0:
             raise LoraError(f"r must be a positive integer, got {self.r}")
-        if self.lora_bias:  # loaded files with lora_B.bias apply (Flux Control LoRAs); a new one is not created
-            raise LoraError("lora_bias=True asks for a LoRA bias on lora_B, which add_adapter does not create")
+        if self.lora_bias and self.use_dora:
+            raise LoraError("lora_bias=True with use_dora=True: a lora_B bias on a DoRA adapter is not implemented")
 
     # -- per-module values, with PEFT's pattern rules ------------------------------------------------
     def rank_for(self, module_name: str) -> int:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from . import offload, quantized
 from .algorithms import dora
 from .algorithms.lora import low_rank_product
+from . import param_layer
 from .layers import FactorAdapter, LoraAdapter, LoraLayer, dense_base_weight, is_plain_lora, layer_type
 
 
@@ -35,7 +36,11 @@ def _base_dense(module: nn.Module) -> torch.Tensor:
 
 
 def dense_delta(module: nn.Module, adapter: LoraAdapter, weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight delta in the base layout, bias delta or None)`` of one adapter at blend weight ``weight``, in fp32."""
+    """``(weight delta in the base layout, bias delta or None)`` of one adapter at blend weight ``weight``, in fp32.
+    A LoRA on parameters gives the changes of all its parameters, flattened and concatenated."""
+    if isinstance(adapter, param_layer.ParamAdapter):
+        changes = [(weight * p.scale * p.delta(torch.float32)).reshape(-1) for p in adapter.parts.values()]
+        return torch.cat(changes), None
     if isinstance(adapter, FactorAdapter):
         return _factor_delta(module, adapter, weight)
     product = low_rank_product(adapter.up.detach().float(), adapter.down.detach().float())
@@ -71,6 +76,8 @@ def _factor_delta(module: nn.Module, adapter: FactorAdapter, weight: float):
 
 def fuse_problem(module: LoraLayer, adapters) -> str | None:
     """Why ``adapters`` cannot be fused into ``module`` (checked for every layer before any is fused), or None."""
+    if isinstance(module, param_layer.LoraParamMixin):
+        return param_layer.fuse_problem(module)
     if getattr(module, "bias", None) is None and any(getattr(a, "up_bias", None) is not None for a, _ in adapters):
         return "it has no bias for the adapter's lora_B.bias to be fused into (it runs unfused as it is)"
     return None
@@ -81,8 +88,12 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]]) -> 
 
     The plain LoRA adapters of a layer are fused with one ``addmm`` in fp32 over
     their concatenated factors (``W + [w_i s_i B_i] @ [A_i]``): one new tensor per
-    layer and no dense delta in between. DoRA adapters add their dense delta.
+    layer and no dense delta in between. DoRA adapters add their dense delta. A LoRA on parameters
+    writes each adapted parameter (`param_layer.fuse_params`).
     """
+    if isinstance(module, param_layer.LoraParamMixin):
+        param_layer.fuse_params(module, adapters)
+        return
     is_quantized = quantized.is_quantized(module)
     if is_quantized:  # fused in fp32 on the dequantized weight, then quantized again (lossy, as PEFT's merge)
         original_weight = quantized.snapshot(module)
@@ -167,6 +178,9 @@ def show_fused(module: LoraLayer, fused: bool) -> None:
     """Point the parameters at the fused or at the original tensors (an O(1) swap)."""
     fusion = module.__dict__.get("_lora_fusion")
     if fusion is None:
+        return
+    if isinstance(fusion, param_layer.ParamFusion):
+        fusion.show(module, fused)
         return
     weight, bias = fusion.fused if fused else fusion.base
     fusion.shown_fused = fused

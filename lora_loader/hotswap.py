@@ -14,6 +14,7 @@ import torch
 from .errors import LoraError
 from .delta import FactorDelta
 from .layers import FactorAdapter, LoraAdapter
+from .param_layer import ParamAdapter, ParamGroup
 
 
 def pad_adapter(adapter: LoraAdapter, max_rank: int) -> None:
@@ -42,6 +43,8 @@ def check(adapter, delta, source_name: str) -> None:
     Every refusal `swap_in` and `silence` could meet is raised here, so that a swap that passed
     the check of every layer writes all of them and one that did not writes none.
     """
+    if isinstance(adapter, ParamAdapter) or isinstance(delta, ParamGroup):
+        raise LoraError(f"{source_name}: hotswap of a LoRA on parameters (target_parameters) is not supported")
     if not isinstance(adapter, FactorAdapter):
         if isinstance(delta, FactorDelta):
             raise LoraError(f"{source_name}: hotswap of a LoRA adapter needs a LoRA file (got {delta.kind})")

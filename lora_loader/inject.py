@@ -51,6 +51,7 @@ from .layers import (
     wrap_saved_copy,
 )
 from .names import ModuleIndex
+from .param_layer import LoraParamMixin, ParamDelta, ParamGroup, param_adapter, renamed, resolve, restack_per_expert, wrap_params
 
 
 @dataclass
@@ -246,8 +247,10 @@ def plan(
     for key, why in converted.invalid.items():
         result.unapplied[key] = Unapplied(key, INVALID_TENSOR, why)
     shape_errors: list[str] = []
+    # An adapter of transformers 4's per-expert modules on transformers 5's stacked experts: one delta per parameter.
+    deltas = restack_per_expert(converted.deltas, walk.locate, components)
     parts = (  # (the file's parts, their handler, where what it plans goes)
-        (converted.deltas.items(), walk.lora_delta, result.modules),
+        (deltas.items(), walk.lora_delta, result.modules),
         (converted.module_copies.items(), walk.module_copy, result.copies),
         (converted.module_biases.items(), walk.module_bias, result.biases),
         (converted.norm_weights.items(), walk.norm_weight, result.norms),
@@ -338,6 +341,7 @@ class _Walk:
         self.components, self.resolve_component, self.tensors = components, resolve_component, tensors
         self.indexes: dict[str, ModuleIndex] = {}
         self.claimed: dict[type, set] = {PlannedModule: set(), PlannedCopy: set(), PlannedBias: set(), PlannedNorm: set()}
+        self.param_groups: dict[tuple[str, str], ParamGroup] = {}  # (component, path) -> the parameter LoRAs planned there
 
     def locate(self, symbolic: str, name: str) -> tuple[str | None, str | None, nn.Module | None]:
         """(component, path, module) a part targets; path and module None when it names no module of the model."""
@@ -349,18 +353,38 @@ class _Walk:
     def _claimed_by(self, where, *kinds) -> bool:
         return any(where in self.claimed[kind] for kind in kinds)
 
-    def lora_delta(self, target: tuple[str, str], delta) -> PlannedModule | _Refusal:
+    def lora_delta(self, target: tuple[str, str], delta) -> PlannedModule | _Refusal | None:
         symbolic, name = target
         component = self.resolve_component(symbolic)
         if component is None:
             why = f"targets component '{symbolic}', which is not in this model ({sorted(self.components)})"
             return _Refusal(delta.keys, NO_COMPONENT, why)
+        if isinstance(delta, ParamDelta):
+            name = delta.module
         _, path, module = self.locate(symbolic, name)
+        if path is None and renamed(self.components[component], name) is not None:
+            _, path, module = self.locate(symbolic, renamed(self.components[component], name))  # Mixtral's block_sparse_moe
         if path is None:
             owned = self.parameter(component, symbolic, name)
             if owned is not None:
                 return _param_plan(component, name, *owned, delta)
             return _Refusal(delta.keys, NO_MODULE, f"targets no module of {component} (looked for '{name}')")
+        if type(delta) is LoraDelta and layer_type(module) is None and _is_weight_lora(delta, module):
+            # A router that was an nn.Linear (transformers 4) and reads its own weight now: the LoRA goes on that
+            # parameter, as peft converts it (Mixtral's and Qwen3-MoE's "gate" -> "gate.weight").
+            delta = ParamDelta(delta.down, delta.up, module=name, parameter="weight", keys=delta.keys, alpha=delta.alpha,
+                               use_rslora=delta.use_rslora)
+        if isinstance(delta, ParamDelta):
+            resolved = resolve(delta, module, path)
+            if isinstance(resolved, str):
+                return _Refusal(delta.keys, DOES_NOT_FIT, f"does not fit {component}.{path}: {resolved}",
+                                None if delta.is_all_zero() else f"'{delta.keys[0]}' does not fit {component}.{path}: {resolved}")
+            if isinstance(resolved, ParamDelta):
+                return self.parameter_delta(component, path, module, resolved)
+            delta = resolved  # a target_modules LoRA of a config that also has target_parameters
+        if isinstance(module, LoraParamMixin):
+            why = f"{component}.{path} carries LoRAs on its parameters (target_parameters); a LoRA on the module cannot join them"
+            return _Refusal(delta.keys, DOES_NOT_FIT, why, f"'{delta.keys[0]}' does not fit: {why}")
         if layer_type(module) is None:
             why = f"targets {component}.{path}, a {type(module).__name__}; LoRA applies to Linear, Conv2d, Conv1D and Embedding"
             return _Refusal(delta.keys, UNSUPPORTED_MODULE, why)
@@ -388,6 +412,21 @@ class _Walk:
         if layer_type(owner) is not None or isinstance(owner, (LoraLayer, SavedCopyLayer, BiasLayer, NormWeightLayer)):
             return None
         return owner, param
+
+    def parameter_delta(self, component: str, path: str, module: nn.Module, delta: ParamDelta) -> PlannedModule | _Refusal | None:
+        """A resolved parameter LoRA joins its module's `ParamGroup`: the first plans the module, the others add to it."""
+        if isinstance(module, LoraLayer) and not isinstance(module, LoraParamMixin):
+            why = f"{component}.{path} carries a LoRA on the module; a LoRA on its parameter {delta.parameter} cannot join it"
+            return _Refusal(delta.keys, DOES_NOT_FIT, why, f"'{delta.keys[0]}' does not fit: {why}")
+        group = self.param_groups.get((component, path))
+        if group is None:
+            group = self.param_groups[(component, path)] = ParamGroup({delta.parameter: delta})
+            return PlannedModule(component, path, module, group)
+        if delta.parameter in group.parts:
+            why = f"{component}.{path}.{delta.parameter} is named twice, by '{group.parts[delta.parameter].keys[0]}' and '{delta.keys[0]}'"
+            return _Refusal(delta.keys, DOES_NOT_FIT, why, why)
+        group.parts[delta.parameter] = delta
+        return None
 
     def module_copy(self, target: tuple[str, str], params: dict[str, str]) -> PlannedCopy | _Refusal:
         component, path, module = self.locate(*target)
@@ -467,6 +506,14 @@ def _refuse_twice_named_params(planned: list[PlannedParam], source_name: str) ->
         if seen is not p:
             raise LoraFormatError(f"{source_name}: {p.component}.{p.path} is diffed twice, by two spellings of one parameter. "
                                   "Nothing was loaded.")
+
+def _is_weight_lora(delta: LoraDelta, module: nn.Module) -> bool:
+    """A plain LoRA pair whose product has the shape of ``module``'s own 2-D ``weight`` parameter."""
+    weight = module._parameters.get("weight") if isinstance(module, nn.Module) else None
+    if weight is None or weight.dim() != 2 or not weight.dtype.is_floating_point or isinstance(module, LoraLayer):
+        return False
+    plain = delta.magnitude is None and delta.bias is None and delta.up_bias is None
+    return plain and delta.down.dim() == 2 and delta.up.dim() == 2 and delta.up.shape[0] == weight.shape[0] and delta.down.shape[1] == weight.shape[1]
 
 
 def _fit_input_width(delta, root: nn.Module, path: str, module: nn.Module):
@@ -559,7 +606,10 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
                 root, attribute, in_features = p.widen
                 p.module = widen.widen(root, p.path, p.module, in_features, attribute)
                 widened.append(p.module)
-        adapters: list[LoraAdapter] = [adapter_from_delta(p.delta, p.module, copy) for p in planned.modules]
+        adapters: list[LoraAdapter] = [
+            param_adapter(p.delta, p.module) if isinstance(p.delta, ParamGroup) else adapter_from_delta(p.delta, p.module, copy)
+            for p in planned.modules
+        ]
         copies = [make_saved_copy(c.module, c.tensors) for c in planned.copies]
         bias_adapters = [bias_adapter(b.module, b.bias) for b in planned.biases]
         norm_weights = [norm_weight(n.module, n.weight) for n in planned.norms]
@@ -569,7 +619,7 @@ def apply(planned: Plan, adapter_name: str, copy: bool = True) -> tuple[list, li
         param_diffs = [(c, path, m, param_diff(m, diffs)) for c, path, m, diffs in owners.values()]
         for p, adapter in zip(planned.modules, adapters):
             if not isinstance(p.module, LoraLayer):
-                wrap(p.module)
+                (wrap_params if isinstance(p.delta, ParamGroup) else wrap)(p.module)
                 newly_wrapped.append(p.module)
             p.module.lora_adapters[adapter_name] = adapter
             added.append(p.module)

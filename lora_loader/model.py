@@ -29,6 +29,7 @@ from .errors import LoraError, LoraFileError, LoraNameError
 from .formats import ConvertedLora
 from .formats.diffusers import saved_module_matches
 from .host import _REGISTRY, COMPONENT_NAME, LoadReport, LoraHost, LoraLifecycle, block_or_number, call_scale, scale_from_kwargs
+from .param_layer import ParamAdapter, ParamDelta, parameter_layout, targeted_parameters
 from .layers import (
     BASE, LORA_LAYER_TYPES, MIXED_BATCH, BiasLayer, LoraLayer, NormWeightLayer, ParamDiffLayer, SavedCopyLayer, dense_base_weight, dense_weight_shape, layer_type_of,
 )
@@ -181,8 +182,9 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         against the full module name, or ``"all-linear"``. Also honoured:
         ``exclude_modules``, ``layers_to_transform`` / ``layers_pattern``,
         ``rank_pattern`` / ``alpha_pattern``, ``use_rslora``, ``use_dora``,
-        ``lora_dropout``, ``modules_to_save``, ``bias``, ``init_lora_weights``
-        (True, False, ``"gaussian"``).
+        ``lora_dropout``, ``modules_to_save``, ``bias``, ``lora_bias``, ``init_lora_weights``
+        (True, False, ``"gaussian"``), and ``target_parameters`` (LoRA on parameters such as MoE
+        experts' ``mlp.experts.gate_up_proj``, as PEFT's ``ParamWrapper``).
 
         >>> import torch, lora_loader
         >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
@@ -195,12 +197,16 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
         config = _as_config(adapter_config)
         config.check_creatable()
         targets = _find_targets(self, config)
+        parameters = _find_parameter_targets(self, config, {name for name, _ in targets})
         converted = ConvertedLora(formats=["new"])
         tensors: dict[str, torch.Tensor] = {}
         component = self._lora_component()
         for name, module in targets:
             delta = _initial_delta(module, config, name)
             converted.deltas[(component, name)] = delta
+        for name, (module, params) in parameters.items():
+            for param in params:
+                converted.deltas[(component, f"{name}.{param}")] = _initial_parameter_delta(module, config, name, param)
         for name in _find_saved_modules(self, config):
             module = self.get_submodule(name)
             params = {}
@@ -329,6 +335,13 @@ class LoraModelMixin(LoraHost, LoraLifecycle):
             if component != here:
                 continue
             adapter = module.lora_adapters[record.name]
+            if isinstance(adapter, ParamAdapter):  # PEFT's keys: one base_layer. per parameter wrapped after this one
+                order = [name for name, _ in module.named_parameters(recurse=False)]
+                for nesting, delta in adapter.to_group(path).nested(order):
+                    stem = path + ".base_layer" * nesting
+                    out[f"{stem}.lora_A.weight"] = delta.down
+                    out[f"{stem}.lora_B.weight"] = delta.up
+                continue
             if not hasattr(adapter, "down"):
                 raise LoraError(
                     f"adapter '{record.name}' is a {adapter.kind} adapter on {path}, which PEFT's LoRA keys cannot "
@@ -533,7 +546,12 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
 def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     targets = config.target_modules
     if targets is None:
-        raise LoraError("LoraConfig.target_modules is required (a list of module-name suffixes, a regex or 'all-linear')")
+        if config.target_parameters:
+            return []
+        raise LoraError(
+            "LoraConfig.target_modules is required (a list of module-name suffixes, a regex or 'all-linear'), "
+            "or target_parameters (parameter names)"
+        )
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found = []
     for name, module in model.named_modules():
@@ -553,9 +571,50 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mo
                 "Conv1D and Embedding"
             )
         found.append((name, module))
-    if not found:
+    if not found and not config.target_parameters:
         raise LoraError(f"target_modules={targets!r} matches no module of {type(model).__name__}")
     return found
+
+
+def _find_parameter_targets(model: nn.Module, config: LoraConfig, modules: set[str]) -> dict[str, tuple[nn.Module, list[str]]]:
+    """``{module path: (module, [parameter names])}`` that ``target_parameters`` matches, by PEFT's rule
+    (`param_layer.targeted_parameters`); a module that ``target_modules`` also matches is a `LoraError`, as in PEFT."""
+    if not config.target_parameters:
+        return {}
+    found = {}
+    for name, module in model.named_modules():
+        if not name or ".lora_adapters." in f".{name}." or ".lora_copies." in f".{name}.":
+            continue
+        params = targeted_parameters(module, name, config.target_parameters)
+        if not params:
+            continue
+        if name in modules:
+            raise LoraError(f"{name} is matched by target_modules and its parameters {params} by target_parameters; target it one way")
+        found[name] = (module, params)
+    if not found:
+        raise LoraError(f"target_parameters={config.target_parameters!r} matches no parameter of {type(model).__name__}")
+    return found
+
+
+def _initial_parameter_delta(module: nn.Module, config: LoraConfig, name: str, param: str) -> ParamDelta:
+    """PEFT's ParamWrapper initialisation: ``lora_A`` ``[r * E, in]`` kaiming-uniform (a=sqrt(5)) or N(0, 1/r)
+    ('gaussian'), ``lora_B`` ``[out, r * E]`` zeros (init False: kaiming-uniform, nn.Linear's default)."""
+    layout = parameter_layout(module, param)
+    if isinstance(layout, str):
+        raise LoraError(f"target_parameters matches {name}.{param}: {layout}")
+    experts, _, in_f, out_f = layout
+    r = config.rank_for(f"{name}.{param}")
+    dtype = getattr(module, param).dtype
+    down, up = torch.empty(r * experts, in_f, dtype=dtype), torch.empty(out_f, r * experts, dtype=dtype)
+    if config.init_lora_weights == "gaussian":
+        nn.init.normal_(down, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+    if config.init_lora_weights is False:
+        nn.init.kaiming_uniform_(up, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(up)
+    return ParamDelta(down, up, module=name, parameter=param, config=config, keys=(f"{name}.{param}",))
 
 
 def _find_saved_modules(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -601,8 +660,16 @@ def _initial_delta(module: nn.Module, config: LoraConfig, name: str) -> LoraDelt
     bias = None
     if config.bias != "none" and getattr(module, "bias", None) is not None:
         bias = offload.real_tensor(module, "bias").detach().clone()  # starts equal to the base bias: the trainable delta starts at zero
+    up_bias = None
+    if config.lora_bias:  # PEFT's lora_B.bias: zeros, or with init False nn.Linear's default (uniform, bound 1/sqrt(r))
+        if kind == "embedding":
+            raise LoraError(f"lora_bias=True on {name}, an Embedding: PEFT defines no lora_B bias for embeddings")
+        up_bias = torch.zeros(out_f, dtype=dtype)
+        if init is False:
+            nn.init.uniform_(up_bias, -1 / math.sqrt(r), 1 / math.sqrt(r))
     return LoraDelta(
-        down, up, float(alpha), config.use_rslora, keys=(name,), magnitude=magnitude, dropout=config.lora_dropout, bias=bias
+        down, up, float(alpha), config.use_rslora, keys=(name,), magnitude=magnitude, dropout=config.lora_dropout, bias=bias,
+        up_bias=up_bias,
     )
 
 
@@ -636,13 +703,18 @@ def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
         if component != here:
             continue
         adapter = module.lora_adapters[record.name]
+        if isinstance(adapter, ParamAdapter):  # the config must name each parameter, with its rank and alpha
+            if not _describes_parameters(config, module, path, adapter):
+                current = False
+                break
+            continue
         if not hasattr(adapter, "down"):
             continue
         if (config.rank_for(path), config.alpha_for(path)) != (adapter.rank, adapter.alpha) or bool(config.use_rslora) != adapter.use_rslora:
             current = False
             break
     if not current:
-        for name in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules"):
+        for name in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "target_modules", "target_parameters"):
             setattr(config, name, copy.deepcopy(getattr(live, name)))
         config.layers_to_transform = config.layers_pattern = config.exclude_modules = None
     if config.base_model_name_or_path is None:
@@ -651,14 +723,41 @@ def _config_to_save(record: AdapterRecord, model: nn.Module) -> LoraConfig:
     return config
 
 
+def _describes_parameters(config: LoraConfig, module: nn.Module, path: str, adapter: ParamAdapter) -> bool:
+    """Does ``config`` target exactly ``adapter``'s parameters of ``module`` (PEFT nests keys by that set), with
+    their ranks, alphas and scaling rule? (Not so for an adapter of transformers 4's per-expert modules.)"""
+    targeted = targeted_parameters(module, path, config.target_parameters or [])
+    if targeted != list(adapter.parts):
+        return False
+    return all(
+        (config.rank_for(f"{path}.{name}"), config.alpha_for(f"{path}.{name}"), bool(config.use_rslora)) == (part.r, part.alpha, part.use_rslora)
+        for name, part in adapter.parts.items()
+    )
+
+
 def _config_from_record(record: AdapterRecord, model: nn.Module) -> LoraConfig:
     """A PEFT config that reproduces a loaded adapter's part in ``model``: the common rank/alpha, patterns
     for the rest."""
     here = model._lora_component() if isinstance(model, LoraModelMixin) else MODEL
-    adapters = {path: module.lora_adapters[record.name] for component, path, module in record.layers if component == here}
-    return LoraConfig.from_deltas(
+    adapters, parameters = {}, []
+    for component, path, module in record.layers:
+        if component != here:
+            continue
+        adapter = module.lora_adapters[record.name]
+        if isinstance(adapter, ParamAdapter):  # rank and alpha patterns of a parameter LoRA match "<module>.<parameter>"
+            for param, part in adapter.parts.items():
+                adapters[f"{path}.{param}"] = part
+                parameters.append(f"{path}.{param}")
+        else:
+            adapters[path] = adapter
+    config = LoraConfig.from_deltas(
         adapters,
         who=f"adapter '{record.name}'",
         modules_to_save=sorted(path for c, path, _ in record.copies if c == here) or None,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     )
+    if parameters:
+        config.target_modules = [t for t in config.target_modules if t not in parameters]
+        config.target_parameters = sorted(parameters)
+    config.lora_bias = any(getattr(a, "up_bias", None) is not None for a in adapters.values())
+    return config

@@ -20,6 +20,7 @@ from .delta import FactorDelta
 from .formats.original_names import family_of_model, to_original
 from .formats.original_names.sgm import sgm_name, unet_sgm_prefixes
 from .names import mangle
+from .param_layer import ParamAdapter, ParamGroup
 
 KOHYA_PREFIX = {"model": "lora_unet_", "unet": "lora_unet_", "transformer": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
 
@@ -29,6 +30,9 @@ def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
     out: dict[str, dict[str, object]] = {}
     for component, path, module in record.layers:
         adapter = module.lora_adapters[record.name]
+        if isinstance(adapter, ParamAdapter):  # parts in the module's registration order, as PEFT nests them
+            out.setdefault(component, {})[path] = adapter.to_group(path)
+            continue
         out.setdefault(component, {})[path] = adapter.to_delta(getattr(module, "bias", None))
     if any("lora_norms" in module._modules for _, _, module in record.copies):
         raise LoraError(
@@ -46,9 +50,21 @@ def adapter_deltas(record, components: dict) -> dict[str, dict[str, object]]:
 
 
 def _config_dict(deltas: dict) -> dict:
-    """The PEFT LoraConfig fields diffusers reads from ``lora_adapter_metadata``: r, lora_alpha and patterns."""
-    fields = fields_from_deltas(deltas)
-    return fields | {"peft_type": "LORA"} | ({"lora_bias": True} if any(d.up_bias is not None for d in deltas.values()) else {})
+    """The PEFT LoraConfig fields diffusers reads from ``lora_adapter_metadata``: r, lora_alpha and patterns;
+    ``target_parameters`` for LoRAs on parameters (their patterns keyed ``"<module>.<parameter>"``, as PEFT's)."""
+    flat, parameters = {}, []
+    for path, delta in deltas.items():
+        if isinstance(delta, ParamGroup):
+            for param, part in delta.parts.items():
+                flat[f"{path}.{param}"] = part
+                parameters.append(f"{path}.{param}")
+        else:
+            flat[path] = delta
+    fields = fields_from_deltas(flat)
+    if parameters:
+        fields["target_modules"] = [t for t in fields["target_modules"] if t not in parameters]
+        fields["target_parameters"] = sorted(parameters)
+    return fields | {"peft_type": "LORA"} | ({"lora_bias": True} if any(d.up_bias is not None for d in flat.values()) else {})
 
 
 def to_diffusers(deltas: dict) -> tuple[dict, dict]:
@@ -65,6 +81,11 @@ def to_diffusers(deltas: dict) -> tuple[dict, dict]:
                 raise LoraError(f"{component}.{path}: an adapter bias has no diffusers key; save it with save_adapter")
             # A plain model's keys carry no component: they load back into any model with these paths.
             key = path if component == "model" else f"{component}.{path}"
+            if isinstance(delta, ParamGroup):  # PEFT's nesting: one base_layer. per parameter wrapped after this one
+                for nesting, part in delta.nested(list(delta.parts)):
+                    tensors[f"{key}{'.base_layer' * nesting}.lora_A.weight"] = part.down
+                    tensors[f"{key}{'.base_layer' * nesting}.lora_B.weight"] = part.up
+                continue
             tensors[f"{key}.lora_A.weight"] = delta.down
             tensors[f"{key}.lora_B.weight"] = delta.up
             if delta.magnitude is not None:
@@ -159,6 +180,9 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
                 if delta.kind != "full":
                     tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank if delta.alpha is None else delta.alpha))
                 continue
+            if isinstance(delta, ParamGroup):
+                raise LoraError(f"{component}.{path}: a LoRA on parameters ({', '.join(delta.parts)}; target_parameters) has "
+                                "no Kohya key; save as 'diffusers' or 'peft'")
             if delta.magnitude is not None or delta.bias is not None or delta.up_bias is not None:
                 raise LoraError(f"{component}.{path}: DoRA or a bias has no Kohya LoRA key yet; save as 'diffusers' or 'peft'")
             name = "lora_unet_" + path if original is not None else _kohya_name(component, path, components.get(component), sgm)

@@ -453,7 +453,7 @@ def test_the_error_for_an_unimplemented_field_names_the_field(tmp_path):
 UNSUPPORTED_IN_CONFIG = {
     "use_qalora": dict(use_qalora=True),
     "layer_replication": dict(layer_replication=[[0, 2], [1, 2]]),
-    "lora_bias": dict(lora_bias=True),
+    "trainable_token_indices": dict(trainable_token_indices=[1, 2]),  # (lora_bias=True is implemented: issue 21)
 }
 
 

@@ -15,6 +15,10 @@ prefix ``unet.`` / ``transformer.`` / ``text_encoder.`` / ``text_encoder_2.`` /
 - ``M.lora_B.bias`` (PEFT's ``lora_bias=True``, Flux Control LoRAs): added to the LoRA's output, scaled with it
 - Flux Control LoRAs' norms, as diffusers reads them: ``transformer.<path>.{norm_q,norm_k,norm_added_q,norm_added_k}.weight``,
   a full replacement of that RMSNorm's weight while the adapter is active
+- PEFT's LoRAs on parameters (``target_parameters`` in the config, e.g. MoE experts' ``mlp.experts.gate_up_proj``):
+  ``M.lora_A.weight`` / ``M.lora_B.weight`` on the parameter's module ``M``, ``base_layer.`` repeated once per
+  further targeted parameter of ``M`` registered after it (``M.base_layer.lora_A.weight``); the planner names
+  the parameter (`param_layer.ParamDelta`)
 - a DiT's original checkpoint names (``blocks.0.self_attn.q``, fal's ``transformer.double_blocks.0.img_attn.qkv``):
   renamed onto diffusers' modules by the family's table (`original_names.rename_original_names`)
 
@@ -35,6 +39,7 @@ from ..config import LoraConfig
 from ..delta import LoraDelta
 from ..errors import LoraError, LoraFormatError
 from .canonical import COMPONENTS, ConvertedLora
+from ..param_layer import ParamDelta, could_target_parameters, split_nesting
 from .original_names import rename_original_names
 
 _COMPONENT_PREFIXES = COMPONENTS[1:-1]  # every pipeline component name (not the symbolic "denoiser" and "t5")
@@ -179,7 +184,12 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> Conve
         if _incomplete(module, keys, result):
             continue
         bias_key = biases.pop((component, module), None)
-        result.deltas[(component, module)] = _delta(tensors, keys, bias_key, module, _config_for(checked, component))
+        config = _config_for(checked, component)
+        if (config is not None and config.target_parameters and could_target_parameters(module, config.target_parameters)
+                and not keys.get("magnitude") and not bias_key):  # DoRA and trained biases belong to module LoRAs
+            result.deltas[(component, module)] = _param_delta(tensors, keys, module, config)
+            continue
+        result.deltas[(component, module)] = _delta(tensors, keys, bias_key, module, config)
     result.module_biases.update(biases)  # bias="all": biases of modules without LoRA
     rename_original_names(result)  # e.g. fal's Kontext files: PEFT keys on BFL's module names
     return result
@@ -261,3 +271,15 @@ def _delta(tensors: dict, keys: dict[str, str], bias_key: str | None, module: st
         magnitude=tensors[magnitude_key] if magnitude_key else None, dropout=dropout,
         bias=tensors[bias_key] if bias_key else None, up_bias=tensors[up_bias_key] if up_bias_key else None,
     )  # fmt: skip
+
+
+def _param_delta(tensors: dict, keys: dict[str, str], stem: str, config: LoraConfig) -> ParamDelta:
+    """A LoRA that may be on a parameter of module ``stem`` (PEFT's ``base_layer.`` nesting stripped): the planner
+    names the parameter from the nesting and ``target_parameters``, or plans it as a module LoRA."""
+    module, nesting = split_nesting(stem)
+    used = tuple(k for k in (keys.get("down"), keys.get("up"), keys.get("alpha"), keys.get("up_bias")) if k)
+    up_bias = tensors[keys["up_bias"]] if keys.get("up_bias") else None
+    return ParamDelta(
+        tensors[keys["down"]], tensors[keys["up"]], module=module, nesting=nesting, patterns=tuple(config.target_parameters),
+        config=config, keys=used, up_bias=up_bias, alpha=config.lora_alpha, use_rslora=bool(config.use_rslora),
+    )  # alpha and rsLoRA as the config has them, until the planner reads alpha_pattern for the parameter
