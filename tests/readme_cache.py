@@ -425,7 +425,7 @@ def check_llm(ns: dict, cwd: Path) -> None:
     assert out.shape[0] == 1 and out.shape[1] > ns["ids"].shape[1], out.shape
     assert rows.shape[0] == 3 and rows.shape[1] == ns["ids"].shape[1] + 5, rows.shape
     adapters = model.get_list_adapters()
-    assert sorted(set(sum(adapters.values(), []))) == ["chat", "mine", "sql"], adapters
+    assert sorted(set(sum(adapters.values(), []))) == ["chat", "mine", "mine-adapter", "sql"], adapters  # + the resolver's
     # The PEFT adapter changes the model; "sql" and "chat" are the same file, so the 0.7/0.3 blend equals it.
     ids = ns["ids"][:1]
     with torch.no_grad():
@@ -457,6 +457,13 @@ def check_llm(ns: dict, cwd: Path) -> None:
     with torch.no_grad():
         logits = m2(input_ids=ids).logits
     assert logits.shape[-1] == 260 and torch.isfinite(logits).all()
+    # serving: "mine-adapter" came from the resolver's folder, "sql" is pinned, the cap holds beside it.
+    model = ns["model"]
+    assert "mine-adapter" in model.get_list_adapters()["model"], model.get_list_adapters()
+    assert model.pinned_adapters() == ["sql"], model.pinned_adapters()
+    residency = model.lora_residency()
+    assert "sql" in residency["resident"] and len(set(residency["resident"]) - {"sql"}) <= 2, residency
+    assert ns["served"].shape[0] == 3, ns["served"].shape
 
 
 def check_wan(ns: dict, cwd: Path) -> None:
