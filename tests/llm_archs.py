@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import llm_tiny
 import peft
 import torch
 import transformers as T
@@ -128,15 +129,7 @@ def input_ids(batch: int = 3, length: int = 8, seed: int = 0) -> torch.Tensor:
 
 def peft_adapter(model: torch.nn.Module, fields: dict, folder, seed: int = 1) -> str:
     """peft's adapter for ``model`` (consumed) with ``fields``, every trainable tensor noise, saved by peft."""
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **fields))
-    gen = torch.Generator().manual_seed(20_000 + seed)
-    with torch.no_grad():
-        for _, p in sorted(peft_model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
-    folder = os.fspath(folder)
-    peft_model.save_pretrained(folder)
-    return folder
+    return llm_tiny.peft_adapter(model, peft.LoraConfig(init_lora_weights=False, **fields), folder, seed)
 
 
 def peft_model(build, folders: dict[str, str], is_trainable: bool = False) -> peft.PeftModel:
