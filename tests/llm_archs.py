@@ -34,12 +34,7 @@ _COMMON = dict(
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
-def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
-    return model.eval()
+_randomise = llm_tiny._randomise  # seeded noise on every parameter, as the other tiny LMs get it
 
 
 def causal(config_class, model_class, **overrides):
