@@ -147,7 +147,8 @@ def factor_delta_problem(delta, module: nn.Module) -> str | None:
         factors = ", ".join(f"{k} {_shape(v)}" for k, v in delta.factors.items())
         return f"the {delta.algorithm.title} factors do not chain ({factors})"
     if shape is not None:
-        same = tuple(shape) == weight_shape if len(shape) != 2 or len(weight_shape) < 2 else (
+        # (out,): an algorithm that transforms the base weight's rows (OFT) fixes only their count
+        same = shape[0] == weight_shape[0] if len(shape) == 1 else tuple(shape) == weight_shape if len(shape) != 2 or len(weight_shape) < 2 else (
             shape[0] == weight_shape[0] and shape[1] == math.prod(weight_shape[1:])
         )
         if not same:
