@@ -10,6 +10,7 @@ underscore-mangled module path:
 ``lora_te1_``      ``text_encoder`` (SDXL CLIP-L)
 ``lora_te2_``      ``text_encoder_2`` (SDXL CLIP-G)
 ``lora_te3_``      the T5 encoder (``text_encoder_3`` in SD3, ``text_encoder_2`` in Flux)
+``oft_unet_``      the UNet, sd-scripts' ``networks.oft`` (OFT only)
 =================  ================
 
 Suffixes: ``.lora_down.weight`` ([r, in] or [r, in, kh, kw]),
@@ -46,6 +47,7 @@ PREFIXES = (
     ("lora_te3_", "t5"),  # sd-scripts' SD3 and Flux networks both call T5-XXL te3
     ("lora_te_", "text_encoder"),
     ("lycoris_", "denoiser"),  # LyCORIS' own wrapper (SimpleTuner): lycoris_<mangled path>
+    ("oft_unet_", "denoiser"),  # sd-scripts' networks/oft.py: oft_unet_<mangled path>.oft_blocks / .alpha
 )
 
 # Keys of other algorithms in the same naming: recognised so the error says what they are.
