@@ -321,3 +321,19 @@ def test_sd_scripts_oft_file_on_a_tiny_sd_unet(tmp_path):
             got = pipe.unet(**inputs).sample
             assert (want - base).abs().max() > 1e-3
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, factors", [
+    ("oft", {"oft_blocks": torch.randn(4, 6, 6)}),
+    ("glora", {"a1.weight": torch.randn(8, 2), "a2.weight": torch.randn(2, 8), "b1.weight": torch.randn(24, 2), "b2.weight": torch.randn(2, 8)}),
+])
+def test_a_part_of_a_fused_projection_is_refused(kind, factors):
+    """Flux's fused qkv split into to_q/to_k/to_v: a rotation (or W a1 a2) of the whole fused weight has no
+    per-part equivalent, so such a part is refused before anything is loaded, not computed wrongly."""
+    from lora_loader.delta import FactorDelta
+    from lora_loader.inject import factor_delta_problem
+
+    part = FactorDelta(kind, factors, None, rows=((8, 16),))
+    problem = factor_delta_problem(part, nn.Linear(8, 8))
+    assert problem and "fused projection" in problem
+    assert factor_delta_problem(FactorDelta(kind, factors, None), nn.Linear(8, 24)) is None
