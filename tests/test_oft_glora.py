@@ -337,3 +337,16 @@ def test_a_part_of_a_fused_projection_is_refused(kind, factors):
     problem = factor_delta_problem(part, nn.Linear(8, 8))
     assert problem and "fused projection" in problem
     assert factor_delta_problem(FactorDelta(kind, factors, None), nn.Linear(8, 24)) is None
+
+
+@pytest.mark.parametrize("algo", ["diag-oft", "glora"])
+def test_hotswap_replaces_factors_in_place_with_outputs_of_a_fresh_load(algo, tmp_path):
+    path_a, _, _ = produce(dict(algo=algo, constraint=0.05) if algo == "diag-oft" else dict(algo=algo), tmp_path / "a.safetensors", seed=1)
+    path_b, out_b, _ = produce(dict(algo=algo, constraint=0.01) if algo == "diag-oft" else dict(algo=algo), tmp_path / "b.safetensors", seed=2)
+    model = lora_loader.attach(base_net())
+    model.load_lora_weights(path_a, adapter_name="x")
+    tensors = {id(p) for p in model.proj.lora_adapters["x"].parameters()}
+    model.load_lora_weights(path_b, adapter_name="x", hotswap=True)
+    assert {id(p) for p in model.proj.lora_adapters["x"].parameters()} == tensors
+    with torch.no_grad():
+        torch.testing.assert_close(model(INPUT), out_b, rtol=1e-4, atol=1e-4)

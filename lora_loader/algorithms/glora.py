@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from ..errors import LoraError
 from .base import Algorithm, tucker
 
 A1, A2, B1, B2, BM = "a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"
@@ -54,7 +55,8 @@ class Glora(Algorithm):
 
     def dense(self, f, base_weight=None):
         if base_weight is None:
-            raise ValueError("a GLoRA delta multiplies the layer's weight: it needs that weight")
+            raise LoraError("a GLoRA delta multiplies the layer's own weight: it has no dense form without that "
+                            "weight (as a merge of adapters or a join of a fused projection's parts would need)")
         a1, a2, b1, b2 = (f[k].flatten(1) for k in (A1, A2, B1, B2))
         w = base_weight.to(a1.dtype)
         if _is_old({k: tuple(v.shape) for k, v in f.items()}):

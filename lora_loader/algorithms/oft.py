@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from ..errors import LoraError
 from .base import Algorithm
 
 
@@ -53,6 +54,9 @@ class Oft(Algorithm):
     def claims(self, factors):
         return "oft_blocks" in factors
 
+    def rank(self, f):
+        return int(f["oft_blocks"].shape[-3])  # the block count: sd-scripts' network_dim, LyCORIS' "equivalent lora_dim"
+
     def scale(self, factors, alpha):
         return 1.0
 
@@ -62,7 +66,8 @@ class Oft(Algorithm):
 
     def dense(self, f, base_weight=None):
         if base_weight is None:
-            raise ValueError("an OFT / BOFT delta is a rotation of the layer's weight: it needs that weight")
+            raise LoraError("an OFT / BOFT delta is a rotation of the layer's own weight: it has no dense form without that "
+                            "weight (as a merge of adapters or a join of a fused projection's parts would need)")
         blocks, rescale = f["oft_blocks"], f.get("rescale")
         w = base_weight.to(blocks.dtype)
         out, *rest = w.shape
