@@ -142,12 +142,17 @@ def factor_delta_problem(delta, module: nn.Module) -> str | None:
         return f"module is a {type(module).__name__}: dora_scale applies to weight matrices, not norms"
     if layer_type(module) in ("conv2d", "conv3d") and module.groups != 1:
         return f"Conv2d with groups={module.groups}; {delta.algorithm.title} supports groups=1 only"
+    if delta.rows is not None and delta.algorithm.uses_base_weight:
+        return (f"the {delta.algorithm.title} delta is made from the whole fused projection's weight, which this model "
+                "splits into several modules (not supported)")
     shape = delta.dense_shape()
     if shape is None and (delta.kind != "full" or "diff" in delta.factors):
         factors = ", ".join(f"{k} {_shape(v)}" for k, v in delta.factors.items())
         return f"the {delta.algorithm.title} factors do not chain ({factors})"
     if shape is not None:
-        same = tuple(shape) == weight_shape if len(shape) != 2 or len(weight_shape) < 2 else (
+        # (out,): an algorithm that transforms the base weight's rows (OFT) fixes only their count
+        rows_only = len(shape) == 1 and delta.algorithm.uses_base_weight
+        same = shape[0] == weight_shape[0] if rows_only else tuple(shape) == weight_shape if len(shape) != 2 or len(weight_shape) < 2 else (
             shape[0] == weight_shape[0] and shape[1] == math.prod(weight_shape[1:])
         )
         if not same:

@@ -242,7 +242,7 @@ class FactorAdapter(_Blended, nn.Module):
     def to_delta(self, base_bias: torch.Tensor | None = None) -> FactorDelta:
         factors = {s: t.detach() for s, t in self.factors().items()}
         dora = None if self.dora_scale is None else self.dora_scale.detach()
-        alpha = None if self.kind in ("full", "norm") else self.alpha
+        alpha = None if self.kind in ("full", "norm") or self.algorithm.alpha_in_factors else self.alpha
         return FactorDelta(self.kind, factors, alpha, dora_scale=dora, rows=self.rows)
 
     def extra_repr(self) -> str:

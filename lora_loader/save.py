@@ -177,7 +177,7 @@ def to_kohya(deltas: dict, components: dict) -> tuple[dict, dict]:
                     tensors[f"{name}.{suffix}"] = tensor
                 if delta.dora_scale is not None:
                     tensors[f"{name}.dora_scale"] = delta.dora_scale
-                if delta.kind != "full":
+                if delta.kind != "full" and not delta.algorithm.alpha_in_factors:
                     tensors[f"{name}.alpha"] = torch.tensor(float(delta.rank if delta.alpha is None else delta.alpha))
                 continue
             if isinstance(delta, ParamGroup):

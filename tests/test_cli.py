@@ -240,13 +240,13 @@ def test_inspect_family_from_names_widths_and_header(capsys, tmp_path, case):
 
 def test_inspect_lists_unknown_keys_with_reasons_and_human_output(capsys, tmp_path):
     sd = producers.sd_scripts_sd15_lora(tiny_sd_pipeline(0), seed=1)
-    sd["lora_unet_conv_in.oft_blocks"] = torch.ones(2, 2)
+    sd["lora_unet_conv_in.lokr_t1"] = torch.ones(2, 2)
     sd["something_else.weight"] = torch.ones(3)
     path = tmp_path / "odd.safetensors"
     save_file(sd, os.fspath(path), metadata={"ss_network_dim": "4", "ss_tag_frequency": "x" * 5000})
     info = inspect_json(capsys, path)
-    assert set(info["unknown_keys"]) == {"lora_unet_conv_in.oft_blocks", "something_else.weight"}
-    assert "OFT" in info["unknown_keys"]["lora_unet_conv_in.oft_blocks"]
+    assert set(info["unknown_keys"]) == {"lora_unet_conv_in.lokr_t1", "something_else.weight"}
+    assert "lokr_t1" in info["unknown_keys"]["lora_unet_conv_in.lokr_t1"]
     code, out, err = run(capsys, "inspect", path)
     assert code == 0 and err == ""
     assert "format      kohya" in out and "base model  SD 1.x  (" in out

@@ -543,8 +543,8 @@ def _norm_diff(prefix):
     return {f"{prefix}.w_norm": torch.randn(8), f"{prefix}.b_norm": torch.randn(8)}
 
 
-def _oft(prefix):
-    return {f"{prefix}.oft_blocks": torch.randn(2, 4, 4), f"{prefix}.alpha": torch.tensor(2.0)}
+def _oft(prefix):  # OFT loads (tests/test_oft_glora.py); blocks for 15 rows fit no layer of the tiny UNet
+    return {f"{prefix}.oft_blocks": torch.randn(3, 5, 5), f"{prefix}.alpha": torch.tensor(2.0)}
 
 
 def _loha_missing_a_factor(prefix):

@@ -27,6 +27,9 @@ class Algorithm:
     # True for an algorithm whose delta depends on the layer's own weight (OFT and BOFT rotate it):
     # `dense` is then given that weight, [out, in, ...] in the factors' dtype.
     uses_base_weight: bool = False
+    # True when the module's ``alpha`` key is one of its factors, not a scale (OFT's constraint): kept in
+    # ``factors`` as ``"alpha"`` by the Kohya reader and written back as it was.
+    alpha_in_factors: bool = False
 
     def claims(self, factors: set[str]) -> bool:
         """Whether a module's factor suffixes (``alpha`` and ``dora_scale`` removed) are of this algorithm."""

@@ -10,6 +10,7 @@ underscore-mangled module path:
 ``lora_te1_``      ``text_encoder`` (SDXL CLIP-L)
 ``lora_te2_``      ``text_encoder_2`` (SDXL CLIP-G)
 ``lora_te3_``      the T5 encoder (``text_encoder_3`` in SD3, ``text_encoder_2`` in Flux)
+``oft_unet_``      the UNet, sd-scripts' ``networks.oft`` (OFT only)
 =================  ================
 
 Suffixes: ``.lora_down.weight`` ([r, in] or [r, in, kh, kw]),
@@ -17,8 +18,9 @@ Suffixes: ``.lora_down.weight`` ([r, in] or [r, in, kh, kw]),
 ``.alpha`` of any dtype (scale = alpha / r; absent or 0 means alpha = r, as
 sd-scripts' ``LoRAModule`` defines it). LyCORIS writes its other algorithms in
 the same naming (and as ``lycoris_<path>``): ``lora_mid`` (LoCon Tucker),
-``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff``/``diff_b`` (full) and
-``dora_scale`` (DoRA) become `delta.FactorDelta`; a plain pair stays a
+``hada_*`` (LoHa), ``lokr_*`` (LoKr), ``diff``/``diff_b`` (full),
+``oft_blocks``/``rescale`` (OFT, BOFT: ``alpha`` is their constraint and stays a
+factor), ``a1.weight``..``b2.weight`` (GLoRA) and ``dora_scale`` (DoRA) become `delta.FactorDelta`; a plain pair stays a
 `LoraDelta` with its fast paths.
 
 Two extras that LightX2V's and Kijai's Wan LoRAs (and ComfyUI, which reads them) use:
@@ -45,12 +47,12 @@ PREFIXES = (
     ("lora_te3_", "t5"),  # sd-scripts' SD3 and Flux networks both call T5-XXL te3
     ("lora_te_", "text_encoder"),
     ("lycoris_", "denoiser"),  # LyCORIS' own wrapper (SimpleTuner): lycoris_<mangled path>
+    ("oft_unet_", "denoiser"),  # sd-scripts' networks/oft.py: oft_unet_<mangled path>.oft_blocks / .alpha
 )
 
 # Keys of other algorithms in the same naming: recognised so the error says what they are.
 _NOT_YET = {
     "lokr_t1": "LoKr lokr_t1 is not used by LyCORIS either",
-    "oft_blocks": "OFT / BOFT (oft_blocks) is not supported",
 }
 _SUFFIXES = all_factor_keys() | set(SHARED_KEYS)
 # LightX2V's diff of a module's ``modulation`` parameter (tools/extract/lora_extractor.py: ".modulation" -> ".diff_m").
@@ -91,7 +93,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
         else:
             result.unknown[key] = (
                 "expected .lora_down.weight, .lora_up.weight, .alpha, or a LyCORIS factor "
-                "(lora_mid, hada_*, lokr_*, diff, w_norm, dora_scale) after the module name"
+                "(lora_mid, hada_*, lokr_*, diff, w_norm, oft_blocks, a1.weight, dora_scale) after the module name"
             )
     denoiser_names = {m for c, m in modules if c == "denoiser"}
     # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules.
@@ -123,7 +125,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
             if dora_key:
                 result.unknown[dora_key] = f"its {found.title} factor(s) {', '.join(missing)} are missing"
             continue
-        alpha = alpha_value(tensors[alpha_key]) if alpha_key else None
+        alpha = alpha_value(tensors[alpha_key]) if alpha_key and not found.alpha_in_factors else None
         if alpha == 0:
             alpha = None  # sd-scripts and LyCORIS: alpha 0 or None means alpha = rank
         used = tuple(factor_keys.values()) + tuple(k for k in (alpha_key, dora_key, lora_bias_key) if k)
@@ -135,6 +137,8 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
                 delta.up_bias = diff_b if delta.scale == 1 else diff_b.float() / delta.scale
         else:
             factors = {s: tensors[k] for s, k in factor_keys.items()}
+            if alpha_key and found.alpha_in_factors:  # OFT's constraint, not a scale
+                factors["alpha"] = tensors[alpha_key]
             dora = tensors[dora_key] if dora_key else None
             delta = FactorDelta(kind, factors, alpha, keys=used, dora_scale=dora)
         if original is not None and component == "denoiser":
