@@ -93,9 +93,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
                 "expected .lora_down.weight, .lora_up.weight, .alpha, or a LyCORIS factor "
                 "(lora_mid, hada_*, lokr_*, diff, w_norm, dora_scale) after the module name"
             )
-    denoiser_names = {m for c, m in modules if c == "denoiser"}
-    # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules.
-    original = family_of(denoiser_names)
+    denoiser = {}  # module -> delta of the denoiser's modules, renamed below if in a family's original names
     for (component, module), keys in modules.items():
         alpha_key = keys.get("alpha")
         factor_keys = {s: k for s, k in keys.items() if s not in ("alpha", "dora_scale")}
@@ -137,8 +135,16 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
             factors = {s: tensors[k] for s, k in factor_keys.items()}
             dora = tensors[dora_key] if dora_key else None
             delta = FactorDelta(kind, factors, alpha, keys=used, dora_scale=dora)
-        if original is not None and component == "denoiser":
-            add_original(result, original, "denoiser", module, delta)
+        if component == "denoiser":
+            denoiser[module] = delta
         else:
             result.deltas[(component, module)] = delta
+    # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules; the
+    # deltas' widths rule out a family whose names they share but not its widths (Flux.1 / Flux.2).
+    original = family_of(denoiser)
+    for module, delta in denoiser.items():
+        if original is not None:
+            add_original(result, original, "denoiser", module, delta)
+        else:
+            result.deltas[("denoiser", module)] = delta
     return result
