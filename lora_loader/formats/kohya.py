@@ -35,7 +35,7 @@ import torch
 from ..delta import FactorDelta, LoraDelta
 from ..algorithms import ALGORITHMS, SHARED_KEYS, algorithm_of_suffixes, all_factor_keys
 from .canonical import ConvertedLora
-from .original_names import add_original, family_of
+from .original_names import add_originals, family_of
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -141,10 +141,8 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
             result.deltas[(component, module)] = delta
     # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules; the
     # deltas' widths rule out a family whose names they share but not its widths (Flux.1 / Flux.2).
-    original = family_of(denoiser)
-    for module, delta in denoiser.items():
-        if original is not None:
-            add_original(result, original, "denoiser", module, delta)
-        else:
-            result.deltas[("denoiser", module)] = delta
+    if family_of(denoiser) is not None:
+        add_originals(result, "denoiser", denoiser)
+    else:
+        result.deltas.update({("denoiser", module): delta for module, delta in denoiser.items()})
     return result

@@ -13,6 +13,9 @@ modules), its entry in `FAMILIES`, and tests against diffusers' own converter.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, interleaved, split_module, swapped
 from .cogvideox_mochi import COGVIDEOX, MOCHI
 from .flux import FLUX
@@ -40,7 +43,7 @@ FAMILIES = (FLUX, FLUX2, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, 
 __all__ = [
     "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
     "MINIMAX_H3", "MOCHI", "SD3", "WAN", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
-    "interleaved", "rename_original_names", "split_module", "swapped", "to_original",
+    "interleaved", "rename_original_names", "add_originals", "for_model", "Alternative", "families_of", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.
@@ -129,6 +132,66 @@ def rename_original_names(result) -> None:
         family = family_of(mine)  # with the deltas: their widths rule families out (`Family.shapes`)
         if family is None or 2 * family.score([m.replace(".", "_") for m in mine])[0] <= len(mine):
             continue
-        for module, delta in mine.items():
+        for module in mine:
             del result.deltas[(component, module)]
-            add_original(result, family, component, module, delta)
+        add_originals(result, component, mine)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """Another family's reading of a file's original-named modules, for a live model of one of ``model_classes``:
+    in ``component`` (the file's symbolic one), ``deltas`` / ``unknown`` replace those of ``instead``, the keys
+    the first family's reading gave."""
+
+    component: str
+    model_classes: tuple[str, ...]
+    deltas: dict
+    unknown: dict
+    instead: tuple[tuple, tuple]  # (the (component, path) keys of deltas, the file keys of unknown) to drop
+
+
+def add_originals(result, component: str, modules: dict) -> None:
+    """A component's modules in a family's original names (module -> delta) into ``result`` (`ConvertedLora`),
+    read by the family `family_of` picks from names and widths. Where families tie (Flux.1's and Flux.2's
+    attention-only files: same names, same widths) and read the modules differently, the first is the reading,
+    and each other one is kept as an `Alternative` for a live model of its class (`for_model`): the file alone
+    cannot tell them apart; the model it is loaded into can.
+    """
+    tied = families_of(modules)
+    readings = []
+    for family in tied:
+        reading = type(result)()
+        for module, delta in modules.items():
+            add_original(reading, family, component, module, delta)
+        readings.append((family, reading))
+    first = readings[0][1]
+    result.deltas.update(first.deltas)
+    result.unknown.update(first.unknown)
+    for family, reading in readings[1:]:
+        if family.model_classes and (set(reading.deltas), set(reading.unknown)) != (set(first.deltas), set(first.unknown)):
+            instead = (tuple(first.deltas), tuple(first.unknown))
+            result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
+
+
+def for_model(converted, components: dict, resolve_component):
+    """``converted`` as read for the live models: an `Alternative` whose family names the class of the model its
+    component resolves to replaces the first family's reading (a copy; ``converted`` itself is left alone).
+    The one place a live model picks between families (called by `inject.plan`)."""
+    chosen = {}  # component -> the first alternative (in `FAMILIES` order) naming its live model's class
+    for alt in converted.alternatives:
+        name = resolve_component(alt.component)
+        model = components.get(name) if name is not None else None
+        if model is not None and type(getattr(model, "_orig_mod", model)).__name__ in alt.model_classes:
+            chosen.setdefault(alt.component, alt)
+    if not chosen:
+        return converted
+    deltas, unknown = dict(converted.deltas), dict(converted.unknown)
+    for alt in chosen.values():
+        drop_deltas, drop_unknown = alt.instead
+        for key in drop_deltas:
+            deltas.pop(key, None)
+        for key in drop_unknown:
+            unknown.pop(key, None)
+        deltas.update(alt.deltas)
+        unknown.update(alt.unknown)
+    return dataclasses.replace(converted, deltas=deltas, unknown=unknown, alternatives=[])
