@@ -20,6 +20,7 @@ from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, interl
 from .cogvideox_mochi import COGVIDEOX, MOCHI
 from .flux import FLUX
 from .flux2 import FLUX2
+from .chroma import CHROMA
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
@@ -38,10 +39,11 @@ from .writer import to_original
 # inspect rule is any attn1 name.
 # Flux.2 after Flux.1: both name blocks double_blocks_N_ / single_blocks_N_; widths (`Family.shapes`) and the names only
 # one has tell them apart, and a file that neither tells is Flux.1's unless loaded into a Flux.2 model (`family_of`).
-FAMILIES = (FLUX, FLUX2, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
+# Chroma (Flux.1's blocks, one distilled guidance layer) after both: only its guidance layer's names claim a file.
+FAMILIES = (FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
 
 __all__ = [
-    "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
+    "ALWAYS", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
     "MINIMAX_H3", "MOCHI", "SD3", "WAN", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
     "interleaved", "rename_original_names", "add_originals", "for_model", "Alternative", "families_of", "split_module", "swapped", "to_original",
 ]  # fmt: skip
