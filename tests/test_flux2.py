@@ -373,3 +373,31 @@ def test_a_file_in_names_flux1_and_flux2_share_loads_into_either_model():
     report = flux1.load_lora_weights(kohya_file(factors), adapter_name="s")
     assert report.modules == {"model": sum(len(table[n][0]) for n in names)}
     assert any(m.__class__.__name__ != "Linear" for n, m in flux1.named_modules() if n == "time_text_embed.timestep_embedder.linear_1")
+
+
+def test_a_file_of_the_shared_modulations_only_is_flux2s():
+    """ai-toolkit trains the shared modulation Linears too: a file of only those has no block name to go by."""
+    model = tiny_flux2()
+    table = bfl_modules(model)
+    names = ["double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin"]
+    factors = lora_factors(model, table, names, seed=10, alpha=RANK)
+    want = forward(merged(tiny_flux2(), table, lora_dense(factors)))
+    mine = lora_loader.attach(tiny_flux2())
+    base = forward(mine)
+    assert mine.load_lora_weights(dotted_file(factors, "diffusion_model."), adapter_name="m").modules == {"model": 3}
+    assert_close(forward(mine), want, base)
+
+
+def test_a_kohya_save_writes_bfl_names_and_reads_back_the_same(tmp_path):
+    """save_lora_weights(format="kohya") on Flux.2 writes its BFL names (linear1 whole, qkv fused) as musubi-tuner does."""
+    path = peft_file(tmp_path, 3)
+    mine = lora_loader.attach(tiny_flux2())
+    base = forward(mine)
+    mine.load_lora_weights(path, adapter_name="a")
+    want = forward(mine)
+    written = load_file(mine.save_lora_weights(tmp_path / "kohya.safetensors", "a", format="kohya"))
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in written
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in written
+    again = lora_loader.attach(tiny_flux2())
+    again.load_lora_weights(written, adapter_name="k")
+    assert_close(forward(again), want, base)

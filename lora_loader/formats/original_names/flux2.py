@@ -58,6 +58,9 @@ FLUX2 = Family(
             r"^transformer_blocks_\d+_ff(_context)?_linear_(in|out)$", r"^single_transformer_blocks_\d+_attn_to_out$"),
     header_hints=("flux-2", "flux.2", "flux2", "flux_2", "klein"),
     model_classes=("Flux2Transformer2DModel",),
+    # Its blocks' names, and the shared modulations (top-level, but no other family's names): a file of only
+    # those (ai-toolkit trains them too) is Flux.2's.
+    claim=(r"double_blocks_\d+_", r"single_blocks_\d+_", r"(double_stream_modulation_(img|txt)|single_stream_modulation)_lin$"),
     # Output rows per input feature of the modules whose widths differ from Flux.1's (d = hidden size).
     shapes=((r"single_blocks_\d+_linear1$", 9), (r"single_blocks_\d+_linear2$", (1, 4)),
             (r"double_blocks_\d+_(img|txt)_mlp_0$", 6), (r"double_blocks_\d+_(img|txt)_mlp_2$", (1, 3))),
