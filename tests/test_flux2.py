@@ -353,24 +353,26 @@ def test_a_file_with_modules_the_model_lacks_is_refused_whole_or_reported():
 # -- names and shapes both families share: the live model decides --------------------------------
 
 
-def test_a_file_in_names_flux1_and_flux2_share_loads_into_either_model():
+@pytest.mark.parametrize("layout", ["kohya", "diffusion_model."])
+def test_a_file_in_names_flux1_and_flux2_share_loads_into_either_model(layout):
     """Attention and time_in only: same names, same widths in Flux.1 and Flux.2; the two tables map time_in to
     time_text_embed (Flux.1) or time_guidance_embed (Flux.2): the model it is loaded into decides."""
     model = tiny_flux2()
     table = bfl_modules(model)
     names = [n for n in table if "_attn." in n or n.startswith("time_in")]
-    factors = lora_factors(model, table, names, seed=9)
+    factors = lora_factors(model, table, names, seed=9, alpha=None if layout == "kohya" else RANK)
+    sd = kohya_file(factors) if layout == "kohya" else dotted_file(factors, layout)
     want = forward(merged(tiny_flux2(), table, lora_dense(factors)))
     mine = lora_loader.attach(tiny_flux2())
     base = forward(mine)
-    mine.load_lora_weights(kohya_file(factors), adapter_name="s")
+    mine.load_lora_weights(sd, adapter_name="s")
     assert_close(forward(mine), want, base)
     # The same file into Flux.1 (same widths: d = 32, 256 timestep channels) maps time_in onto time_text_embed.
     flux1 = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                    num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
                                    axes_dims_rope=(4, 4, 8))  # fmt: skip
     lora_loader.attach(flux1)
-    report = flux1.load_lora_weights(kohya_file(factors), adapter_name="s")
+    report = flux1.load_lora_weights(sd, adapter_name="s")
     assert report.modules == {"model": sum(len(table[n][0]) for n in names)}
     assert any(m.__class__.__name__ != "Linear" for n, m in flux1.named_modules() if n == "time_text_embed.timestep_embedder.linear_1")
 
@@ -401,3 +403,27 @@ def test_a_kohya_save_writes_bfl_names_and_reads_back_the_same(tmp_path):
     again = lora_loader.attach(tiny_flux2())
     again.load_lora_weights(written, adapter_name="k")
     assert_close(forward(again), want, base)
+
+
+@pytest.mark.parametrize("which", ["blocks", "attention + header", "flux1"])
+def test_lora_loader_inspect_names_flux2_and_flux1_apart(which, tmp_path, capsys):
+    """Names shared with Flux.1: the widths (linear1, the SwiGLU MLPs) or the header (musubi's modelspec) decide."""
+    import json
+
+    from lora_loader.cli import main
+
+    model = tiny_flux2()
+    table = bfl_modules(model)
+    path, header = str(tmp_path / "f.safetensors"), None
+    if which == "flux1":
+        d = 32  # Flux.1's linear1: 7 rows per input feature, its MLP 4
+        sd = {"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(RANK, d), "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(7 * d, RANK),
+              "lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": torch.randn(RANK, d), "lora_unet_double_blocks_0_img_mlp_0.lora_up.weight": torch.randn(4 * d, RANK)}  # fmt: skip
+    else:
+        names = block_names(table) if which == "blocks" else [n for n in table if "_attn." in n]
+        sd = kohya_file(lora_factors(model, table, names, seed=11))
+        header = None if which == "blocks" else {"modelspec.architecture": "Flux.2-dev/lora"}
+    save_file(sd, path, metadata=header)
+    assert main(["inspect", path, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == ("flux" if which == "flux1" else "flux2") and info["unknown_keys"] == {}, info
