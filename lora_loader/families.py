@@ -136,6 +136,8 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         width = _in_features(to_q) if to_q is not None else None
         if width == 3072:
             return "flux", ["DiT transformer_blocks with attention width 3072 (Flux)"]
+        if width in (4096, 6144):  # an attention-only Flux.2 file (Flux.1's names and layout for these modules)
+            return "flux2", [f"DiT transformer_blocks with attention width {width} (Flux.2 Klein 9B / dev)"]
         return "sd3", [f"DiT transformer_blocks (joint attention), attention width {width} (SD3)"]
     if not unet and any(p.search(n) for p in _LM_PATTERNS for n in names) and not any("encoder_layers_" in n for n in names):
         return "causal-lm", ["decoder layer names (layers.N.self_attn / mlp)"]

@@ -23,6 +23,7 @@ from .algorithms.dora import dora_problem
 from .delta import FactorDelta, LoraDelta
 from .errors import LoraError, LoraFormatError, LoraShapeError, LoraTargetError, LoraWarning
 from .formats import ConvertedLora
+from .formats.original_names import for_model
 from .layers import (
     LORA_LAYER_TYPES,
     NORM_TYPES,
@@ -245,6 +246,8 @@ def plan(
     One walk over the file's parts (LoRA deltas, then module copies, biases, norm weights and
     saved base weights); each part's handler plans it or refuses it with a reason code.
     """
+    # A file that several families read alike (names and widths) but map differently: the live model's family reads it.
+    converted = for_model(converted, components, resolve_component)
     walk = _Walk(components, resolve_component, tensors)
     result = Plan()
     for key, why in converted.unknown.items():

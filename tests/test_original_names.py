@@ -76,7 +76,8 @@ def test_every_diffusers_path_of_a_table_maps_back_to_its_original_name(family):
         assert target is not None, name
         for part, path in enumerate(target.paths):
             assert family.original_name(path) == (name, part), path
-    assert family_of([originals[0]]) is family
+    # A family whose block names are all another's too (Flux.2's are Flux.1's) is told apart by a whole file's names.
+    assert family_of([originals[0]]) is family or family_of(originals) is family
     assert family.original_name("no.such.module") is None
 
 

@@ -165,6 +165,7 @@ def convert(
         result.module_biases.update(part.module_biases)
         result.norm_weights.update(part.norm_weights)
         result.unrecognized.update(part.unrecognized)
+        result.alternatives.extend(part.alternatives)
     for key in remaining:
         result.not_lora_key(key, "not a key of any LoRA format lora_loader reads")
     _alpha_from_header(result, tensors, metadata, configs)

@@ -57,6 +57,10 @@ class ConvertedLora:
     invalid: dict[str, str] = field(default_factory=dict)
     # Keys of `unknown` that no converter recognises as a LoRA key (see `is_not_lora`).
     unrecognized: set[str] = field(default_factory=set)
+    # A file in original names that several families read alike (names and widths: Flux.1's and Flux.2's
+    # attention-only files) but map differently: `original_names.Alternative`s, one per other family, which
+    # the plan takes instead of ``deltas``' reading when the live model is of that family (`original_names.for_model`).
+    alternatives: list = field(default_factory=list)
 
     @property
     def format(self) -> str:

@@ -82,4 +82,9 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
     result.unknown = unknown | {back(k): why for k, why in part.unknown.items()}
     result.ignored = [back(k) for k in part.ignored]
     result.unrecognized = {back(k) for k in part.unrecognized}
+    result.alternatives = [  # another family's reading, for the live model (`original_names.for_model`), keys spelled back
+        dataclasses.replace(alt, deltas={t: dataclasses.replace(d, keys=tuple(map(back, d.keys))) for t, d in alt.deltas.items()},
+                            unknown={back(k): why for k, why in alt.unknown.items()}, instead=(alt.instead[0], tuple(map(back, alt.instead[1]))))
+        for alt in part.alternatives
+    ]  # fmt: skip
     return result

@@ -37,7 +37,7 @@ import torch
 from ..delta import FactorDelta, LoraDelta
 from ..algorithms import ALGORITHMS, SHARED_KEYS, algorithm_of_suffixes, all_factor_keys
 from .canonical import ConvertedLora
-from .original_names import add_original, family_of
+from .original_names import add_originals, family_of
 
 PREFIXES = (
     ("lora_unet_", "denoiser"),
@@ -95,9 +95,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
                 "expected .lora_down.weight, .lora_up.weight, .alpha, or a LyCORIS factor "
                 "(lora_mid, hada_*, lokr_*, diff, w_norm, oft_blocks, a1.weight, dora_scale) after the module name"
             )
-    denoiser_names = {m for c, m in modules if c == "denoiser"}
-    # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules.
-    original = family_of(denoiser_names)
+    denoiser = {}  # module -> delta of the denoiser's modules, renamed below if in a family's original names
     for (component, module), keys in modules.items():
         alpha_key = keys.get("alpha")
         factor_keys = {s: k for s, k in keys.items() if s not in ("alpha", "dora_scale")}
@@ -141,8 +139,14 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict) -> ConvertedLora:
                 factors["alpha"] = tensors[alpha_key]
             dora = tensors[dora_key] if dora_key else None
             delta = FactorDelta(kind, factors, alpha, keys=used, dora_scale=dora)
-        if original is not None and component == "denoiser":
-            add_original(result, original, "denoiser", module, delta)
+        if component == "denoiser":
+            denoiser[module] = delta
         else:
             result.deltas[(component, module)] = delta
+    # Original-checkpoint names of a DiT: renamed (and fused projections split) onto diffusers' modules; the
+    # deltas' widths rule out a family whose names they share but not its widths (Flux.1 / Flux.2).
+    if family_of(denoiser) is not None:
+        add_originals(result, "denoiser", denoiser)
+    else:
+        result.deltas.update({("denoiser", module): delta for module, delta in denoiser.items()})
     return result

@@ -13,9 +13,14 @@ modules), its entry in `FAMILIES`, and tests against diffusers' own converter.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, interleaved, split_module, swapped
 from .cogvideox_mochi import COGVIDEOX, MOCHI
 from .flux import FLUX
+from .flux2 import FLUX2
+from .chroma import CHROMA
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
@@ -32,23 +37,28 @@ from .writer import to_original
 # keeps names it lacks for the live model (MiniMax-H3 would refuse them).
 # Mochi and CogVideoX (whose LoRAs name only attn1, and veto a file with attn2) before LTX-Video, whose
 # inspect rule is any attn1 name.
-FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
+# Flux.2 after Flux.1: both name blocks double_blocks_N_ / single_blocks_N_; widths (`Family.shapes`) and the names only
+# one has tell them apart, and a file that neither tells is Flux.1's unless loaded into a Flux.2 model (`family_of`).
+# Chroma (Flux.1's blocks, one distilled guidance layer) after both: only its guidance layer's names claim a file.
+FAMILIES = (FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
 
 __all__ = [
-    "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
+    "ALWAYS", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
     "MINIMAX_H3", "MOCHI", "SD3", "WAN", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
-    "interleaved", "rename_original_names", "split_module", "swapped", "to_original",
+    "interleaved", "rename_original_names", "add_originals", "for_model", "Alternative", "families_of", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.
 DENOISER_COMPONENTS = ("denoiser", "transformer", "transformer_2", "transformer_ref")
 
 
-def family_of(module_names) -> Family | None:
+def family_of(module_names, model_class: str | None = None) -> Family | None:
     """The family whose original names a file's denoiser modules use (Kohya-mangled: dots as underscores),
     or None (diffusers' or UNet names): of the families some of them claim (names in its blocks, or its
     ``claim`` names), the one whose table names most of them (then: that most claim, so a module the table
-    lacks is reported as that family's), the first on a tie.
+    lacks is reported as that family's), the first on a tie, unless the tie is between families one of which
+    names ``model_class`` (the live model's class: `Family.model_classes`). ``module_names`` may map each name
+    to its delta: a family whose `Family.shapes` a delta's widths contradict is ruled out.
 
     >>> family_of(["double_blocks_0_img_attn_qkv", "single_blocks_3_linear1"]).name
     'Flux'
@@ -57,13 +67,38 @@ def family_of(module_names) -> Family | None:
     >>> family_of(["transformer_blocks_0_attn1_to_q"]) is None, family_of(["transformer_blocks_0_attn1_to_q", "patchify_proj"]).name
     (True, 'LTX-2')
     """
-    names = [name.replace(".", "_") for name in module_names]
-    best, best_score = None, (0, 0)
+    tied = families_of(module_names)
+    return next((f for f in tied if model_class in f.model_classes), tied[0]) if tied else None
+
+
+def families_of(module_names) -> list[Family]:
+    """The families `family_of` picks from: those with the best score, in `FAMILIES` order (several: a tie).
+
+    >>> import torch
+    >>> from lora_loader.delta import LoraDelta
+    >>> [f.name for f in families_of(["double_blocks_0_img_attn_qkv"])]
+    ['Flux', 'Flux.2', 'HunyuanVideo 1.5', 'HunyuanVideo']
+    >>> d = 8  # single_blocks' linear1: 7 rows per input feature in Flux.1, 9 in Flux.2
+    >>> [f.name for f in families_of({"single_blocks_0_linear1": LoraDelta(torch.ones(1, d), torch.ones(9 * d, 1))})]
+    ['Flux.2', 'HunyuanVideo']
+    """
+    deltas = module_names if isinstance(module_names, dict) else {}
+    names = {name: name.replace(".", "_") for name in module_names}
+    ruled_out = set()  # families whose widths a module contradicts where another family's fit it (`Family.shapes`)
+    for name, delta in deltas.items():
+        fits = {family.name: family.fits(names[name], delta) for family in FAMILIES}
+        if True in fits.values():
+            ruled_out |= {family for family, fit in fits.items() if fit is False}
+    best, best_score = [], (0, 0)
     for family in FAMILIES:
-        known, in_blocks = family.score(names)
+        if family.name in ruled_out:
+            continue
+        known, in_blocks = family.score(list(names.values()))
         # Only block names claim a file: a top-level name (context_embedder) may be diffusers' name too.
         if in_blocks and (known, in_blocks) > best_score:
-            best, best_score = family, (known, in_blocks)
+            best, best_score = [family], (known, in_blocks)
+        elif in_blocks and (known, in_blocks) == best_score:
+            best.append(family)
     return best
 
 
@@ -96,9 +131,69 @@ def rename_original_names(result) -> None:
     diffusers' names that shares a few names with a table is left as it is."""
     for component in DENOISER_COMPONENTS:
         mine = {module: delta for (c, module), delta in result.deltas.items() if c == component}
-        family = family_of(mine)
+        family = family_of(mine)  # with the deltas: their widths rule families out (`Family.shapes`)
         if family is None or 2 * family.score([m.replace(".", "_") for m in mine])[0] <= len(mine):
             continue
-        for module, delta in mine.items():
+        for module in mine:
             del result.deltas[(component, module)]
-            add_original(result, family, component, module, delta)
+        add_originals(result, component, mine)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """Another family's reading of a file's original-named modules, for a live model of one of ``model_classes``:
+    in ``component`` (the file's symbolic one), ``deltas`` / ``unknown`` replace those of ``instead``, the keys
+    the first family's reading gave."""
+
+    component: str
+    model_classes: tuple[str, ...]
+    deltas: dict
+    unknown: dict
+    instead: tuple[tuple, tuple]  # (the (component, path) keys of deltas, the file keys of unknown) to drop
+
+
+def add_originals(result, component: str, modules: dict) -> None:
+    """A component's modules in a family's original names (module -> delta) into ``result`` (`ConvertedLora`),
+    read by the family `family_of` picks from names and widths. Where families tie (Flux.1's and Flux.2's
+    attention-only files: same names, same widths) and read the modules differently, the first is the reading,
+    and each other one is kept as an `Alternative` for a live model of its class (`for_model`): the file alone
+    cannot tell them apart; the model it is loaded into can.
+    """
+    tied = families_of(modules)
+    readings = []
+    for family in tied:
+        reading = type(result)()
+        for module, delta in modules.items():
+            add_original(reading, family, component, module, delta)
+        readings.append((family, reading))
+    first = readings[0][1]
+    result.deltas.update(first.deltas)
+    result.unknown.update(first.unknown)
+    for family, reading in readings[1:]:
+        if family.model_classes and (set(reading.deltas), set(reading.unknown)) != (set(first.deltas), set(first.unknown)):
+            instead = (tuple(first.deltas), tuple(first.unknown))
+            result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
+
+
+def for_model(converted, components: dict, resolve_component):
+    """``converted`` as read for the live models: an `Alternative` whose family names the class of the model its
+    component resolves to replaces the first family's reading (a copy; ``converted`` itself is left alone).
+    The one place a live model picks between families (called by `inject.plan`)."""
+    chosen = {}  # component -> the first alternative (in `FAMILIES` order) naming its live model's class
+    for alt in converted.alternatives:
+        name = resolve_component(alt.component)
+        model = components.get(name) if name is not None else None
+        if model is not None and type(getattr(model, "_orig_mod", model)).__name__ in alt.model_classes:
+            chosen.setdefault(alt.component, alt)
+    if not chosen:
+        return converted
+    deltas, unknown = dict(converted.deltas), dict(converted.unknown)
+    for alt in chosen.values():
+        drop_deltas, drop_unknown = alt.instead
+        for key in drop_deltas:
+            deltas.pop(key, None)
+        for key in drop_unknown:
+            unknown.pop(key, None)
+        deltas.update(alt.deltas)
+        unknown.update(alt.unknown)
+    return dataclasses.replace(converted, deltas=deltas, unknown=unknown, alternatives=[])

@@ -240,6 +240,11 @@ class Family:
     # when the file has no alpha tensors and no ``lora_adapter_metadata`` (MiniMax-H3's LightX2V files).
     metadata_alpha: bool = False
     keep_unknown: bool = False
+    # ``(regex, rows per input feature)`` (``re.search`` over Kohya-mangled original names; an int, or ``(rows, features)``):
+    # the output / input width ratio of a module whose widths tell this family from another with the same names
+    # (Flux.1's and Flux.2's ``single_blocks_N_linear1``): a module whose widths are one family's ratio and not
+    # another's rules the other out (widths that are no family's ratio decide nothing: `original_names.families_of`).
+    shapes: tuple = ()
 
     def __post_init__(self):
         compiled = []
@@ -254,6 +259,22 @@ class Family:
         object.__setattr__(self, "_modules", {name: _target(spec) for name, spec in (self.modules | self.aliases).items()})
         object.__setattr__(self, "_claim", tuple(re.compile(p) for p in self.claim))
         object.__setattr__(self, "_back", None)
+
+    def fits(self, name: str, delta) -> bool | None:
+        """Whether ``delta``'s output / input widths are those ``shapes`` gives ``name``; None: no rule, or unknown widths.
+
+        >>> fam = Family("Demo", hint="", modules={"linear1": "proj"}, shapes=((r"linear1$", 7),))
+        >>> fam.fits("linear1", LoraDelta(torch.ones(1, 2), torch.ones(14, 1))), fam.fits("linear1", LoraDelta(torch.ones(1, 2), torch.ones(18, 1)))
+        (True, False)
+        """
+        widths = _out_in(delta)
+        if widths is None:
+            return None
+        for pattern, ratio in self.shapes:
+            if re.search(pattern, name):
+                rows, features = ratio if isinstance(ratio, tuple) else (ratio, 1)
+                return widths[0] * features == widths[1] * rows
+        return None
 
     def claims(self, module_names) -> bool:
         """True when some of a file's denoiser names (Kohya-mangled) make it this family's (see `score`)."""
@@ -322,6 +343,14 @@ def _no_shadowing(modules: dict, aliases: dict, where: str) -> None:
     both = sorted(set(modules) & set(aliases))
     if both:
         raise ValueError(f"{where or 'top-level'} names {both} both as modules and as aliases")
+
+
+def _out_in(delta) -> tuple[int, int] | None:
+    """``(output, input)`` width of the module a delta targets, or None when its factors do not say."""
+    if isinstance(delta, LoraDelta):
+        return (delta.up.shape[0], delta.down.shape[1]) if delta.up.dim() >= 2 and delta.down.dim() >= 2 else None
+    shape = delta.dense_shape() if hasattr(delta, "dense_shape") else None
+    return (shape[0], shape[1]) if shape is not None and len(shape) >= 2 else None
 
 
 def _two_halves(delta) -> bool:

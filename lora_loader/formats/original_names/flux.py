@@ -47,4 +47,7 @@ FLUX = Family(
     },
     key="flux",
     model_classes=("FluxTransformer2DModel",),
+    # Flux.2 names these modules alike; its widths differ (see `flux2.FLUX2`).
+    shapes=((r"single_blocks_\d+_linear1$", 7), (r"single_blocks_\d+_linear2$", (1, 5)),
+            (r"double_blocks_\d+_(img|txt)_mlp_0$", 4), (r"double_blocks_\d+_(img|txt)_mlp_2$", (1, 4))),
 )  # fmt: skip
