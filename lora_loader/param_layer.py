@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import offload
+from .delta import LoraDelta
 from .errors import LoraError
 from .layers import (
     CALL_SCALE, MIXED_BATCH, AdapterDict, LoraLayer, _Blended, _init_blend, _swap_in, _with_mode, rows_by_adapter,
@@ -199,8 +200,6 @@ def resolve(delta: ParamDelta, module: nn.Module, path: str):
     """``delta`` with its parameter named and its layout read from ``module`` (live path ``path``), or a
     plain module LoRA (a `LoraDelta`, when ``module`` has no targeted parameter and the keys had no
     nesting: a ``target_modules`` LoRA of the same config), or a string saying why it cannot apply."""
-    from .delta import LoraDelta
-
     config = delta.config
     if delta.parameter is None:
         targeted = targeted_parameters(module, path, delta.patterns)
@@ -566,8 +565,6 @@ def restack_per_expert(deltas: dict, locate, roots: dict) -> dict:
 
     ``locate(symbolic, name) -> (component, path, module)``; ``roots``: component -> its model.
     """
-    from .delta import LoraDelta
-
     groups: dict = {}  # (symbolic, experts name, parameter) -> {(expert, slot): (key, delta)}
     info: dict = {}
     for key, delta in deltas.items():
