@@ -7,6 +7,8 @@ prefix ``unet.`` / ``transformer.`` / ``text_encoder.`` / ``text_encoder_2.`` /
 - PEFT / diffusers >= 0.26: ``M.lora_A.weight``, ``M.lora_B.weight``
   (also ``M.lora_A.<adapter>.weight`` as a raw PEFT model state dict has it)
 - diffusers ``LoRACompatibleLinear``: ``M.lora.down.weight``, ``M.lora.up.weight``
+- Kohya's suffixes on dotted paths: ``M.lora_down.weight``, ``M.lora_up.weight`` (Qwen-Image-Lightning, ComfyUI
+  saves without a prefix); PEFT's adapter infix on any spelling: ``M.lora_A.default.weight``
 - diffusers ``LoRALinearLayer`` (text encoders): ``M.lora_linear_layer.down.weight`` / ``.up.weight``
 - diffusers attention processors (<= 0.20): ``P.processor.to_q_lora.down.weight``, ... where
   ``to_{q,k,v}_lora`` is ``P.to_{q,k,v}`` in a UNet and ``P.{q,k,v}_proj`` in a
@@ -50,6 +52,8 @@ _SUFFIXES = (
     (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
+    (".lora_down.weight", "down"),  # Kohya's suffixes on dotted module paths (Qwen-Image-Lightning, Z-Image trainers)
+    (".lora_up.weight", "up"),
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
     (".lora_B.bias", "up_bias"),  # PEFT's lora_bias=True (Flux Control LoRAs): part of the LoRA's output
