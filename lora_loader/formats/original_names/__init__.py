@@ -19,8 +19,10 @@ from .flux import FLUX
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
+from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3
 from .wan import WAN
+from .z_image import Z_IMAGE
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
@@ -32,11 +34,12 @@ from .writer import to_original
 # keeps names it lacks for the live model (MiniMax-H3 would refuse them).
 # Mochi and CogVideoX (whose LoRAs name only attn1, and veto a file with attn2) before LTX-Video, whose
 # inspect rule is any attn1 name.
-FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
+# Qwen-Image (no original names of its own: detection only) and Z-Image (layers_N_ / *_refiner_N_ blocks) last.
+FAMILIES = (FLUX, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO, QWEN_IMAGE, Z_IMAGE)
 
 __all__ = [
     "ALWAYS", "COGVIDEOX", "FAMILIES", "FLUX", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
-    "MINIMAX_H3", "MOCHI", "SD3", "WAN", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
+    "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
     "interleaved", "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
