@@ -24,16 +24,21 @@ from .engine import Blocks, Family, fused
 _BLOCK = {
     "attention_qkv": fused("attention.to_q", "attention.to_k", "attention.to_v"),
     "attention_out": "attention.to_out.0",
-    "attention_to_q": "attention.to_q",  # diffusers' own names (and Anime-Z's to.q), known so a file of them counts
-    "attention_to_k": "attention.to_k",
-    "attention_to_v": "attention.to_v",
-    "attention_to_out_0": "attention.to_out.0",
     "attention_q_norm": "attention.norm_q",
     "attention_k_norm": "attention.norm_k",
     "feed_forward_w1": "feed_forward.w1",
     "feed_forward_w2": "feed_forward.w2",
     "feed_forward_w3": "feed_forward.w3",
     "adaLN_modulation_0": "adaLN_modulation.0",
+}
+
+# diffusers' own attention names (and Anime-Z's dotted ``to.q``), known so a file of them counts as this table's;
+# read, never written (a Kohya save writes the fused qkv, as the checkpoint has it).
+_ALIASES = {
+    "attention_to_q": "attention.to_q",
+    "attention_to_k": "attention.to_k",
+    "attention_to_v": "attention.to_v",
+    "attention_to_out_0": "attention.to_out.0",
 }
 
 _TOP_LEVEL = {
@@ -49,9 +54,9 @@ Z_IMAGE = Family(
     "Z-Image",
     hint="layers_*_attention_qkv, layers_*_attention_out, layers_*_feed_forward_w1, noise_refiner_*_..., x_embedder, ...",
     blocks=(
-        Blocks("layers_{i}_", "layers.{i}.", _BLOCK),
-        Blocks("noise_refiner_{i}_", "noise_refiner.{i}.", _BLOCK),
-        Blocks("context_refiner_{i}_", "context_refiner.{i}.", _BLOCK),
+        Blocks("layers_{i}_", "layers.{i}.", _BLOCK, _ALIASES),
+        Blocks("noise_refiner_{i}_", "noise_refiner.{i}.", _BLOCK, _ALIASES),
+        Blocks("context_refiner_{i}_", "context_refiner.{i}.", _BLOCK, _ALIASES),
     ),
     modules=_TOP_LEVEL,
     keep_unknown=True,  # diffusers' own names share the block prefixes: kept for the live model to resolve
