@@ -112,7 +112,7 @@ def kohya_resolver(model, renames: dict | None = None, fused: dict | None = None
     mangled = {name.replace(".", "_"): name for name, _ in model.named_modules() if name}
 
     def resolve(stem: str):
-        for prefix in ("diffusion_model.", "transformer.", "lora_unet_", "lycoris_"):
+        for prefix in ("diffusion_model.", "transformer.", "lora_unet_", "lora_transformer_", "lycoris_"):
             stem = stem.removeprefix(prefix)
         name = stem.replace(".", "_")
         for suffix, leaves in (fused or {}).items():
