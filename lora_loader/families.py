@@ -105,9 +105,9 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     # A converter files a prefixed key under "unet"/"transformer" and an unprefixed one under "denoiser".
     denoiser = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c in ("denoiser", "unet", "transformer")]
     text_encoder = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c == "text_encoder"]
-    unet = [n for n, _ in denoiser if any(marker in n for marker in _UNET_MARKERS)]
+    unet = [n for n, _ in denoiser if n.startswith(_UNET_MARKERS)]  # at the start: SANA's ff.conv_inverted is no conv_in
 
-    decided = _family_from_names(components, denoiser, unet, adapter_config, metadata)
+    decided = _family_from_names(components, denoiser, unet, adapter_config, metadata, deltas)
     if decided is not None:
         return decided
     family, evidence = _unet_family(components, denoiser, text_encoder, unet)
@@ -122,7 +122,7 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
 
 
 def _family_from_names(components: set, denoiser: list, unet: list[str], adapter_config: dict | None,
-                       metadata: dict[str, str] | None = None) -> tuple[str, list[str]] | None:
+                       metadata: dict[str, str] | None = None, deltas: dict | None = None) -> tuple[str, list[str]] | None:
     """The families the names alone settle (a causal LM, Flux, SD3), or None: a UNet, or nothing known. A header
     naming a table family (not Flux or SD3) decides before the Flux / SD3 guesses, which go by diffusers names
     other families share (HunyuanVideo's blocks are Flux's, HunyuanVideo 1.5's joint blocks SD3's)."""
@@ -150,7 +150,9 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         if width == 3072:
             return "flux", ["DiT transformer_blocks with attention width 3072 (Flux)"]
         return "sd3", [f"DiT transformer_blocks (joint attention), attention width {width} (SD3)"]
-    if not unet and any(p.search(n) for p in _LM_PATTERNS for n in names) and not any("encoder_layers_" in n for n in names):
+    lm_names = [m.replace(".", "_") for (c, m) in (deltas or {}) if c == "denoiser"] if deltas is not None else names
+    # A pipeline's transformer (a key behind transformer.) is a DiT whose blocks may be named layers.N (Lumina 2).
+    if not unet and any(p.search(n) for p in _LM_PATTERNS for n in lm_names) and not any("encoder_layers_" in n for n in names):
         return "causal-lm", ["decoder layer names (layers.N.self_attn / mlp)"]
     return None
 
