@@ -35,6 +35,15 @@ _TEXT_ENCODER_WIDTH = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 DENOISER_NAME = {"sd1": "unet", "sd2": "unet", "sd1/sd2": "unet", "sdxl": "unet"} | {f.key: "transformer" for f in FAMILIES}
 
 _UNET_MARKERS = ("down_blocks_", "up_blocks_", "mid_block_", "input_blocks_", "output_blocks_", "middle_block_", "conv_in", "time_embedding_")
+# SD3's diffusers module names (Flux's double blocks and Qwen-Image's attention share them): the SD3 guess needs
+# a file of these names only, so a DiT it does not know is "unknown", not SD3.
+_SD3_NAMES = re.compile(
+    r"^(?:transformer_blocks_\d+_(?:attn2?_(?:to_q|to_k|to_v|to_out_0|add_[qkv]_proj|to_add_out|norm_(?:added_)?[qk])"
+    r"|ff(?:_context)?_net_(?:0_proj|2)|norm1(?:_context)?_linear)"
+    r"|pos_embed_proj|context_embedder|proj_out|norm_out_linear|time_text_embed_(?:timestep|text)_embedder_linear_[12])$"
+)
+# CLIP text encoders' layer names (SD's text encoders): another text encoder's width says nothing of SD.
+_CLIP_LAYERS = "text_model_encoder_layers_"
 _LM_PATTERNS = (
     re.compile(r"(^|_)layers_\d+_(self_attn|mlp|attention|feed_forward)_"),  # Llama, Mistral, Qwen, Gemma, ...
     re.compile(r"(^|_)decoder_layers_\d+_"),  # OPT
@@ -96,9 +105,9 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
     # A converter files a prefixed key under "unet"/"transformer" and an unprefixed one under "denoiser".
     denoiser = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c in ("denoiser", "unet", "transformer")]
     text_encoder = [(m.replace(".", "_"), d) for (c, m), d in deltas.items() if c == "text_encoder"]
-    unet = [n for n, _ in denoiser if any(marker in n for marker in _UNET_MARKERS)]
+    unet = [n for n, _ in denoiser if n.startswith(_UNET_MARKERS)]  # at the start: SANA's ff.conv_inverted is no conv_in
 
-    decided = _family_from_names(components, denoiser, unet, adapter_config, metadata)
+    decided = _family_from_names(components, denoiser, unet, adapter_config, metadata, deltas)
     if decided is not None:
         return decided
     family, evidence = _unet_family(components, denoiser, text_encoder, unet)
@@ -113,7 +122,7 @@ def detect_family(deltas: dict, metadata: dict[str, str] | None = None, adapter_
 
 
 def _family_from_names(components: set, denoiser: list, unet: list[str], adapter_config: dict | None,
-                       metadata: dict[str, str] | None = None) -> tuple[str, list[str]] | None:
+                       metadata: dict[str, str] | None = None, deltas: dict | None = None) -> tuple[str, list[str]] | None:
     """The families the names alone settle (a causal LM, Flux, SD3), or None: a UNet, or nothing known. A header
     naming a table family (not Flux or SD3) decides before the Flux / SD3 guesses, which go by diffusers names
     other families share (HunyuanVideo's blocks are Flux's, HunyuanVideo 1.5's joint blocks SD3's)."""
@@ -131,15 +140,21 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
     if "text_encoder_3" in components:
         return "sd3", ["keys for a third text encoder (lora_te3_ / text_encoder_3)"]
-    if not unet and any("transformer_blocks_" in n for n in names):
+    if not unet and any("transformer_blocks_" in n for n in names) and all(_SD3_NAMES.match(n) for n in names):
+        # Joint-attention blocks in the names SD3, Flux's double blocks and Qwen-Image share.
         to_q = _first_match(denoiser, r"transformer_blocks_\d+_attn_to_q$")
         width = _in_features(to_q) if to_q is not None else None
+        deepest = max(int(m.group(1)) for n in names if (m := re.match(r"transformer_blocks_(\d+)_", n)))
+        if width == 3072 and deepest >= 19:  # Flux.1 has 19 double blocks, Qwen-Image 60 of width 3072
+            return "qwen-image", [f"joint-attention block {deepest} of width 3072 (Qwen-Image; Flux.1 has 19 double blocks)"]
         if width == 3072:
             return "flux", ["DiT transformer_blocks with attention width 3072 (Flux)"]
         if width in (4096, 6144):  # an attention-only Flux.2 file (Flux.1's names and layout for these modules)
             return "flux2", [f"DiT transformer_blocks with attention width {width} (Flux.2 Klein 9B / dev)"]
         return "sd3", [f"DiT transformer_blocks (joint attention), attention width {width} (SD3)"]
-    if not unet and any(p.search(n) for p in _LM_PATTERNS for n in names) and not any("encoder_layers_" in n for n in names):
+    lm_names = [m.replace(".", "_") for (c, m) in (deltas or {}) if c == "denoiser"] if deltas is not None else names
+    # A pipeline's transformer (a key behind transformer.) is a DiT whose blocks may be named layers.N (Lumina 2).
+    if not unet and any(p.search(n) for p in _LM_PATTERNS for n in lm_names) and not any("encoder_layers_" in n for n in names):
         return "causal-lm", ["decoder layer names (layers.N.self_attn / mlp)"]
     return None
 
@@ -152,7 +167,7 @@ def _unet_family(components: set, denoiser: list, text_encoder: list, unet: list
     if "text_encoder_2" in components:
         family = "sdxl"
         evidence.append("keys for a second text encoder (lora_te2_ / text_encoder_2)")
-    cross = _first_match(denoiser, r"attn2_to_[kv]$")
+    cross = _first_match(denoiser, r"attn2_to_[kv]$") if unet else None  # a DiT's cross-attention is no UNet's
     width = _in_features(cross) if cross is not None else None
     if width is not None:
         known = _CROSS_ATTENTION_WIDTH.get(width)
@@ -170,12 +185,13 @@ def _unet_family(components: set, denoiser: list, text_encoder: list, unet: list
         conv = proj.down.dim() == 4
         family = "sd1" if conv else "sd2"
         evidence.append(f"{'1x1 conv' if conv else 'linear'} proj_in/proj_out")
-    q_proj = _first_match(text_encoder, r"self_attn_q_proj$")
+    clip = [(n, d) for n, d in text_encoder if n.startswith(_CLIP_LAYERS)]  # not Anima's Qwen3 (model.layers.N)
+    q_proj = _first_match(clip, r"self_attn_q_proj$")
     te_width = _in_features(q_proj) if q_proj is not None else None
     if family is None and te_width is not None:
         evidence.append(f"text encoder width {te_width}" + ("" if te_width in _TEXT_ENCODER_WIDTH else " (not a known CLIP size)"))
         family = _TEXT_ENCODER_WIDTH.get(te_width)
-    if family is None and (unet or text_encoder):
+    if family is None and (unet or clip):
         family = "sd1/sd2"
         evidence.append("UNet / CLIP text encoder names")
     return family, evidence

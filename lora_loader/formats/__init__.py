@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import warnings
 
 import torch
@@ -36,6 +37,19 @@ _CONVERTERS = (
     ("bfl", flux_control_format.claims, flux_control_format.convert),
     ("diffusers", diffusers_format.claims, diffusers_format.convert),
 )
+
+
+# Module names only BFL's Flux checkpoint has (img_in / txt_in are also Qwen-Image's diffusers names).
+_BFL_ONLY = re.compile(r"^(?:(?:double|single)_blocks\.\d+|time_in|vector_in|guidance_in|final_layer)\.")
+
+
+def _bfl_names(keys) -> bool:
+    """Whether a file's unprefixed keys name a module only BFL's Flux has: then its ``img_in`` is Flux's too.
+
+    >>> _bfl_names(["img_in.lora_A.weight", "double_blocks.0.img_attn.qkv.lora_A.weight"]), _bfl_names(["img_in.lora_A.weight"])
+    (True, False)
+    """
+    return any(_BFL_ONLY.match(key) for key in keys)
 
 
 def adapter_configs(metadata: dict[str, str] | None, adapter_config: dict | None) -> dict[str, dict]:
@@ -148,6 +162,8 @@ def convert(
     result.invalid = tensor_problems(tensors)
     remaining = {k: v for k, v in tensors.items() if k not in result.invalid}
     for name, claims, converter in _CONVERTERS:
+        if name == "bfl" and not _bfl_names(remaining):
+            continue  # img_in / txt_in alone are Qwen-Image's diffusers names too, not BFL's Flux ones
         mine = {k: v for k, v in remaining.items() if claims(k)}
         if not mine:
             continue

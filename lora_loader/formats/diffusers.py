@@ -7,6 +7,8 @@ prefix ``unet.`` / ``transformer.`` / ``text_encoder.`` / ``text_encoder_2.`` /
 - PEFT / diffusers >= 0.26: ``M.lora_A.weight``, ``M.lora_B.weight``
   (also ``M.lora_A.<adapter>.weight`` as a raw PEFT model state dict has it)
 - diffusers ``LoRACompatibleLinear``: ``M.lora.down.weight``, ``M.lora.up.weight``
+- Kohya's suffixes on dotted paths: ``M.lora_down.weight``, ``M.lora_up.weight`` (Qwen-Image-Lightning, ComfyUI
+  saves without a prefix); PEFT's adapter infix on any spelling: ``M.lora_A.default.weight``
 - diffusers ``LoRALinearLayer`` (text encoders): ``M.lora_linear_layer.down.weight`` / ``.up.weight``
 - diffusers attention processors (<= 0.20): ``P.processor.to_q_lora.down.weight``, ... where
   ``to_{q,k,v}_lora`` is ``P.to_{q,k,v}`` in a UNet and ``P.{q,k,v}_proj`` in a
@@ -31,13 +33,16 @@ With such a config, ``scale = alpha / r`` with PEFT's pattern rules; else an
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 
+from ..algorithms import all_factor_keys
 from ..config import LoraConfig
 from ..delta import LoraDelta
 from ..errors import LoraError, LoraFormatError
+from . import comfyui as comfyui_format
 from .canonical import COMPONENTS, ConvertedLora
 from ..param_layer import ParamDelta, could_target_parameters, split_nesting
 from .original_names import rename_original_names
@@ -50,6 +55,8 @@ _SUFFIXES = (
     (".lora_linear_layer.up.weight", "up"),
     (".lora.down.weight", "down"),
     (".lora.up.weight", "up"),
+    (".lora_down.weight", "down"),  # Kohya's suffixes on dotted module paths (Qwen-Image-Lightning, Z-Image trainers)
+    (".lora_up.weight", "up"),
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
     (".lora_B.bias", "up_bias"),  # PEFT's lora_bias=True (Flux Control LoRAs): part of the LoRA's output
@@ -76,8 +83,14 @@ _ATTN_PROCESSOR_TARGETS = {
 }
 
 
+# LyCORIS' factors on dotted module paths (a LoKr / LoHa / full diff saved without ComfyUI's ``diffusion_model.``):
+# read as ComfyUI reads them once the denoiser's prefix is put back (`_lycoris_part`).
+_LYCORIS_SUFFIXES = tuple(sorted("." + s for s in all_factor_keys() if not s.startswith("lora_")))
+
+
 def claims(key: str) -> bool:
     return (
+        key.endswith(_LYCORIS_SUFFIXES) or
         any(key.endswith(suffix) for suffix, role in _SUFFIXES if role != "alpha")
         or _NAMED_ADAPTER.match(key) is not None
         or _BASE_LAYER.match(key) is not None
@@ -168,6 +181,7 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> Conve
     """diffusers / PEFT keys to canonical form; ``configs`` are `formats.adapter_configs` (PEFT fields per component)."""
     checked = _checked_configs(configs)
     result = ConvertedLora()
+    tensors = _lycoris_part(tensors, configs, result)
     modules: dict[tuple[str, str], dict[str, str]] = {}  # (component, module) -> {role: key}
     biases: dict[tuple[str, str], str] = {}  # PEFT bias="lora_only"/"all": (component, module) -> key
     for key in tensors:
@@ -193,6 +207,39 @@ def convert(tensors: dict[str, torch.Tensor], configs: dict[str, dict]) -> Conve
     result.module_biases.update(biases)  # bias="all": biases of modules without LoRA
     rename_original_names(result)  # e.g. fal's Kontext files: PEFT keys on BFL's module names
     return result
+
+
+def _lycoris_part(tensors: dict, configs: dict, result: ConvertedLora) -> dict:
+    """LyCORIS factors on dotted denoiser paths (``transformer_blocks.0.attn.to_q.lokr_w1`` and its ``.alpha``, with or
+    without ``transformer.``) into ``result``, read as ComfyUI's ``diffusion_model.`` keys are; the other keys back.
+
+    >>> import torch
+    >>> sd = {"blocks.0.ff.lokr_w1": torch.ones(2, 2), "blocks.0.ff.lokr_w2": torch.ones(2, 2), "blocks.0.ff.alpha": torch.tensor(1.0)}
+    >>> out = ConvertedLora(); rest = _lycoris_part(sd, {}, out); list(out.deltas), rest
+    ([('denoiser', 'blocks_0_ff')], {})
+    """
+    stems = {key[: -len(s)] for key in tensors for s in _LYCORIS_SUFFIXES if key.endswith(s)}
+    if not stems:
+        return tensors
+    renamed: dict[str, str] = {}  # ComfyUI spelling -> the file's key
+    components: dict[str, str] = {}
+    for key in tensors:
+        stem = next((s for s in stems if key.startswith(s + ".")), None)
+        if stem is None:
+            continue
+        component, module = _split_component(stem)
+        if component not in ("denoiser", "transformer"):
+            result.unknown[key] = f"LyCORIS factors on a dotted {component} path are read for the denoiser only"
+            continue
+        renamed["diffusion_model." + module + key[len(stem):]] = key
+        components[module.replace(".", "_")] = component
+    part = comfyui_format.convert({new: tensors[old] for new, old in renamed.items()}, configs)
+    back = renamed.__getitem__
+    for (component, module), delta in part.deltas.items():
+        result.deltas[(components.get(module, component), module)] = dataclasses.replace(delta, keys=tuple(map(back, delta.keys)))
+    result.unknown.update({back(k): why for k, why in part.unknown.items()})
+    result.ignored.extend(back(k) for k in part.ignored)
+    return {k: v for k, v in tensors.items() if k not in set(renamed.values()) and k not in result.unknown}
 
 
 def _file_key(key: str, configs: dict[str, LoraConfig], result: ConvertedLora, biases: dict) -> tuple[str, str, str] | None:

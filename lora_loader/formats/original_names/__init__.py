@@ -24,8 +24,10 @@ from .chroma import CHROMA
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
+from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3
 from .wan import WAN
+from .z_image import Z_IMAGE
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
@@ -40,12 +42,17 @@ from .writer import to_original
 # Flux.2 after Flux.1: both name blocks double_blocks_N_ / single_blocks_N_; widths (`Family.shapes`) and the names only
 # one has tell them apart, and a file that neither tells is Flux.1's unless loaded into a Flux.2 model (`family_of`).
 # Chroma (Flux.1's blocks, one distilled guidance layer) after both: only its guidance layer's names claim a file.
-FAMILIES = (FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO)
+# Qwen-Image (no original names of its own: detection only) and Z-Image (layers_N_ / *_refiner_N_ blocks) last.
+FAMILIES = (
+    FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO, QWEN_IMAGE,
+    Z_IMAGE,
+)
 
 __all__ = [
-    "ALWAYS", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2", "LTX_VIDEO",
-    "MINIMAX_H3", "MOCHI", "SD3", "WAN", "Blocks", "Family", "Target", "add_original", "family_of", "family_of_model", "fused",
-    "interleaved", "rename_original_names", "add_originals", "for_model", "Alternative", "families_of", "split_module", "swapped", "to_original",
+    "ALWAYS", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2",
+    "LTX_VIDEO", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
+    "add_original", "add_originals", "families_of", "family_of", "family_of_model", "for_model", "fused", "interleaved",
+    "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
 
 # The components whose modules may be named as a family's original checkpoint names them.

@@ -142,6 +142,9 @@ LTX_VIDEO = Family(
     model_classes=("LTXVideoTransformer3DModel",),
     # Names only: an LTX-2 file with no audio module reads as LTX-Video; CogVideoX and Mochi use attn1 too.
     detect=(r"^transformer_blocks_\d+_attn1_",),
+    # attn1 names LTX-Video shares with DiTs it is not: Anima / Cosmos (norm1.linear_1 adaLN-LoRA layers), SANA
+    # (ff.conv_inverted / conv_depth / conv_point), PixArt / SANA's caption_projection beside no LTX name.
+    detect_unless=(r"^transformer_blocks_\d+_norm[123]_linear_[12]$", r"^transformer_blocks_\d+_ff_conv_"),
     header_hints=("ltx-video", "ltx_video", "ltxvideo", "ltxv"),
     claim=(r"patchify_proj$", rf"transformer_blocks_\d+_({'|'.join(_VIDEO_ATTENTIONS)})_[qk]_norm$"),
 )
