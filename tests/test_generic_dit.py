@@ -190,3 +190,18 @@ def test_blend_disable_fuse_unfuse_unload_against_peft(adapter):
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     model.unload_lora_weights()
     assert torch.equal(output(model), base)
+
+
+def test_an_alpha_beside_lora_a_and_lora_b_keeps_a_text_encoder_module_a_plain_lora():
+    """OFT keeps its alpha among its factors; a dotted module with only lora_A / lora_B / alpha is still a plain LoRA
+    for every component (it was refused on text encoders as 'LyCORIS factors' once both rules met)."""
+    from lora_loader.formats import convert
+
+    sd = {"text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 8),
+          "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.ones(8, 2),
+          "text_encoder.encoder.layers.0.self_attn.q_proj.alpha": torch.tensor(4.0)}
+    converted = convert(sd)
+    assert not converted.unknown, converted.unknown
+    (component, module), = converted.deltas
+    assert (component, module) == ("text_encoder", "encoder.layers.0.self_attn.q_proj")
+    assert converted.deltas[(component, module)].scale == 2.0

@@ -85,7 +85,9 @@ _ATTN_PROCESSOR_TARGETS = {
 
 # LyCORIS' factors on dotted module paths (a LoKr / LoHa / full diff saved without ComfyUI's ``diffusion_model.``):
 # read as ComfyUI reads them once the denoiser's prefix is put back (`_lycoris_part`).
-_LYCORIS_SUFFIXES = tuple(sorted("." + s for s in all_factor_keys() if not s.startswith("lora_")))
+# A module's own LyCORIS factors ("alpha" is everyone's: OFT keeps it among its factors, as its constraint, but a
+# dotted module with only an alpha beside lora_A / lora_B is a plain LoRA); the module's other keys follow them.
+_LYCORIS_SUFFIXES = tuple(sorted("." + s for s in all_factor_keys() if not s.startswith("lora_") and s != "alpha"))
 
 
 def claims(key: str) -> bool:
