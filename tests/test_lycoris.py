@@ -25,13 +25,14 @@ lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is a test dependen
 
 
 class Net(nn.Module):
-    """A Linear, a 3x3 conv and a 1x1 conv: every layer kind LyCORIS algorithms treat differently."""
+    """A Linear, a 3x3 conv and a 1x1 conv: every layer kind LyCORIS algorithms treat differently
+    (``proj_out``: the Linear's width; BOFT's butterfly needs a power of two)."""
 
-    def __init__(self):
+    def __init__(self, proj_out: int = 48):
         super().__init__()
         self.conv = nn.Conv2d(8, 32, 3, padding=1)
         self.point = nn.Conv2d(32, 32, 1)
-        self.proj = nn.Linear(32, 48)
+        self.proj = nn.Linear(32, proj_out)
 
     def forward(self, x):
         h = self.point(torch.relu(self.conv(x)))

@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_lycoris import INPUT, Net
 from torch import nn
 
 import lora_loader
@@ -25,26 +26,10 @@ from lora_loader import LoraError
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora is a test dependency (pip install -e .[test])")
 
 
-class Net(nn.Module):
-    """A 3x3 conv, a 1x1 conv and a Linear, output widths powers of two (BOFT's butterfly needs them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(8, 32, 3, padding=1)
-        self.point = nn.Conv2d(32, 32, 1)
-        self.proj = nn.Linear(32, 64)
-
-    def forward(self, x):
-        h = self.point(torch.relu(self.conv(x)))
-        return self.proj(h.mean(dim=(2, 3)))
-
-
 def base_net(seed: int = 0) -> Net:
+    """test_lycoris' net with a Linear of width 64: output widths powers of two, as BOFT's butterfly needs."""
     torch.manual_seed(seed)
-    return Net().eval()
-
-
-INPUT = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(5))
+    return Net(proj_out=64).eval()
 LAYERS = ("conv", "point", "proj")
 
 # (id, create_lycoris kwargs, {suffix: ndim} the file must hold)
