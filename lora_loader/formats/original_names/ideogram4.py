@@ -59,8 +59,11 @@ IDEOGRAM4 = Family(
     model_classes=("Ideogram4Transformer2DModel",),
     # Only the names Z-Image (same layers_N_ prefix, same attention.to_q in diffusers) lacks claim a file: the per-block
     # modulation (Z-Image: adaLN_modulation_0), the output projection ``o`` and the top-level modules.
-    claim=(r"layers_\d+_(adaln_modulation|attention_o)$", r"(input_proj|llm_cond_proj|t_embedding_mlp_(in|out)|adaln_proj)$",
-           r"final_layer_adaln_modulation$"),
+    claim=(r"(conditional_transformer_)?layers_\d+_(adaln_modulation|attention_o|attention_qkv)$",
+           r"(conditional_transformer_)?(input_proj|llm_cond_proj|t_embedding_mlp_(in|out)|adaln_proj|final_layer_adaln_modulation)$"),
+    # Ideogram's reference trainer writes its module names under ``conditional_transformer.`` (diffusers' converter
+    # strips it as it strips ``diffusion_model.``).
+    prefix_aliases={"conditional_transformer_": ""},
     # diffusers' names no other family has (a file of only to_q / to_k / to_v / to_out.0 in layers is Z-Image's too).
     detect=(r"^layers_\d+_adaln_modulation$", r"^(llm_cond_proj|adaln_proj|t_embedding_mlp_(in|out))$",
             r"^final_layer_adaln_modulation$"),
