@@ -238,3 +238,19 @@ def test_a_causal_lm_adapter_in_the_same_spelling_is_not_renamed():
     tensors = spell(pairs, lambda p: "base_model.model." + p, ".lora_A.weight", ".lora_B.weight", None)
     modules = {module for _, module in convert(tensors, {}).deltas}
     assert modules == {"layers.0.self_attn.q_proj", "layers.0.mlp.gate_proj"}
+
+
+@pytest.mark.parametrize("layout", ["ace-step", "kohya"])
+def test_a_self_attention_only_file_loads_into_ace_step_by_the_model_class(layout, tmp_path):
+    """Without cross_attn the names are a causal LM's too: no table claims the file, and the live
+    AceStepTransformer1DModel decides that ACE-Step's table reads it (diffusers' converter renames any q_proj)."""
+    paths = [p for p in ATTENTION_ONLY if "self_attn" in p]
+    path = write(layout, original_pairs(6, paths), tmp_path)
+    base = ace_step_output(tiny_ace_step(0))
+    want = expected(path, layout)
+    if layout == "ace-step":
+        assert_close(diffusers_reads(path, layout)[0], want, base)
+    model = lora_loader.attach(tiny_ace_step(0))
+    report = model.load_lora_weights(path, adapter_name="s")
+    assert not report.skipped
+    assert_close(ace_step_output(model), want, base)

@@ -147,6 +147,7 @@ def rename_original_names(result) -> None:
         mine = {module: delta for (c, module), delta in result.deltas.items() if c == component}
         family = family_of(mine)  # with the deltas: their widths rule families out (`Family.shapes`)
         if family is None or 2 * family.score([m.replace(".", "_") for m in mine])[0] <= len(mine):
+            add_unclaimed(result, component, mine, instead=(tuple((component, m) for m in mine), ()), skip=())
             continue
         for module in mine:
             del result.deltas[(component, module)]
@@ -183,9 +184,34 @@ def add_originals(result, component: str, modules: dict) -> None:
     first = readings[0][1]
     result.deltas.update(first.deltas)
     result.unknown.update(first.unknown)
+    instead = (tuple(first.deltas), tuple(first.unknown))
     for family, reading in readings[1:]:
         if family.model_classes and (set(reading.deltas), set(reading.unknown)) != (set(first.deltas), set(first.unknown)):
-            instead = (tuple(first.deltas), tuple(first.unknown))
+            result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
+    add_unclaimed(result, component, modules, instead, skip=tied)
+
+
+def add_unclaimed(result, component: str, modules: dict, instead: tuple, skip) -> None:
+    """An `Alternative` reading of ``modules`` by each family (not in ``skip``) whose table knows every one of their
+    names but none of which claims the file: names a causal LM shares (ACE-Step's ``layers_0_self_attn_q_proj``, a
+    file without its ``cross_attn``) are read by the family only when loaded into one of its ``model_classes``.
+
+    >>> import torch
+    >>> from lora_loader.delta import LoraDelta
+    >>> from lora_loader.formats.canonical import ConvertedLora
+    >>> out = ConvertedLora()
+    >>> add_unclaimed(out, "denoiser", {"layers.0.self_attn.q_proj": LoraDelta(torch.ones(1, 2), torch.ones(2, 1))}, ((), ()), ())
+    >>> [(alt.model_classes, list(alt.deltas)) for alt in out.alternatives]
+    [(('AceStepTransformer1DModel',), [('denoiser', 'layers.0.self_attn.to_q')])]
+    """
+    names = [m.replace(".", "_") for m in modules]
+    for family in FAMILIES:
+        if family in skip or not family.model_classes or family.claims(names) or family.score(names)[0] != len(names):
+            continue
+        reading = type(result)()
+        for module, delta in modules.items():
+            add_original(reading, family, component, module, delta)
+        if not reading.unknown:
             result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
 
 

@@ -36,7 +36,8 @@ ACE_STEP = Family(
     "ACE-Step",
     hint="layers_*_self_attn_q_proj, layers_*_cross_attn_o_proj, layers_*_mlp_gate_proj, condition_embedder, ...",
     blocks=(Blocks("layers_{i}_", "layers.{i}.", _BLOCK, _ALIASES),),
-    modules=_TOP_LEVEL | {"proj_in_conv": "proj_in_conv", "proj_out_conv": "proj_out_conv"},
+    modules=_TOP_LEVEL,
+    aliases={"proj_in_conv": "proj_in_conv", "proj_out_conv": "proj_out_conv"},  # diffusers' names, read, never written
     # ComfyUI keeps the checkpoint's ``decoder.`` (``diffusion_model.decoder.layers.0.self_attn.q_proj``).
     prefix_aliases={"decoder_": ""},
     key="ace-step",
