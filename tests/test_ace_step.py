@@ -254,3 +254,18 @@ def test_a_self_attention_only_file_loads_into_ace_step_by_the_model_class(layou
     report = model.load_lora_weights(path, adapter_name="s")
     assert not report.skipped
     assert_close(ace_step_output(model), want, base)
+
+
+def test_a_kohya_save_writes_the_original_names_and_loads_back_the_same(files, tmp_path):
+    """``save_lora_weights(format="kohya")`` writes the checkpoint's names (``lora_unet_layers_0_cross_attn_q_proj``), as the
+    family's trainers do, and the file loads back to the same output."""
+    from safetensors.torch import load_file
+
+    paths, base = files
+    model = lora_loader.attach(tiny_ace_step(0))
+    model.load_lora_weights(paths["diffusers"], adapter_name="k")
+    saved = model.save_lora_weights(tmp_path / "kohya.safetensors", "k", format="kohya")
+    assert "lora_unet_layers_0_cross_attn_q_proj.lora_down.weight" in load_file(saved)
+    again = lora_loader.attach(tiny_ace_step(0))
+    again.load_lora_weights(saved, adapter_name="k")
+    assert_close(ace_step_output(again), ace_step_output(model), base)

@@ -198,3 +198,18 @@ def test_a_file_with_blocks_the_model_lacks_is_refused_and_changes_nothing(files
         report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
     assert sorted(report.skipped) == sorted(extra)
     assert_close(flux3_output(model), expected(files[0]["bfl"], "bfl"), files[1])
+
+
+def test_a_kohya_save_writes_the_original_names_and_loads_back_the_same(files, tmp_path):
+    """``save_lora_weights(format="kohya")`` writes the checkpoint's names (``lora_unet_content_mode_blocks_image_0_q_proj``), as the
+    family's trainers do, and the file loads back to the same output."""
+    from safetensors.torch import load_file
+
+    paths, base = files
+    model = lora_loader.attach(tiny_flux3(0))
+    model.load_lora_weights(paths["diffusers"], adapter_name="k")
+    saved = model.save_lora_weights(tmp_path / "kohya.safetensors", "k", format="kohya")
+    assert "lora_unet_content_mode_blocks_image_0_q_proj.lora_down.weight" in load_file(saved)
+    again = lora_loader.attach(tiny_flux3(0))
+    again.load_lora_weights(saved, adapter_name="k")
+    assert_close(flux3_output(again), flux3_output(model), base)

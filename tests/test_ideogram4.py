@@ -219,3 +219,18 @@ def test_a_file_with_layers_the_model_lacks_is_refused_and_changes_nothing(files
         report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
     assert sorted(report.skipped) == sorted(extra)
     assert_close(ideogram4_output(model), expected(files[0]["ai-toolkit"], "ai-toolkit"), files[1])
+
+
+def test_a_kohya_save_writes_the_original_names_and_loads_back_the_same(files, tmp_path):
+    """``save_lora_weights(format="kohya")`` writes the checkpoint's names (``lora_unet_layers_0_attention_qkv``), as the
+    family's trainers do, and the file loads back to the same output."""
+    from safetensors.torch import load_file
+
+    paths, base = files
+    model = lora_loader.attach(tiny_ideogram4(0))
+    model.load_lora_weights(paths["diffusers"], adapter_name="k")
+    saved = model.save_lora_weights(tmp_path / "kohya.safetensors", "k", format="kohya")
+    assert "lora_unet_layers_0_attention_qkv.lora_down.weight" in load_file(saved)
+    again = lora_loader.attach(tiny_ideogram4(0))
+    again.load_lora_weights(saved, adapter_name="k")
+    assert_close(ideogram4_output(again), ideogram4_output(model), base)
