@@ -69,6 +69,7 @@ def write(layout: str, pairs: dict, directory) -> str:
         "diffsynth": lambda: spell(pairs, lambda p: p, ".lora_A.default.weight", ".lora_B.default.weight", None),
         "kohya": lambda: spell(pairs, lambda p: "lora_unet_" + p.replace(".", "_"), ".lora_down.weight", ".lora_up.weight", ALPHA),
         "lycoris-lokr": lambda: lokr(pairs),
+        "lycoris-lora": lambda: spell(pairs, lambda p: "lycoris_" + p.replace(".", "_"), ".lora_down.weight", ".lora_up.weight", ALPHA),
     }
     return save_state_dict(writers[layout](), os.path.join(directory, f"{layout}.safetensors"))
 
@@ -96,6 +97,7 @@ LAYOUTS = {
     "diffsynth": ("diffusers", False),  # diffusers keeps the .default. infix, which peft does not read
     "kohya": ("kohya", False),
     "lycoris-lokr": ("kohya", False),
+    "lycoris-lora": ("kohya", False),  # ACE-Step's trainer with LyCORIS' algo="lora"
 }
 
 
