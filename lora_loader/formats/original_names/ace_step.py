@@ -15,7 +15,9 @@ with ``adapter_config.json``, or LyCORIS LoKr ``lycoris_layers_0_cross_attn_q_pr
 (``layers.0.self_attn.q_proj.lora_A.default.weight``), Kohya-style trainers (``lora_unet_layers_0_self_attn_q_proj``).
 
 These are a causal LM's names too (``layers.0.self_attn.q_proj``, ``mlp.gate_proj``): only the names an LM has not
-claim a file (``cross_attn``, the DiT's top-level modules), so an LM adapter in the same spelling is left alone.
+claim a file (``cross_attn``, the DiT's top-level modules), so an LM adapter in the same spelling is left alone; a
+file without them (self-attention only) is read by this table only when loaded into an ``AceStepTransformer1DModel``
+(`original_names.add_unclaimed`).
 """
 
 from __future__ import annotations
