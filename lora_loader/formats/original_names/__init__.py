@@ -98,16 +98,18 @@ def families_of(module_names) -> list[Family]:
     """
     deltas = module_names if isinstance(module_names, dict) else {}
     names = {name: name.replace(".", "_") for name in module_names}
+    scores = {family.name: family.score(list(names.values())) for family in FAMILIES}
     ruled_out = set()  # families whose widths a module contradicts where another family's fit it (`Family.shapes`)
-    for name, delta in deltas.items():
-        fits = {family.name: family.fits(names[name], delta) for family in FAMILIES}
-        if True in fits.values():
-            ruled_out |= {family for family, fit in fits.items() if fit is False}
+    if any(family.shapes and scores[family.name][1] for family in FAMILIES):  # else no width rule can change the pick
+        for name, delta in deltas.items():
+            fits = {family.name: family.fits(names[name], delta) for family in FAMILIES if family.shapes}
+            if True in fits.values():
+                ruled_out |= {family for family, fit in fits.items() if fit is False}
     best, best_score = [], (0, 0)
     for family in FAMILIES:
         if family.name in ruled_out:
             continue
-        known, in_blocks = family.score(list(names.values()))
+        known, in_blocks = scores[family.name]
         # Only block names claim a file: a top-level name (context_embedder) may be diffusers' name too.
         if in_blocks and (known, in_blocks) > best_score:
             best, best_score = [family], (known, in_blocks)
