@@ -18,7 +18,7 @@ weights map instead (see `offload`).
 Keeping the original tensors beside the fused ones doubles the targeted weights' memory
 on the accelerator (20+ GB for Flux in bf16). ``fuse_lora(keep_originals=...)`` chooses
 where the originals wait for `unfuse`: ``"device"`` (the tensors themselves, as above),
-``"cpu"`` (a copy in CPU memory, pinned when CUDA is available) or ``"disk"`` (a temporary
+``"cpu"`` (a copy in CPU memory, page-locked when CUDA is available) or ``"disk"`` (a temporary
 file); off the device, the fused weight is written into the parameter in place, so the
 accelerator never holds more than one layer's temporary beside the model. ``"auto"``
 (the default) keeps them on the device when its free memory holds the fused copies with a
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import tempfile
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -429,17 +430,24 @@ class Parked:
 
 
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of ``tensor`` in CPU memory: pinned when CUDA is available (copies back are fast and need not
-    wait), pageable when pinned memory runs out."""
-    out = None
-    if torch.cuda.is_available():
-        try:
-            out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        except RuntimeError:
-            out = None
-    if out is None:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-    return out.copy_(tensor)  # from an accelerator: waits for the copy, so the parameter can be written next
+    """A copy of ``tensor`` in CPU memory, page-locked when CUDA is available (see `_page_locked_empty`)."""
+    return _page_locked_empty(tensor.shape, tensor.dtype).copy_(tensor)  # waits: the parameter can be written next
+
+
+def _page_locked_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """An empty CPU tensor CUDA copies to and from at full speed: page-locked with ``cudaHostRegister`` and
+    unlocked when the tensor is collected; pageable without CUDA or when CUDA refuses. Not ``pin_memory=True``:
+    PyTorch's pinned allocator rounds every block up to a power of two (a 72 MiB Flux weight takes 128 MiB)
+    and keeps freed blocks for itself, so the originals' memory would outlive the unfuse."""
+    out = torch.empty(shape, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    if nbytes and torch.cuda.is_available():
+        cudart = torch.cuda.cudart()
+        if int(cudart.cudaHostRegister(out.data_ptr(), nbytes, 0)) == 0:
+            # Runs when the tensor object goes, before its memory is freed. Every copy from it is blocking,
+            # so no transfer can still be reading it then.
+            weakref.finalize(out, cudart.cudaHostUnregister, out.data_ptr())
+    return out
 
 
 class InMemory(Parked):
@@ -455,9 +463,7 @@ class InMemory(Parked):
         return self.values.dtype
 
     def put_into(self, target: torch.Tensor) -> None:
-        # From pinned memory the copy runs on the stream, ordered before anything later reads the parameter;
-        # PyTorch keeps the pinned block alive until it is done.
-        target.copy_(self.values, non_blocking=self.values.is_pinned())
+        target.copy_(self.values)
 
     def swap(self, target: torch.Tensor) -> None:
         values = _cpu_copy(target)

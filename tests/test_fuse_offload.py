@@ -129,6 +129,36 @@ def test_unfuse_is_exact_after_the_fused_model_is_converted(mode, disabled, cpu_
     assert_equal_states(model, expected)
 
 
+def test_cpu_parking_page_locks_the_originals_and_unlocks_them_after_unfuse(monkeypatch, cpu_is_an_accelerator):
+    """With CUDA, "cpu" page-locks each parked weight's own memory (cudaHostRegister: no power-of-two blocks, no
+    cache keeping it after the unfuse) and unlocks it when the parked copy goes. CUDA's calls are recorded here."""
+    import gc
+
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", ptr, nbytes))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: FakeCudart())
+    model = tiny_model()
+    before = state(model)
+    load_three(model)
+    model.fuse_lora(keep_originals="cpu")
+    registered = {ptr: n for kind, ptr, *n in calls if kind == "register"}
+    assert sorted(n[0] for n in registered.values()) == sorted(model[i].weight.numel() * 4 for i in range(3))
+    model.unfuse_lora()
+    gc.collect()
+    assert {ptr for kind, ptr, *_ in calls if kind == "unregister"} == set(registered)
+    assert_equal_states(model, before)
+
+
 def test_a_weight_in_cpu_memory_stays_as_it_is_with_cpu():
     """On a CPU-only model ``"cpu"`` has nothing to save: the original tensor itself is kept, as with ``"device"``."""
     model = tiny_model()
