@@ -102,7 +102,8 @@ def fuse_layer(module: LoraLayer, adapters: list[tuple[LoraAdapter, float]], kee
     """Write ``sum(w * delta)`` into the module's weight (and bias); keep the original tensors to restore.
 
     The plain LoRA adapters of a layer are fused with one ``addmm`` in fp32 over
-    their concatenated factors (``W + [w_i s_i B_i] @ [A_i]``): no dense delta in between,
+    their concatenated factors (``W + [w_i s_i B_i] @ [A_i]``; one adapter's own factors,
+    ``w s`` as addmm's alpha): no dense delta in between,
     and no tensor allocated that the layer does not keep: an fp32 weight gets one new tensor
     (the original stays as it is), an fp16/bf16 one is fused in its fp32 upcast in place.
     DoRA adapters add their dense delta. A LoRA on parameters writes each adapted parameter
@@ -166,15 +167,20 @@ def _fused_weight(module: nn.Module, base: torch.Tensor, adapters, in_place: boo
     dense = [dense_delta(module, a, w)[0] for a, w in adapters if type(a) is FactorAdapter or a.magnitude is not None]
     plain = [(a, w) for a, w in adapters if is_plain_lora(a)]
     if plain:
-        up = torch.cat([a.up.detach().flatten(1).float() * (w * a.scale) for a, w in plain], dim=1)
-        down = torch.cat([a.down.detach().flatten(1).float() for a, _ in plain], dim=0)
+        if len(plain) == 1:  # the factors as they are, the scale as addmm's alpha: no copy of either
+            (a, w), = plain
+            up, down, alpha = a.up.detach().flatten(1).float(), a.down.detach().flatten(1).float(), w * a.scale
+        else:
+            up = torch.cat([a.up.detach().flatten(1).float() * (w * a.scale) for a, w in plain], dim=1)
+            down = torch.cat([a.down.detach().flatten(1).float() for a, _ in plain], dim=0)
+            alpha = 1.0
         up, down = up.to(base.device), down.to(base.device)
         if layer_type(module) in ("conv1d", "embedding"):  # weight stored [in, out]: W + (B A)^T = W + A^T B^T
-            fused = base.addmm_(down.T, up.T) if in_place else torch.addmm(base, down.T, up.T)
+            fused = base.addmm_(down.T, up.T, alpha=alpha) if in_place else torch.addmm(base, down.T, up.T, alpha=alpha)
         elif in_place:
-            fused = base.view(base.shape[0], -1).addmm_(up, down).view(base.shape)
+            fused = base.view(base.shape[0], -1).addmm_(up, down, alpha=alpha).view(base.shape)
         else:
-            fused = torch.addmm(base.reshape(base.shape[0], -1), up, down).view(base.shape)
+            fused = torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha).view(base.shape)
     else:
         fused = base if in_place else base.clone()
     for d in dense:
@@ -397,7 +403,7 @@ class OriginalsKeeper:
 def originals_keeper(keep_originals: str, modules) -> OriginalsKeeper:
     """The `OriginalsKeeper` for fusing ``modules`` (``keep_originals`` resolved by `where_to_keep` over the
     weights that could be parked: not quantized, not offloaded by accelerate, not a LoRA on parameters)."""
-    weights = [
+    weights = [] if keep_originals != "auto" else [  # only "auto" looks at them
         module.weight for module in modules
         if not isinstance(module, param_layer.LoraParamMixin) and not quantized.is_quantized(module)
         and not offload.is_offloaded(module) and isinstance(getattr(module, "weight", None), torch.Tensor)
