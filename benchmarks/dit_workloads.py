@@ -101,8 +101,9 @@ def wan_size(blocks: int = 2, quick: bool = False) -> DitSize:
 
 
 def build(size: DitSize, seed: int, dtype: torch.dtype = torch.bfloat16, fill: bool = True, blocks_only: bool = False) -> nn.Module:
-    """The transformer with seeded weights in ``dtype``. ``blocks_only``: only the blocks get values (the
-    forward figure calls the blocks directly, so the embedders' memory is never touched and stays unmapped)."""
+    """The transformer with seeded weights in ``dtype``. ``blocks_only``: only the first block of each kind
+    gets values (the forward figure calls those directly, so the rest of the memory is never touched and
+    stays unmapped)."""
     from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
     cls = FluxTransformer2DModel if size.family == "flux" else WanTransformer3DModel
@@ -112,7 +113,7 @@ def build(size: DitSize, seed: int, dtype: torch.dtype = torch.bfloat16, fill: b
     if blocks_only:
         for name, child in model.named_children():
             if name.endswith("blocks"):
-                fill_seeded(child, seed)
+                fill_seeded(child[0], seed)
     elif fill:
         fill_seeded(model, seed)
     else:
