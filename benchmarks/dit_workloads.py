@@ -147,7 +147,7 @@ def fingerprints(model: nn.Module) -> dict[str, str]:
     for name, p in model.named_parameters():
         if "lora_" in name:
             continue
-        t = p.detach().contiguous()
+        t = p.detach().cpu().contiguous()
         raw = t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
         out[name.replace(".base_layer.", ".")] = hashlib.sha1(raw.numpy().tobytes()).hexdigest()
     return out
