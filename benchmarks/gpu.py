@@ -8,7 +8,7 @@
 The same workloads as run.py and bench_dit.py (nothing downloaded, seeded weights, the same Kohya, PEFT,
 ai-toolkit, sd-scripts and LyCORIS files), moved to the accelerator, with fewer rounds so that the whole
 script runs twice in the few minutes a lent GPU machine gives. Both libraries run in one process, in
-alternating rounds; every timed call ends with ``torch.cuda.synchronize()``. Groups (``--only``):
+alternating rounds; every timed call ends with ``torch.cuda.synchronize()``; 2 rounds by default. Groups (``--only``):
 
 - ``sd``: the SD 1.5 UNet + CLIP text encoder in fp16 and the 36 MiB Kohya rank-32 file: load (1st and 10th
   adapter, against the safetensors read), switch (``set_adapters`` / ``disable_lora`` / ``enable_lora`` with 1
@@ -16,8 +16,8 @@ alternating rounds; every timed call ends with ``torch.cuda.synchronize()``. Gro
   fuse + unfuse (and bit-exactness), and the accelerator memory a load and a fuse add (run.py's ``rss``
   figure, measured where it matters on a GPU).
 - ``lm``: the 1.1 B Llama in bf16 against transformers' ``load_adapter`` (peft): load, set_adapter, forward.
-- ``dit``: benchmarks/bench_dit.py with ``--device cuda --dtype bf16`` (Flux 2 double + 4 single blocks, Wan 4
-  blocks: more than the CPU run, fewer than the full model; the extrapolation column scales them).
+- ``dit``: benchmarks/bench_dit.py with ``--device cuda --dtype bf16`` and the CPU run's blocks (Flux 1 double +
+  2 single, Wan 2), so the two tables compare row by row; the extrapolation column scales them.
 
 No GPU is needed for ``--dry-run``: it runs every group at tiny sizes on the CPU (fp32 where the CPU lacks
 the half-precision kernels), to check the script before the device time is spent.
@@ -334,7 +334,7 @@ def dit_group(g: Gpu, args) -> str:
     import bench_dit
 
     argv = ["--device", g.device, "--dtype", "bf16" if g.cuda else "fp32", "--repeats", str(args.repeats), "--forward-repeats", "3"]
-    argv += ["--quick", "--forward-repeats", "1"] if args.dry_run else ["--flux-blocks", "2,4", "--wan-blocks", "4"]
+    argv += ["--quick", "--forward-repeats", "1"] if args.dry_run else ["--flux-blocks", "1,2", "--wan-blocks", "2"]
     print(f"\n== dit: bench_dit.py {' '.join(argv)}", flush=True)
     dit_args = bench_dit.parse_args(argv)
     text, _ = bench_dit.run(dit_args)
@@ -376,14 +376,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: check the script without a GPU")
     p.add_argument("--only", default=None, help=f"comma-separated groups from {','.join(GROUPS)} (default all)")
-    p.add_argument("--repeats", type=int, default=None, help="rounds per figure (default 3, --dry-run 1)")
+    p.add_argument("--repeats", type=int, default=None, help="rounds per figure (default 2, so two runs fit a lent machine's minutes; --dry-run 1)")
     p.add_argument("--small", type=int, default=None, help="small adapters loaded for the switch figure (default 20, --dry-run 4)")
     p.add_argument("--out", default=None, help="markdown file (default $OUT/gpu.md when $OUT is set, else benchmarks/RESULTS-gpu.md; "
                    "--dry-run prints only unless --out is given)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own on a GPU machine, 1 for --dry-run)")
     args = p.parse_args(argv)
     args.argv = list(argv)
-    args.repeats = args.repeats or (1 if args.dry_run else 3)
+    args.repeats = args.repeats or (1 if args.dry_run else 2)
     args.small = args.small or (4 if args.dry_run else 20)
     args.groups = GROUPS if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
     if set(args.groups) - set(GROUPS):
