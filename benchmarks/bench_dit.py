@@ -365,12 +365,21 @@ def rss_child(args) -> None:
 # -- the table ------------------------------------------------------------------------------------------------
 
 
+def fmt_big(v: float, unit: str) -> str:
+    """fmt_value, with minutes for long times and GiB for large sizes (the extrapolations reach both)."""
+    if unit in ("s", "ms") and v >= 120:
+        return f"{v / 60:.1f} min"
+    if unit == "MiB" and v >= 1024:
+        return f"{v / 1024:.2f} GiB"
+    return fmt_value(v, unit)
+
+
 def extrapolated(row: DitRow, lib_values) -> str:
     if row.scale_text:
         return row.scale_text
     if row.scale is None or not lib_values:
         return "-"
-    return fmt_value(med(lib_values) * row.scale, row.unit)
+    return fmt_big(med(lib_values) * row.scale, row.unit)
 
 
 def extra_cell(row: DitRow) -> str:
@@ -434,7 +443,7 @@ def markdown(benches: list[FamilyBench], info: dict, argv: list[str], elapsed: f
             if keep:
                 lines += ["", f"{label}, extrapolated (x{factor:g}):", ""]
                 lines += [f"- {r.figure}: {r.what}: " + "; ".join(
-                    f"{name} {fmt_value(med(vals) * factor, r.unit)}" for name, vals in ((LL, r.ll), (r.other_name.split(':')[0], r.other)) if vals)
+                    f"{name} {fmt_big(med(vals) * factor, r.unit)}" for name, vals in ((LL, r.ll), (r.other_name.split(':')[0], r.other)) if vals)
                     for r in keep]
         lines += [""]
         if b.checks:

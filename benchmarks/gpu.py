@@ -164,8 +164,8 @@ def sd_group(g: Gpu, t: Table, args, workdir: Path) -> None:
     speed, x_read = med(first[DP]) / med(first[LL]), med(first[LL]) / med(reads)
     t.add(Row("load", "load_lora_weights, 1st adapter", "ms", first[LL], first[DP], DP, target="<= 2x the read, >= 5x faster",
               met=x_read <= 2 and speed >= 5, verdict=f"{verdict(x_read <= 2, f'{x_read:.2f}x the read')}; {verdict(speed >= 5, f'{speed:.1f}x faster')}"))
-    t.add(Row("load", f"load_lora_weights, {n_load}th adapter", "ms", last[LL], last[DP], DP))
-    t.add(Row("load", f"{n_load}th / 1st (per round)", "x", ratio[LL], ratio[DP], DP, kind="plain", target="<= 1.10x",
+    t.add(Row("load", f"load_lora_weights, adapter {n_load} ({n_load - 1} loaded)", "ms", last[LL], last[DP], DP))
+    t.add(Row("load", f"adapter {n_load} / adapter 1 (per round)", "x", ratio[LL], ratio[DP], DP, kind="plain", target="<= 1.10x",
               met=med(ratio[LL]) <= 1.1, verdict=verdict(med(ratio[LL]) <= 1.1, f"{med(ratio[LL]):.2f}x")))
     if g.cuda:
         t.add(Row("memory", "peak accelerator memory added by the 1st load (MiB)", "MiB", peak[LL], peak[DP], DP, kind="plain"))
@@ -350,7 +350,7 @@ def markdown(t: Table, info: dict, g: Gpu, args, elapsed: float, dit: str) -> st
         f"# lora_loader vs diffusers+peft / transformers+peft on {dev}",
         "",
         f"Written by `{' '.join(['python', 'benchmarks/gpu.py'] + args.argv)}` ({elapsed / 60:.1f} min), {args.repeats} rounds, "
-        f"SD in {str(g.half).split('.')[-1]}, the LM and the DiTs in bf16. Each cell: median [min – max]; ratio: how many times faster "
+        f"SD in {str(g.half).split('.')[-1]}, the LM in bf16, the DiTs in {'bf16' if g.cuda else 'fp32'}. Each cell: median [min – max]; ratio: how many times faster "
         "lora_loader is (medians). Every timed call ends with a device synchronize.",
         "",
         "| | |",
