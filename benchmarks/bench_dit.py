@@ -310,7 +310,7 @@ class FamilyBench:
         warm = str(self.workdir / f"{size.family}_warm.safetensors")
         write_file(size, self.pipes[LL].transformer, entry[0], warm, 2, seed=7, max_blocks=1)
         mib = os.path.getsize(path) / 2**20
-        peak, kept = {LL: [], DP: []}, {LL: [], DP: []}
+        peak, kept, held = {LL: [], DP: []}, {LL: [], DP: []}, {LL: [], DP: []}
         blocks = ",".join(str(b) for b in size.blocks)
         for r in range(args.rss_repeats):
             for lib in ((LL, DP) if r % 2 == 0 else (DP, LL)):
@@ -323,11 +323,14 @@ class FamilyBench:
                 res = json.loads(line[len("RSS-JSON "):])
                 peak[lib].append((res["peak"] - res["before"]) / 2**20)
                 kept[lib].append((res["after"] - res["before"]) / 2**20)
+                held[lib].append(res["held"] / 2**20)
                 print(f"  rss {lib}: peak +{peak[lib][-1]:.1f} MiB, kept +{kept[lib][-1]:.1f} MiB", flush=True)
         what = layout_text(size, *entry)
         self.add(DitRow("rss", f"peak RSS increase of the 1st load, {what} ({mib:.1f} MiB file)", "MiB", peak[LL], peak[DP], DP,
                         kind="plain", scale=size.scale, verdict=f"{LL}: {med(peak[LL]) / mib:.2f}x the file; {DP}: {med(peak[DP]) / mib:.2f}x"))
         self.add(DitRow("rss", "RSS kept after the load", "MiB", kept[LL], kept[DP], DP, kind="plain", scale=size.scale))
+        self.add(DitRow("rss", "bytes of the adapter's tensors after the load (RSS can be below it where the load reuses heap "
+                        "memory freed earlier)", "MiB", held[LL], held[DP], DP, kind="plain", scale=size.scale))
 
     def close(self) -> None:
         self.pipes.clear()
@@ -359,7 +362,10 @@ def rss_child(args) -> None:
     gc.collect()
     trim()
     after = proc_status("VmRSS")
-    print("RSS-JSON " + json.dumps({"before": before, "peak": peak, "after": after}), flush=True)
+    from many_adapters import ll_bytes, peft_bytes
+
+    held = (ll_bytes if args.rss_child == LL else peft_bytes)(pipe.transformer, "x")  # what the adapter's tensors take
+    print("RSS-JSON " + json.dumps({"before": before, "peak": peak, "after": after, "held": held}), flush=True)
 
 
 # -- the table ------------------------------------------------------------------------------------------------
