@@ -8,7 +8,7 @@ weights, nothing downloaded; writes the files trainers write for them (see dit_w
 rank 16 and 32 on every block linear, sd-scripts' Kohya Flux file in BFL names, a LyCORIS LoKr file); and
 times both libraries in one process, in alternating rounds, with ``torch.set_num_threads(1)``.
 
-    python benchmarks/bench_dit.py            # full run (~20 min on a 2-core CPU); writes the
+    python benchmarks/bench_dit.py            # full run (~35 min on a shared 2-core CPU); writes the
                                               # "DiT at real widths" section of benchmarks/RESULTS.md
     python benchmarks/bench_dit.py --quick    # 512-wide models, 1 round (< 3 min): a smoke run; prints only
     python benchmarks/bench_dit.py --flux-blocks 2,4 --wan-blocks 3 --out /tmp/dit.md
