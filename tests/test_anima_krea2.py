@@ -1,0 +1,334 @@
+"""Anima (``AnimaModularPipeline``: ``transformer`` a Cosmos-Predict2 DiT, ``text_conditioner`` its LLM adapter) and
+Krea 2 (``Krea2Pipeline``, ``Krea2Transformer2DModel``): every layout their LoRAs come in.
+
+Anima: one rank-4 LoRA on the original checkpoint's DiT modules (``blocks.N.self_attn.q_proj``, ``output_proj``,
+``cross_attn.*``, ``mlp.layer1`` / ``layer2``, the adaLN-LoRA ``adaln_modulation_*.{1,2}``, ``x_embedder.proj.1``,
+``t_embedder.1.linear_1``, ``final_layer.*``) and on the LLM adapter (``llm_adapter.blocks.N.self_attn.q_proj``,
+``cross_attn.o_proj``, ``mlp.0``, ``out_proj``) written as ComfyUI / diffusion-pipe / ai-toolkit write it
+(``diffusion_model.`` + lora_A / lora_B: what diffusers' Anima converter reads, the LLM adapter to
+``text_conditioner``), as sd-scripts writes it (``lora_unet_blocks_0_self_attn_q_proj`` + ``.alpha``), as its
+``convert_anima_lora_to_comfy.py`` writes that (``diffusion_model.`` + lora_A / lora_B + ``.alpha``), and in diffusers'
+own names (``transformer.`` / ``text_conditioner.``).
+
+Krea 2: one LoRA on ``blocks.N.attn.{wq,wk,wv,wo,gate}``, ``blocks.N.mlp.{gate,up,down}``, the text fusion's blocks
+and ai-toolkit's top-level names (``first``, ``tmlp.0``, ``txtmlp.1``, ``last.linear``, ...), written as Krea's trainer /
+ComfyUI (``diffusion_model.``), ai-toolkit (``base_model.model.``), Kohya (``lora_unet_blocks_0_attn_wq``: the file
+the issue reports refused) write it, and in diffusers' names.
+
+Each layout is compared with a merge of the file's own tensors into the weights computed here (W + alpha / r * B @ A)
+and with diffusers+peft wherever diffusers' converter reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import Krea2Pipeline
+from producers import save_state_dict
+from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, random_pairs, spell
+from tiny_tail_a import conditioner_output, cosmos_output, krea2_output, tiny_anima_conditioner, tiny_cosmos, tiny_krea2
+
+import lora_loader
+from lora_loader import LoraError
+from lora_loader.families import detect_family
+from lora_loader.formats import convert
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def read(path: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def merge_into(model, tensors: dict, resolve) -> None:
+    """``W += alpha / r * B @ A`` for each module of the raw file (scale 1 without an alpha), computed here."""
+    groups: dict[str, dict] = {}
+    roles = {".lora_A.weight": "down", ".lora_B.weight": "up", ".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+    for key, tensor in tensors.items():
+        suffix = next(s for s in roles if key.endswith(s))
+        groups.setdefault(key[: -len(suffix)], {})[roles[suffix]] = tensor
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for stem, parts in groups.items():
+            path = resolve(stem)
+            if path is None:
+                continue
+            scale = float(parts["alpha"]) / parts["down"].shape[0] if "alpha" in parts else 1.0
+            modules[path].weight += scale * parts["up"] @ parts["down"]
+
+
+# -- Anima ------------------------------------------------------------------------------------------------------------
+
+_ANIMA_BLOCK = {"self_attn.q_proj": "attn1.to_q", "self_attn.k_proj": "attn1.to_k", "self_attn.v_proj": "attn1.to_v",
+                "self_attn.output_proj": "attn1.to_out.0", "cross_attn.q_proj": "attn2.to_q", "cross_attn.k_proj": "attn2.to_k",
+                "cross_attn.v_proj": "attn2.to_v", "cross_attn.output_proj": "attn2.to_out.0", "mlp.layer1": "ff.net.0.proj",
+                "mlp.layer2": "ff.net.2", "adaln_modulation_self_attn.1": "norm1.linear_1", "adaln_modulation_self_attn.2": "norm1.linear_2",
+                "adaln_modulation_cross_attn.1": "norm2.linear_1", "adaln_modulation_mlp.2": "norm3.linear_2"}  # fmt: skip
+_ANIMA_TOP = {"x_embedder.proj.1": "patch_embed.proj", "t_embedder.1.linear_1": "time_embed.t_embedder.linear_1",
+              "final_layer.adaln_modulation.1": "norm_out.linear_1", "final_layer.linear": "proj_out"}  # fmt: skip
+# original (after diffusion_model.) -> (component, diffusers path)
+ANIMA = {f"blocks.{i}.{o}": ("transformer", f"transformer_blocks.{i}.{d}") for i in (0, 1) for o, d in _ANIMA_BLOCK.items()} | {
+    o: ("transformer", d) for o, d in _ANIMA_TOP.items()} | {
+    f"llm_adapter.blocks.{i}.{leaf}": ("text_conditioner", f"blocks.{i}.{leaf}")
+    for i in (0, 1) for leaf in ("self_attn.q_proj", "self_attn.o_proj", "cross_attn.k_proj", "cross_attn.v_proj", "mlp.0", "mlp.2")} | {
+    "llm_adapter.out_proj": ("text_conditioner", "out_proj")}  # fmt: skip
+
+
+def anima_pipeline(seed: int = 0):
+    from diffusers.modular_pipelines.anima.modular_blocks_anima import AnimaAutoBlocks
+
+    pipe = AnimaAutoBlocks().init_pipeline()
+    pipe.update_components(transformer=tiny_cosmos(seed), text_conditioner=tiny_anima_conditioner(seed))
+    return pipe
+
+
+def anima_outputs(pipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer's output on the text conditioner's output, and that output."""
+    text = conditioner_output(pipe.text_conditioner)
+    return cosmos_output(pipe.transformer, text), text
+
+
+def anima_pairs(seed: int = 1) -> dict:
+    pipe = anima_pipeline()
+    pairs = {}
+    for original, (component, path) in ANIMA.items():
+        pairs[original] = random_pairs(getattr(pipe, component), {path: path}, seed + len(pairs))[path]
+    return pairs
+
+
+def anima_write(layout: str, pairs: dict, directory) -> str:
+    diffusers_names = {ANIMA[o][0] + "." + ANIMA[o][1]: p for o, p in pairs.items()}
+    writers = {
+        "comfyui": lambda: spell(pairs, lambda p: "diffusion_model." + p, ".lora_A.weight", ".lora_B.weight", None),
+        "sd-scripts": lambda: spell(pairs, lambda p: "lora_unet_" + p.replace(".", "_"), ".lora_down.weight", ".lora_up.weight", ALPHA),
+        "sd-scripts-comfy": lambda: spell(pairs, lambda p: "diffusion_model." + p, ".lora_A.weight", ".lora_B.weight", ALPHA),
+        "diffusers": lambda: spell(diffusers_names, lambda p: p, ".lora_A.weight", ".lora_B.weight", None),
+    }
+    return save_state_dict(writers[layout](), os.path.join(os.fspath(directory), f"anima-{layout}.safetensors"))
+
+
+def anima_resolve(component: str):
+    table = {o.replace(".", "_"): (c, d) for o, (c, d) in ANIMA.items()} | {f"{c}_{d}".replace(".", "_"): (c, d) for c, d in ANIMA.values()}
+
+    def resolve(stem: str):
+        for prefix in ("diffusion_model.", "lora_unet_"):
+            stem = stem.removeprefix(prefix)
+        c, d = table[stem.replace(".", "_")]
+        return d if c == component else None
+
+    return resolve
+
+
+def anima_expected(tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = anima_pipeline()
+    merge_into(pipe.transformer, tensors, anima_resolve("transformer"))
+    merge_into(pipe.text_conditioner, tensors, anima_resolve("text_conditioner"))
+    return anima_outputs(pipe)
+
+
+ANIMA_LAYOUTS = {"comfyui": ("comfyui", True), "sd-scripts": ("kohya", False), "sd-scripts-comfy": ("comfyui", False),
+                 "diffusers": ("diffusers", True)}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def anima_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("anima")
+    pairs = anima_pairs()
+    return {layout: anima_write(layout, pairs, directory) for layout in ANIMA_LAYOUTS}, anima_outputs(anima_pipeline())
+
+
+@pytest.mark.parametrize("layout", sorted(ANIMA_LAYOUTS))
+def test_anima_layouts_load_into_transformer_and_text_conditioner(layout, anima_files):
+    paths, (base, base_text) = anima_files
+    fmt, diffusers_reads = ANIMA_LAYOUTS[layout]
+    tensors = read(paths[layout])
+    want, want_text = anima_expected(tensors)
+    if diffusers_reads:
+        theirs = anima_pipeline()
+        theirs.load_lora_weights(dict(tensors), adapter_name="d")
+        got, got_text = anima_outputs(theirs)
+        assert_close(got_text, want_text, base_text)
+        assert_close(got, want, base)
+    pipe = lora_loader.attach(anima_pipeline())
+    report = pipe.load_lora_weights(paths[layout], adapter_name="a")
+    assert report.format == fmt and not report.skipped
+    got, got_text = anima_outputs(pipe)
+    assert_close(got_text, want_text, base_text)
+    assert_close(got, want, base)
+    assert detect_family(convert(tensors).deltas)[0] == "anima"
+
+
+def test_anima_blend_disable_fuse_unfuse_and_unload(anima_files, tmp_path):
+    paths, (base, base_text) = anima_files
+    other = anima_write("comfyui", anima_pairs(seed=50), tmp_path)
+    theirs = anima_pipeline()
+    theirs.load_lora_weights(read(paths["comfyui"]), adapter_name="a")
+    theirs.load_lora_weights(read(other), adapter_name="b")
+    theirs.set_adapters(["a", "b"], [0.7, 0.3])
+    pipe = lora_loader.attach(anima_pipeline())
+    before = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("transformer", "text_conditioner")}
+    pipe.load_lora_weights(paths["sd-scripts"], adapter_name="a")  # the same LoRA as the comfyui file
+    pipe.load_lora_weights(other, adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.7, 0.3])
+    got, got_text = anima_outputs(pipe)
+    want, want_text = anima_outputs(theirs)
+    assert_close(got_text, want_text, base_text)
+    assert_close(got, want, base)
+    pipe.disable_lora()
+    assert all(torch.equal(x, y) for x, y in zip(anima_outputs(pipe), (base, base_text)))
+    pipe.enable_lora()
+    pipe.fuse_lora()
+    assert_close(anima_outputs(pipe)[0], got, base)
+    pipe.unfuse_lora()
+    for c, state in before.items():
+        after = getattr(pipe, c).state_dict()
+        assert all(torch.equal(after[k], state[k]) for k in state)
+    pipe.unload_lora_weights()
+    assert all(torch.equal(x, y) for x, y in zip(anima_outputs(pipe), (base, base_text)))
+
+
+def test_anima_file_with_blocks_the_model_lacks_is_refused_and_changes_nothing(anima_files):
+    tensors = read(anima_files[0]["sd-scripts"])
+    extra = ["lora_unet_blocks_7_self_attn_q_proj.lora_down.weight", "lora_unet_blocks_7_self_attn_q_proj.lora_up.weight"]
+    tensors[extra[0]], tensors[extra[1]] = torch.ones(RANK, 24), torch.ones(24, RANK)
+    pipe = lora_loader.attach(anima_pipeline())
+    before = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in ("transformer", "text_conditioner")}
+    with pytest.raises(LoraError, match="lora_unet_blocks_7_self_attn_q_proj"):
+        pipe.load_lora_weights(tensors, adapter_name="x")
+    for c, state in before.items():
+        after = getattr(pipe, c).state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    with pytest.warns(lora_loader.LoraWarning):
+        report = pipe.load_lora_weights(tensors, adapter_name="x", strict=False)
+    assert sorted(report.skipped) == sorted(extra)
+
+
+def test_lora_loader_inspect_names_anima(anima_files, capsys):
+    from lora_loader.cli import main
+
+    for layout in ("sd-scripts", "comfyui"):
+        assert main(["inspect", anima_files[0][layout], "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["family"] == "anima"
+
+
+# -- Krea 2 -----------------------------------------------------------------------------------------------------------
+
+_KREA_BLOCK = {"attn.wq": "attn.to_q", "attn.wk": "attn.to_k", "attn.wv": "attn.to_v", "attn.wo": "attn.to_out.0",
+               "attn.gate": "attn.to_gate", "mlp.gate": "ff.gate", "mlp.up": "ff.up", "mlp.down": "ff.down"}  # fmt: skip
+KREA = {f"blocks.{i}.{o}": f"transformer_blocks.{i}.{d}" for i in (0, 1) for o, d in _KREA_BLOCK.items()} | {
+    f"txtfusion.{kind}.0.{o}": f"text_fusion.{kind}.0.{d}" for kind in ("layerwise_blocks", "refiner_blocks")
+    for o, d in _KREA_BLOCK.items() if o in ("attn.wq", "attn.wo", "mlp.up")} | {
+    "first": "img_in", "last.linear": "final_layer.linear", "tmlp.0": "time_embed.linear_1", "tmlp.2": "time_embed.linear_2",
+    "tproj.1": "time_mod_proj", "txtmlp.1": "txt_in.linear_1", "txtmlp.3": "txt_in.linear_2", "txtfusion.projector": "text_fusion.projector"}  # fmt: skip
+
+
+def krea_pairs(seed: int = 1) -> dict:
+    pairs = random_pairs(tiny_krea2(0), {d: d for d in KREA.values()}, seed)
+    return {o: pairs[d] for o, d in KREA.items()}
+
+
+def krea_write(layout: str, pairs: dict, directory) -> str:
+    diffusers_names = {KREA[o]: p for o, p in pairs.items()}
+    writers = {
+        "comfyui": lambda: spell(pairs, lambda p: "diffusion_model." + p, ".lora_A.weight", ".lora_B.weight", None),
+        "ai-toolkit": lambda: spell(pairs, lambda p: "base_model.model." + p, ".lora_A.weight", ".lora_B.weight", None),
+        "kohya": lambda: spell(pairs, lambda p: "lora_unet_" + p.replace(".", "_"), ".lora_down.weight", ".lora_up.weight", ALPHA),
+        "comfyui-kohya": lambda: spell(pairs, lambda p: "diffusion_model." + p, ".lora_down.weight", ".lora_up.weight", ALPHA),
+        "kohya-diffusers-names": lambda: spell(diffusers_names, lambda p: "lora_unet_" + p.replace(".", "_"), ".lora_down.weight", ".lora_up.weight", ALPHA),
+        "diffusers": lambda: spell(diffusers_names, lambda p: "transformer." + p, ".lora_A.weight", ".lora_B.weight", None),
+    }
+    return save_state_dict(writers[layout](), os.path.join(os.fspath(directory), f"krea2-{layout}.safetensors"))
+
+
+KREA_LAYOUTS = {"comfyui": ("comfyui", True), "ai-toolkit": ("peft", True), "kohya": ("kohya", False),
+                "comfyui-kohya": ("comfyui", False), "kohya-diffusers-names": ("kohya", False), "diffusers": ("diffusers", True)}  # fmt: skip
+
+
+def krea_resolve(stem: str):
+    table = {o.replace(".", "_"): d for o, d in KREA.items()} | {d.replace(".", "_"): d for d in KREA.values()}
+    for prefix in ("diffusion_model.", "base_model.model.", "transformer.", "lora_unet_"):
+        stem = stem.removeprefix(prefix)
+    return table[stem.replace(".", "_")]
+
+
+def krea_expected(tensors: dict) -> torch.Tensor:
+    model = tiny_krea2(0)
+    merge_into(model, tensors, krea_resolve)
+    return krea2_output(model)
+
+
+@pytest.fixture(scope="module")
+def krea_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("krea2")
+    pairs = krea_pairs()
+    return {layout: krea_write(layout, pairs, directory) for layout in KREA_LAYOUTS}, krea2_output(tiny_krea2(0))
+
+
+@pytest.mark.parametrize("layout", sorted(KREA_LAYOUTS))
+def test_krea2_layouts(layout, krea_files):
+    paths, base = krea_files
+    fmt, diffusers_reads = KREA_LAYOUTS[layout]
+    tensors = read(paths[layout])
+    want = krea_expected(tensors)
+    if diffusers_reads:
+        theirs, _ = diffusers_output(Krea2Pipeline, tiny_krea2, krea2_output, dict(tensors))
+        assert_close(theirs, want, base)
+    model = lora_loader.attach(tiny_krea2(0))
+    report = model.load_lora_weights(paths[layout], adapter_name="k")
+    assert report.format == fmt and not report.skipped
+    assert_close(krea2_output(model), want, base)
+    assert detect_family(convert(tensors).deltas)[0] == "krea2"
+
+
+def test_krea2_blend_disable_fuse_unfuse_unload(krea_files, tmp_path):
+    paths, base = krea_files
+    other = read(krea_write("comfyui", krea_pairs(seed=40), tmp_path))
+    _, theirs = diffusers_output(Krea2Pipeline, tiny_krea2, krea2_output, read(paths["comfyui"]), adapter="a")
+    theirs.load_lora_adapter(Krea2Pipeline.lora_state_dict(dict(other)), prefix="transformer", adapter_name="b")
+    theirs.set_adapters(["a", "b"], [0.7, 0.3])
+    model = lora_loader.attach(tiny_krea2(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_lora_weights(paths["kohya"], adapter_name="a")  # the same LoRA, Kohya-named
+    model.load_lora_weights(other, adapter_name="b")
+    model.set_adapters(["a", "b"], [0.7, 0.3])
+    blended = krea2_output(model)
+    assert_close(blended, krea2_output(theirs), base)
+    model.disable_lora()
+    assert torch.equal(krea2_output(model), base)
+    model.enable_lora()
+    model.fuse_lora()
+    assert_close(krea2_output(model), blended, base)
+    model.unfuse_lora()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    model.unload_lora_weights()
+    assert torch.equal(krea2_output(model), base)
+
+
+def test_krea2_file_with_blocks_the_model_lacks_is_refused_and_changes_nothing(krea_files):
+    tensors = read(krea_files[0]["kohya"])
+    extra = ["lora_unet_blocks_9_attn_wq.lora_down.weight", "lora_unet_blocks_9_attn_wq.lora_up.weight"]
+    tensors[extra[0]], tensors[extra[1]] = torch.ones(RANK, 32), torch.ones(32, RANK)
+    model = lora_loader.attach(tiny_krea2(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LoraError, match="lora_unet_blocks_9_attn_wq"):
+        model.load_lora_weights(tensors, adapter_name="x")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with pytest.warns(lora_loader.LoraWarning):
+        report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
+    assert sorted(report.skipped) == sorted(extra)
+    assert_close(krea2_output(model), krea_expected(read(krea_files[0]["kohya"])), krea_files[1])
+
+
+def test_lora_loader_inspect_names_krea2(krea_files, capsys):
+    from lora_loader.cli import main
+
+    for layout in ("kohya", "comfyui", "diffusers"):
+        assert main(["inspect", krea_files[0][layout], "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["family"] == "krea2"
