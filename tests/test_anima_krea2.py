@@ -332,3 +332,80 @@ def test_lora_loader_inspect_names_krea2(krea_files, capsys):
     for layout in ("kohya", "comfyui", "diffusers"):
         assert main(["inspect", krea_files[0][layout], "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["family"] == "krea2"
+
+
+def tiny_qwen3(seed: int = 0):
+    """Anima's text encoder (a Qwen3Model: ``layers.N.self_attn.q_proj``), tiny."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=8)  # fmt: skip
+    return Qwen3Model(config).eval()
+
+
+def qwen3_output(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.arange(1, 9).reshape(1, 8)).last_hidden_state
+
+
+def test_anima_sd_scripts_file_with_qwen3_text_encoder_layers(tmp_path):
+    """sd-scripts' Anima LoRA with ``lora_te_layers_0_self_attn_q_proj`` (the Qwen3 text encoder) beside the DiT's
+    ``lora_unet_blocks_0_cross_attn_q_proj``: each part into its component (diffusers' Anima loader reads neither)."""
+    pipe = anima_pipeline()
+    pipe.update_components(text_encoder=tiny_qwen3(0))
+    te_modules = dict(pipe.text_encoder.named_modules())
+    g = torch.Generator().manual_seed(11)
+    tensors, te_paths = {}, ("layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj", "layers.1.mlp.gate_proj", "layers.1.mlp.down_proj")
+    for stem, path in [(f"lora_unet_{o.replace('.', '_')}", ANIMA[o][1]) for o in ("blocks.0.cross_attn.q_proj", "blocks.0.cross_attn.k_proj")] + [
+            (f"lora_te_{p.replace('.', '_')}", p) for p in te_paths]:  # fmt: skip
+        module = (te_modules if stem.startswith("lora_te_") else dict(pipe.transformer.named_modules()))[path]
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(RANK, module.in_features, generator=g) * 0.3
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(module.out_features, RANK, generator=g) * 0.3
+        tensors[f"{stem}.alpha"] = torch.tensor(ALPHA)
+    base_te, base = qwen3_output(pipe.text_encoder), cosmos_output(pipe.transformer)
+    want_te_model, want_model = tiny_qwen3(0), tiny_cosmos(0)
+    te_of = {f"lora_te_{p.replace('.', '_')}": p for p in te_paths}
+    merge_into(want_te_model, tensors, lambda stem: te_of.get(stem))
+    merge_into(want_model, tensors, lambda stem: None if stem.startswith("lora_te_") else anima_resolve("transformer")(stem))
+    pipe = lora_loader.attach(pipe)
+    report = pipe.load_lora_weights(tensors, adapter_name="te")
+    assert not report.skipped and set(pipe.get_list_adapters()) == {"transformer", "text_encoder"}
+    assert_close(qwen3_output(pipe.text_encoder), qwen3_output(want_te_model), base_te)
+    assert_close(cosmos_output(pipe.transformer), cosmos_output(want_model), base)
+    assert detect_family(convert(tensors).deltas)[0] == "anima"
+
+
+def test_anima_lokr_in_original_names_and_attention_only_files_are_named_anima():
+    """LyCORIS LoKr (``diffusion_model.blocks.0.cross_attn.k_proj.lokr_w1`` / ``lokr_w2``, full factors) gives
+    the merge of kron(w1, w2); with a ``dora_scale`` it loads. A file of attention modules only, whose diffusers
+    names (``attn1.to_q``, ``attn2.to_k``) other families share, is still Anima's by its own names."""
+    transformer = dict(tiny_cosmos(0).named_modules())
+    g = torch.Generator().manual_seed(12)
+    tensors = {}
+    for original in ("blocks.0.cross_attn.q_proj", "blocks.0.self_attn.k_proj", "blocks.1.mlp.layer2"):
+        rows, cols = transformer[ANIMA[original][1]].weight.shape
+        stem = "diffusion_model." + original
+        tensors[f"{stem}.lokr_w1"] = torch.randn(2, 2, generator=g) * 0.5
+        tensors[f"{stem}.lokr_w2"] = torch.randn(rows // 2, cols // 2, generator=g) * 0.3
+        tensors[f"{stem}.alpha"] = torch.tensor(1.0)  # full factors: LyCORIS scales them by 1
+    want = tiny_cosmos(0)
+    with torch.no_grad():
+        for original in ("blocks.0.cross_attn.q_proj", "blocks.0.self_attn.k_proj", "blocks.1.mlp.layer2"):
+            stem = "diffusion_model." + original
+            dict(want.named_modules())[ANIMA[original][1]].weight += torch.kron(tensors[f"{stem}.lokr_w1"], tensors[f"{stem}.lokr_w2"])
+    base = cosmos_output(tiny_cosmos(0))
+    pipe = lora_loader.attach(anima_pipeline())
+    assert not pipe.load_lora_weights(dict(tensors), adapter_name="k").skipped
+    assert_close(cosmos_output(pipe.transformer), cosmos_output(want), base)
+    assert detect_family(convert(tensors).deltas)[0] == "anima"
+    tensors["diffusion_model.blocks.0.cross_attn.q_proj.dora_scale"] = torch.rand(24, 1, generator=g) + 0.5
+    pipe = lora_loader.attach(anima_pipeline())
+    assert not pipe.load_lora_weights(tensors, adapter_name="dora").skipped
+    assert (cosmos_output(pipe.transformer) - base).abs().max() > 1e-3
+    attention_only = {k: v for k, v in read_pairs(anima_pairs(), lambda p: "diffusion_model." + p).items() if "_attn." in k}
+    assert detect_family(convert(attention_only).deltas)[0] == "anima"
+
+
+def read_pairs(pairs: dict, stem) -> dict:
+    return spell({o: p for o, p in pairs.items() if o.startswith("blocks.")}, stem, ".lora_A.weight", ".lora_B.weight", None)
