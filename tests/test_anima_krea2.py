@@ -409,3 +409,22 @@ def test_anima_lokr_in_original_names_and_attention_only_files_are_named_anima()
 
 def read_pairs(pairs: dict, stem) -> dict:
     return spell({o: p for o, p in pairs.items() if o.startswith("blocks.")}, stem, ".lora_A.weight", ".lora_B.weight", None)
+
+
+@pytest.mark.parametrize("prefix", ["lycoris_", "diffusion_model."])
+def test_krea2_lokr_in_original_names_gives_the_merge_of_its_factors(prefix):
+    """LyCORIS' LoKr on Krea 2's original modules (``lycoris_blocks_0_attn_wq.lokr_w1`` / ``lokr_w2_a`` / ``lokr_w2_b``)."""
+    modules = dict(tiny_krea2(0).named_modules())
+    g = torch.Generator().manual_seed(13)
+    tensors, want = {}, tiny_krea2(0)
+    for original in ("blocks.0.attn.wq", "blocks.1.mlp.down", "txtfusion.refiner_blocks.0.attn.wo"):
+        rows, cols = modules[KREA[original]].weight.shape
+        stem = prefix + (original.replace(".", "_") if prefix == "lycoris_" else original)
+        w1, w2a, w2b = torch.randn(2, 2, generator=g) * 0.5, torch.randn(rows // 2, 2, generator=g) * 0.3, torch.randn(2, cols // 2, generator=g) * 0.3
+        tensors |= {f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2_a": w2a, f"{stem}.lokr_w2_b": w2b, f"{stem}.alpha": torch.tensor(1.0)}
+        with torch.no_grad():
+            dict(want.named_modules())[KREA[original]].weight += 0.5 * torch.kron(w1, w2a @ w2b)  # alpha 1 / rank 2
+    model = lora_loader.attach(tiny_krea2(0))
+    assert not model.load_lora_weights(tensors, adapter_name="k").skipped
+    assert_close(krea2_output(model), krea2_output(want), krea2_output(tiny_krea2(0)))
+    assert detect_family(convert(tensors).deltas)[0] == "krea2"
