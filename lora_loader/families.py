@@ -141,6 +141,8 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         return hinted, [f"header metadata names {FAMILY_LABELS[hinted]} (its diffusers module names are shared)"]
     if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
+    if "text_conditioner" in components:  # diffusers' AnimaLoraLoaderMixin alone loads into a text_conditioner
+        return "anima", ["keys for Anima's text conditioner (text_conditioner / the checkpoint's llm_adapter)"]
     if "text_encoder_3" in components:
         return "sd3", ["keys for a third text encoder (lora_te3_ / text_encoder_3)"]
     if not unet and any("transformer_blocks_" in n for n in names) and all(_SD3_NAMES.match(n) for n in names):
@@ -170,10 +172,11 @@ _STEM = re.compile(
 
 
 def _original_names_family(deltas: dict | None) -> tuple[str, list[str]] | None:
-    """The family whose table alone knows most of the denoiser's modules as the FILE names them (its own keys,
-    before conversion to diffusers' names): a file in one family's original checkpoint names (Anima's
-    ``blocks.0.cross_attn.k_proj``) whose diffusers names other families share (``attn2.to_k``). None when no
-    table or several tables tie (Flux's and HunyuanVideo's ``double_blocks``), or the names are diffusers' own.
+    """The family (one with `Family.detect_original`) whose table alone knows most of the denoiser's modules as the
+    FILE names them (its own keys, before conversion to diffusers' names): a file in one family's original checkpoint
+    names (Anima's ``blocks.0.cross_attn.k_proj``) whose diffusers names other families share (``attn2.to_k``). None
+    when no such table or several tables tie, or the names are diffusers' own. Other families' original names
+    (MiniMax-H3's ``blocks.0.attn.qkv_proj``, ``mlp.fc1``) are too common in DiT code bases to name a file alone.
 
     >>> import torch
     >>> from lora_loader.delta import LoraDelta
@@ -188,7 +191,7 @@ def _original_names_family(deltas: dict | None) -> tuple[str, list[str]] | None:
         if component in DENOISER_COMPONENTS:
             stems |= {m.group(1).replace(".", "_") for key in getattr(delta, "keys", ()) if (m := _STEM.match(key))}
     tied = families_of(sorted(stems)) if stems else []
-    if len(tied) != 1 or not tied[0].key or 2 * tied[0].score(stems)[0] <= len(stems):
+    if len(tied) != 1 or not tied[0].detect_original or 2 * tied[0].score(stems)[0] <= len(stems):
         return None
     return tied[0].key, [f"{tied[0].name} original checkpoint names in the file's keys"]
 

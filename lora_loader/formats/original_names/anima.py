@@ -16,7 +16,7 @@ Names as diffusers' ``_convert_non_diffusers_anima_lora_to_diffusers`` maps LoRA
   (``blocks.N.self_attn.q_proj``, ``cross_attn.o_proj``, ``mlp.0`` / ``mlp.2``, ``in_proj``, ``out_proj``).
 
 Kohya files in diffusers' names (``lora_unet_transformer_blocks_0_attn1_to_q``) have no name of this table: they load
-by module path (and ``detect`` names them). Cosmos-Predict2's own LoRAs name the same DiT blocks.
+by module path. Cosmos-Predict2's own LoRAs name the same DiT blocks.
 """
 
 from __future__ import annotations
@@ -80,11 +80,9 @@ ANIMA = Family(
     modules=_TOP_LEVEL,
     key="anima",
     model_classes=("CosmosTransformer3DModel",),
-    # diffusers' names only the Cosmos-Predict2 DiT has (three adaLN-LoRA norms a block, the patch embedder).
-    detect=(
-        r"^transformer_blocks_\d+_norm[123]_linear_[12]$",
-        r"^(patch_embed_proj|time_embed_t_embedder_linear_[12])$",
-    ),
-    # sd-scripts / ai-toolkit / diffusion-pipe "anima", modelspec "anima/lora"; Cosmos-Predict2 "cosmos".
-    header_hints=("anima", "cosmos"),
+    # Its diffusers names are Cosmos-Predict2's (the same CosmosTransformer3DModel): no `detect` over them. A file is
+    # Anima's by its own keys in the checkpoint's names, a text_conditioner part (`families`), or its header.
+    detect_original=True,
+    # sd-scripts / ai-toolkit / diffusion-pipe "anima", modelspec "anima/lora".
+    header_hints=("anima",),
 )  # fmt: skip

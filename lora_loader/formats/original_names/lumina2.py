@@ -75,10 +75,11 @@ LUMINA2 = Family(
     model_classes=("Lumina2Transformer2DModel",),
     # 2304 + 768 + 768 rows over 2304 input features (diffusers' fixed split): a qkv 3x its input is Z-Image's.
     shapes=((r"_attention_qkv$", (5, 3)),),
-    # diffusers' names only Lumina 2 has (Z-Image's blocks use attention.to_q and feed_forward.w1).
+    # diffusers' names only Lumina 2 has (Z-Image's blocks use attention.to_q and feed_forward.w1); a feed-forward's
+    # layers.N.feed_forward.linear_1 alone is any transformer's.
     detect=(
         r"^(layers|noise_refiner|context_refiner)_\d+_attn_(to_q|to_k|to_v|to_out_0)$",
-        r"^(layers|noise_refiner|context_refiner)_\d+_(feed_forward_linear_[123]|norm1_linear)$",
+        r"^(layers|noise_refiner)_\d+_norm1_linear$",
         r"^time_caption_embed_(timestep_embedder_linear_[12]|caption_embedder_1)$",
     ),
     # sd-scripts "lumina2" / "lumina-image-2", diffusion-pipe "lumina_2", modelspec "lumina-2/lora".
