@@ -428,3 +428,25 @@ def test_krea2_lokr_in_original_names_gives_the_merge_of_its_factors(prefix):
     assert not model.load_lora_weights(tensors, adapter_name="k").skipped
     assert_close(krea2_output(model), krea2_output(want), krea2_output(tiny_krea2(0)))
     assert detect_family(convert(tensors).deltas)[0] == "krea2"
+
+
+def test_anima_saved_in_diffusers_layout_is_read_by_diffusers_and_krea2_kohya_save_reads_back(anima_files, krea_files, tmp_path):
+    """An sd-scripts Anima LoRA saved as diffusers (``transformer.`` + ``text_conditioner.``) gives diffusers+peft
+    the same outputs; a Krea 2 LoRA saved as Kohya is in the original names (``lora_unet_blocks_0_attn_wq``)."""
+    pipe = lora_loader.attach(anima_pipeline())
+    pipe.load_lora_weights(anima_files[0]["sd-scripts"], adapter_name="a")
+    want, want_text = anima_outputs(pipe)
+    path = pipe.save_lora_weights(str(tmp_path / "anima.safetensors"), adapter_name="a", format="diffusers")
+    assert any(k.startswith("text_conditioner.blocks.") for k in read(path))
+    theirs = anima_pipeline()
+    theirs.load_lora_weights(path, adapter_name="d")
+    got, got_text = anima_outputs(theirs)
+    assert_close(got_text, want_text, anima_files[1][1])
+    assert_close(got, want, anima_files[1][0])
+    model = lora_loader.attach(tiny_krea2(0))
+    model.load_lora_weights(krea_files[0]["comfyui"], adapter_name="k")
+    path = model.save_lora_weights(str(tmp_path / "krea.safetensors"), adapter_name="k", format="kohya")
+    assert "lora_unet_blocks_0_attn_wq.lora_down.weight" in read(path)
+    again = lora_loader.attach(tiny_krea2(0))
+    again.load_lora_weights(path, adapter_name="k")
+    assert_close(krea2_output(again), krea2_output(model), krea_files[1])

@@ -271,3 +271,18 @@ def test_lokr_on_the_fused_qkv_gives_the_merge_of_its_factors(producer):
     model = lora_loader.attach(tiny_lumina2(0))
     assert not model.load_lora_weights(tensors, adapter_name="k").skipped
     assert_close(lumina2_output(model), want, lumina2_output(tiny_lumina2(0)))
+
+
+def test_a_kohya_save_writes_the_fused_qkv_and_reads_back(files, tmp_path):
+    """Saved as Kohya, a Lumina 2 adapter is in sd-scripts' names (the q, k, v LoRAs joined into ``attention_qkv``)."""
+    from safetensors.torch import load_file
+
+    model = lora_loader.attach(tiny_lumina2(0))
+    model.load_lora_weights(files[0]["diffusers"], adapter_name="a")
+    path = model.save_lora_weights(str(tmp_path / "kohya.safetensors"), adapter_name="a", format="kohya")
+    keys = load_file(path)
+    assert "lora_unet_layers_0_attention_qkv.lora_up.weight" in keys and not any("attn_to_q" in k for k in keys)
+    assert keys["lora_unet_layers_0_attention_qkv.lora_up.weight"].shape[0] == Q + 2 * KV
+    again = lora_loader.attach(tiny_lumina2(0))
+    again.load_lora_weights(path, adapter_name="b")
+    assert_close(lumina2_output(again), lumina2_output(model), files[1])
