@@ -17,11 +17,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, interleaved, split_module, swapped
+from .ace_step import ACE_STEP
 from .cogvideox_mochi import COGVIDEOX, MOCHI
 from .flux import FLUX
 from .flux2 import FLUX2
+from .flux3 import FLUX3
 from .chroma import CHROMA
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
+from .ideogram4 import IDEOGRAM4
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
 from .qwen_image import QWEN_IMAGE
@@ -47,17 +50,22 @@ from .writer import to_original
 # one has tell them apart, and a file that neither tells is Flux.1's unless loaded into a Flux.2 model (`family_of`).
 # Chroma (Flux.1's blocks, one distilled guidance layer) after both: only its guidance layer's names claim a file.
 # Qwen-Image (no original names of its own: detection only) and Z-Image (layers_N_ / *_refiner_N_ blocks) last.
+# Flux 3 after the Flux.1 family: it shares only single_blocks_N_ (other module names there) and claims by its own.
+# Ideogram 4 before Z-Image: both name layers_N_attention_qkv and, in diffusers' names, layers_N_attention_to_q; only
+# Ideogram 4's adaln_modulation / attention_o / top-level names claim a file or tell inspect. ACE-Step (layers_N_ too,
+# a causal LM's own names) claims only by cross_attn and its embedders.
 # Lumina 2 after Z-Image: the same block names and qkv; a file in names both know is Z-Image's unless loaded into a
 # Lumina 2 model (or its fused qkv's widths are Lumina 2's). HiDream (detection only), Anima and Krea 2 (blocks_N_ with
 # names Wan's table lacks: each wins by the names it knows) after them.
 FAMILIES = (
-    FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO, QWEN_IMAGE,
-    Z_IMAGE, LUMINA2, HIDREAM, ANIMA, KREA2,
+    FLUX, FLUX2, CHROMA, FLUX3, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO,
+    QWEN_IMAGE, IDEOGRAM4, ACE_STEP, Z_IMAGE, LUMINA2, HIDREAM, ANIMA, KREA2,
 )
 
 __all__ = [
-    "ALWAYS", "ANIMA", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HIDREAM", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "KREA2", "LTX2",
-    "LTX_VIDEO", "LUMINA2", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
+    "ACE_STEP", "ALWAYS", "ANIMA", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "FLUX3", "HIDREAM", "HUNYUAN_VIDEO",
+    "HUNYUAN_VIDEO_15", "IDEOGRAM4", "IF_TWO_HALVES", "KREA2", "LTX2", "LTX_VIDEO", "LUMINA2", "MINIMAX_H3", "MOCHI",
+    "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
     "add_original", "add_originals", "families_of", "family_of", "family_of_model", "for_model", "fused", "interleaved",
     "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
@@ -147,6 +155,7 @@ def rename_original_names(result) -> None:
         mine = {module: delta for (c, module), delta in result.deltas.items() if c == component}
         family = family_of(mine)  # with the deltas: their widths rule families out (`Family.shapes`)
         if family is None or 2 * family.score([m.replace(".", "_") for m in mine])[0] <= len(mine):
+            add_unclaimed(result, component, mine, instead=(tuple((component, m) for m in mine), ()), skip=())
             continue
         for module in mine:
             del result.deltas[(component, module)]
@@ -183,9 +192,34 @@ def add_originals(result, component: str, modules: dict) -> None:
     first = readings[0][1]
     result.deltas.update(first.deltas)
     result.unknown.update(first.unknown)
+    instead = (tuple(first.deltas), tuple(first.unknown))
     for family, reading in readings[1:]:
         if family.model_classes and (set(reading.deltas), set(reading.unknown)) != (set(first.deltas), set(first.unknown)):
-            instead = (tuple(first.deltas), tuple(first.unknown))
+            result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
+    add_unclaimed(result, component, modules, instead, skip=tied)
+
+
+def add_unclaimed(result, component: str, modules: dict, instead: tuple, skip) -> None:
+    """An `Alternative` reading of ``modules`` by each family (not in ``skip``) whose table knows every one of their
+    names but none of which claims the file: names a causal LM shares (ACE-Step's ``layers_0_self_attn_q_proj``, a
+    file without its ``cross_attn``) are read by the family only when loaded into one of its ``model_classes``.
+
+    >>> import torch
+    >>> from lora_loader.delta import LoraDelta
+    >>> from lora_loader.formats.canonical import ConvertedLora
+    >>> out = ConvertedLora()
+    >>> add_unclaimed(out, "denoiser", {"layers.0.self_attn.q_proj": LoraDelta(torch.ones(1, 2), torch.ones(2, 1))}, ((), ()), ())
+    >>> [(alt.model_classes, list(alt.deltas)) for alt in out.alternatives]
+    [(('AceStepTransformer1DModel',), [('denoiser', 'layers.0.self_attn.to_q')])]
+    """
+    names = [m.replace(".", "_") for m in modules]
+    for family in FAMILIES:
+        if family in skip or not family.model_classes or family.claims(names) or family.score(names)[0] != len(names):
+            continue
+        reading = type(result)()
+        for module, delta in modules.items():
+            add_original(reading, family, component, module, delta)
+        if not reading.unknown:
             result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
 
 
