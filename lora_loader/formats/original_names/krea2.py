@@ -40,6 +40,11 @@ _TOP_LEVEL = {
     "txtfusion_projector": "text_fusion.projector",
 }
 
+# diffusers' own names, read (never written), so that a Kohya file in them (``lora_unet_transformer_blocks_0_attn_to_q``,
+# ``lora_unet_time_embed_linear_1``) is this table's and not ACE-Step's, whose top level shares ``time_embed.linear_1``.
+_DIFFUSERS_BLOCK = {path.replace(".", "_"): path for path in _BLOCK.values()}
+_DIFFUSERS_TOP_LEVEL = {path.replace(".", "_"): path for path in _TOP_LEVEL.values()}
+
 KREA2 = Family(
     "Krea 2",
     hint="blocks_*_attn_wq, blocks_*_mlp_gate, txtfusion_layerwise_blocks_*_attn_wq, first, last_linear, ...",
@@ -47,8 +52,22 @@ KREA2 = Family(
         Blocks("blocks_{i}_", "transformer_blocks.{i}.", _BLOCK),
         Blocks("txtfusion_layerwise_blocks_{i}_", "text_fusion.layerwise_blocks.{i}.", _BLOCK),
         Blocks("txtfusion_refiner_blocks_{i}_", "text_fusion.refiner_blocks.{i}.", _BLOCK),
+        Blocks("transformer_blocks_{i}_", "transformer_blocks.{i}.", {}, _DIFFUSERS_BLOCK),
+        Blocks("text_fusion_layerwise_blocks_{i}_", "text_fusion.layerwise_blocks.{i}.", {}, _DIFFUSERS_BLOCK),
+        Blocks("text_fusion_refiner_blocks_{i}_", "text_fusion.refiner_blocks.{i}.", {}, _DIFFUSERS_BLOCK),
     ),
     modules=_TOP_LEVEL,
+    aliases={name: path for name, path in _DIFFUSERS_TOP_LEVEL.items() if name not in _TOP_LEVEL},
+    # Only names no other family has claim a file: the original blocks' wq ... / mlp_gate ... (Wan, Anima and MiniMax-H3
+    # name blocks_N_ too), the top level, and diffusers' gated attention, gate/up/down feed-forward and text fusion.
+    claim=(
+        r"^(blocks_\d+|txtfusion_(layerwise|refiner)_blocks_\d+)_(attn_(wq|wk|wv|wo|gate)|mlp_(gate|up|down))$",
+        r"^(first|last_linear|tmlp_[02]|tproj_1|txtmlp_[13]|txtfusion_projector)$",
+        r"^transformer_blocks_\d+_(attn_to_gate|ff_(gate|up|down))$",
+        r"^text_fusion_((layerwise|refiner)_blocks_\d+_|projector$)",
+        r"^time_mod_proj$",
+    ),
+    keep_unknown=True,  # a diffusers name the table lacks is kept for the live model to resolve
     key="krea2",
     model_classes=("Krea2Transformer2DModel",),
     # diffusers' names only Krea 2 has: the gated attention, the text fusion, the gate/up/down feed-forward.
