@@ -129,6 +129,9 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
     names = [n for n, _ in denoiser]
     if (adapter_config or {}).get("task_type") == "CAUSAL_LM":
         return "causal-lm", ["adapter_config.json says task_type CAUSAL_LM"]
+    original = _original_names_family(deltas)
+    if original is not None:
+        return original
     for family in FAMILIES:  # module names only one DiT family has (the tables' `detect`)
         hit = next((n for n in names for pattern in family.detect if re.search(pattern, n)), None)
         if hit is not None and not any(re.search(pattern, n) for pattern in family.detect_unless for n in names):
@@ -138,6 +141,8 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         return hinted, [f"header metadata names {FAMILY_LABELS[hinted]} (its diffusers module names are shared)"]
     if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
+    if "text_conditioner" in components:  # diffusers' AnimaLoraLoaderMixin alone loads into a text_conditioner
+        return "anima", ["keys for Anima's text conditioner (text_conditioner / the checkpoint's llm_adapter)"]
     if "text_encoder_3" in components:
         return "sd3", ["keys for a third text encoder (lora_te3_ / text_encoder_3)"]
     if not unet and any("transformer_blocks_" in n for n in names) and all(_SD3_NAMES.match(n) for n in names):
@@ -157,6 +162,38 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
     if not unet and any(p.search(n) for p in _LM_PATTERNS for n in lm_names) and not any("encoder_layers_" in n for n in names):
         return "causal-lm", ["decoder layer names (layers.N.self_attn / mlp)"]
     return None
+
+
+# A file key's module stem: behind a producer's prefix, before the adapter's own suffix.
+_STEM = re.compile(
+    r"^(?:lora_unet_|lycoris_|diffusion_model\.|transformer\.|base_model\.model\.)?(.+?)"
+    r"(?:\.(?:lora_(?:A|B|down|up)|lora\.(?:down|up)|lokr_w|hada_w|alpha$|diff|dora_scale$))"
+)
+
+
+def _original_names_family(deltas: dict | None) -> tuple[str, list[str]] | None:
+    """The family (one with `Family.detect_original`) whose table alone knows most of the denoiser's modules as the
+    FILE names them (its own keys, before conversion to diffusers' names): a file in one family's original checkpoint
+    names (Anima's ``blocks.0.cross_attn.k_proj``) whose diffusers names other families share (``attn2.to_k``). None
+    when no such table or several tables tie, or the names are diffusers' own. Other families' original names
+    (MiniMax-H3's ``blocks.0.attn.qkv_proj``, ``mlp.fc1``) are too common in DiT code bases to name a file alone.
+
+    >>> import torch
+    >>> from lora_loader.delta import LoraDelta
+    >>> d = LoraDelta(torch.ones(1, 2), torch.ones(2, 1), keys=("diffusion_model.blocks.0.cross_attn.k_proj.lora_A.weight",))
+    >>> _original_names_family({("denoiser", "transformer_blocks.0.attn2.to_k"): d})[0]
+    'anima'
+    """
+    from .formats.original_names import DENOISER_COMPONENTS, families_of
+
+    stems = set()
+    for (component, _), delta in (deltas or {}).items():
+        if component in DENOISER_COMPONENTS:
+            stems |= {m.group(1).replace(".", "_") for key in getattr(delta, "keys", ()) if (m := _STEM.match(key))}
+    tied = families_of(sorted(stems)) if stems else []
+    if len(tied) != 1 or not tied[0].detect_original or 2 * tied[0].score(stems)[0] <= len(stems):
+        return None
+    return tied[0].key, [f"{tied[0].name} original checkpoint names in the file's keys"]
 
 
 def _unet_family(components: set, denoiser: list, text_encoder: list, unet: list[str]) -> tuple[str | None, list[str]]:

@@ -31,6 +31,10 @@ from .qwen_image import QWEN_IMAGE
 from .sd3 import SD3
 from .wan import WAN
 from .z_image import Z_IMAGE
+from .anima import ANIMA
+from .hidream import HIDREAM
+from .krea2 import KREA2
+from .lumina2 import LUMINA2
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
@@ -50,14 +54,18 @@ from .writer import to_original
 # Ideogram 4 before Z-Image: both name layers_N_attention_qkv and, in diffusers' names, layers_N_attention_to_q; only
 # Ideogram 4's adaln_modulation / attention_o / top-level names claim a file or tell inspect. ACE-Step (layers_N_ too,
 # a causal LM's own names) claims only by cross_attn and its embedders.
+# Lumina 2 after Z-Image: the same block names and qkv; a file in names both know is Z-Image's unless loaded into a
+# Lumina 2 model (or its fused qkv's widths are Lumina 2's). HiDream (detection only), Anima and Krea 2 (blocks_N_ with
+# names Wan's table lacks: each wins by the names it knows) after them.
 FAMILIES = (
     FLUX, FLUX2, CHROMA, FLUX3, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO,
-    QWEN_IMAGE, IDEOGRAM4, ACE_STEP, Z_IMAGE,
+    QWEN_IMAGE, IDEOGRAM4, ACE_STEP, Z_IMAGE, LUMINA2, HIDREAM, ANIMA, KREA2,
 )
 
 __all__ = [
-    "ACE_STEP", "ALWAYS", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "FLUX3", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IDEOGRAM4", "IF_TWO_HALVES", "LTX2",
-    "LTX_VIDEO", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
+    "ACE_STEP", "ALWAYS", "ANIMA", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "FLUX3", "HIDREAM", "HUNYUAN_VIDEO",
+    "HUNYUAN_VIDEO_15", "IDEOGRAM4", "IF_TWO_HALVES", "KREA2", "LTX2", "LTX_VIDEO", "LUMINA2", "MINIMAX_H3", "MOCHI",
+    "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
     "add_original", "add_originals", "families_of", "family_of", "family_of_model", "for_model", "fused", "interleaved",
     "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip

@@ -240,6 +240,10 @@ class Family:
     # when the file has no alpha tensors and no ``lora_adapter_metadata`` (MiniMax-H3's LightX2V files).
     metadata_alpha: bool = False
     keep_unknown: bool = False
+    # For ``lora-loader inspect``: a file whose own keys are this table's original names (most of them, no other
+    # table's as much) is this family's, before any rule over diffusers' names, which are another family's too
+    # (Anima's DiT is Cosmos-Predict2's: ``blocks.0.cross_attn.k_proj`` is Anima's, ``attn2.to_k`` anyone's).
+    detect_original: bool = False
     # ``(regex, rows per input feature)`` (``re.search`` over Kohya-mangled original names; an int, or ``(rows, features)``):
     # the output / input width ratio of a module whose widths tell this family from another with the same names
     # (Flux.1's and Flux.2's ``single_blocks_N_linear1``): a module whose widths are one family's ratio and not
