@@ -82,6 +82,8 @@ class AdapterRegistry:
         # The layers given a non-empty active list by the last push, to reset them next time.
         self._pushed: dict[nn.Module, list] = {}
         self._copies_pushed = False
+        # What the last push's lists follow from (`_shown_signature`); None: unknown, the next change pushes.
+        self._pushed_signature: tuple | None = None
         # Which adapters keep their tensors where their layers compute (see residency.py).
         self.residency = Residency()
         # enable_lora_hotswap(target_rank): every adapter loaded from then on is zero-padded to it.
@@ -219,6 +221,7 @@ class AdapterRegistry:
 
     def _forget_pushed(self, name: str, layers) -> None:
         """Drop adapter ``name`` of these layers from the lists last pushed into them."""
+        self._pushed_signature = None
         for _, _, module in layers:
             pushed = self._pushed.get(module)
             if pushed is None:
@@ -277,15 +280,55 @@ class AdapterRegistry:
                 self.weights.setdefault(name, {}).update(weight)
             else:
                 self.weights[name] = weight
-        self.push()
+        if not self._reweigh():
+            self.push()
+
+    def _shown_signature(self) -> tuple | None:
+        """What decides which layers show which adapters, but not at which weight: each component's active
+        names, which weights are 0, the adapters' layer counts, the disabled and parked sets. None where a
+        push decides more than that (fused layers, copies, per-block or per-path weights)."""
+        if self.fused_pairs or self._copies_pushed:
+            return None
+        parts = []
+        for component, names in self.active_in.items():
+            for name in names:
+                given = self.weights.get(name) or {}
+                spec = given.get(component, given.get("*", 1.0))
+                if isinstance(spec, _BY_PATH):
+                    return None
+                parts.append((component, name, spec == 0.0, len(self.adapters[name].layers)))
+        return tuple(parts), frozenset(self.disabled), frozenset(self.residency.parked)
+
+    def _reweigh(self) -> bool:
+        """A change of blend weights only (the usual ``set_adapters`` between two blends of the same adapters,
+        or back to the same adapter): the layers keep their lists, whose factors are the adapters'
+        ``weighted_scale`` tensors, and only those are written. False (nothing done) when the lists
+        change too: then `push`."""
+        if self._pushed_signature is None or self._shown_signature() != self._pushed_signature:
+            return False
+        for component, names in self.active_in.items():
+            for name in names:
+                entries = self.adapters[name].by_component().get(component)
+                if not entries:
+                    continue
+                given = self.weights.get(name) or {}
+                weight = given.get(component, given.get("*", 1.0))
+                if weight == 0.0:
+                    continue  # shown nowhere, as `_collect_shown` has it
+                for _, _, adapter in entries:
+                    if adapter.blend_weight != weight:
+                        adapter.set_blend_weight(weight)
+        return True
 
     def mark_fused(self, component: str, module: nn.Module, names: list[str]) -> None:
         """``names`` are now written into ``module``'s weights: their unfused forward stops there."""
+        self._pushed_signature = None
         self.fused_modules.append((component, module))
         self.fused_pairs.update((name, id(module)) for name in names)
 
     def forget_fused(self, components: list[str]) -> list[nn.Module]:
         """Forget the fusions of ``components``' layers and return those layers (to unfuse or keep fused)."""
+        self._pushed_signature = None
         taken = [module for component, module in self.fused_modules if component in components]
         ids = {id(module) for module in taken}
         self.fused_modules = [(c, m) for c, m in self.fused_modules if id(m) not in ids]
@@ -314,6 +357,8 @@ class AdapterRegistry:
         ungated = any(self.adapters[name].ungated(c) for c in components for name in self.active_in.get(c, ()))
         if ungated or self.fused_modules or self._copies_pushed:
             self.push()
+        elif self._pushed_signature is not None:
+            self._pushed_signature = self._shown_signature()  # the same lists, behind other gates
 
     def gate(self, component: str) -> LoraGate:
         gate = self.gates.get(component)
@@ -355,6 +400,7 @@ class AdapterRegistry:
             show_fused(module, component not in self.disabled)
         if self._copies_pushed or any(record.copies for record in self.adapters.values()):
             self._push_copies()
+        self._pushed_signature = self._shown_signature()
 
     def _push_added(self, record: AdapterRecord) -> None:
         """What `push` gives after `add`, touching only the new adapter's layers: it is active last
@@ -371,6 +417,7 @@ class AdapterRegistry:
             show_active(added, self.gate(component))
         if self._copies_pushed or record.copies:
             self._push_copies()
+        self._pushed_signature = self._shown_signature()
 
     def _collect_shown(self, name: str, component: str, entries, lists: dict) -> None:
         """The rule of what a layer shows, in one place: adapter ``name`` on each of ``component``'s layers
