@@ -302,10 +302,11 @@ class AdapterRegistry:
     def _reweigh(self) -> bool:
         """A change of blend weights only (the usual ``set_adapters`` between two blends of the same adapters,
         or back to the same adapter): the layers keep their lists, whose factors are the adapters'
-        ``weighted_scale`` tensors, and only those are written. False (nothing done) when the lists
-        change too: then `push`."""
+        ``weighted_scale`` tensors, and only those are written. False when the lists change too, or
+        a scale is another tensor than the lists were made with (a ``.to()`` since): then `push`."""
         if self._pushed_signature is None or self._shown_signature() != self._pushed_signature:
             return False
+        replaced = False
         for component, names in self.active_in.items():
             for name in names:
                 entries = self.adapters[name].by_component().get(component)
@@ -316,9 +317,9 @@ class AdapterRegistry:
                 if weight == 0.0:
                     continue  # shown nowhere, as `_collect_shown` has it
                 for _, _, adapter in entries:
-                    if adapter.blend_weight != weight:
-                        adapter.set_blend_weight(weight)
-        return True
+                    if adapter.blend_weight != weight and adapter.set_blend_weight(weight):
+                        replaced = True
+        return not replaced
 
     def mark_fused(self, component: str, module: nn.Module, names: list[str]) -> None:
         """``names`` are now written into ``module``'s weights: their unfused forward stops there."""

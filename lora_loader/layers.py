@@ -62,13 +62,16 @@ class _Blended:
     # adapter kind whose forward keeps the factor for a backward without `scale_for_graph` leaves it False.
     _direct_scale_write = False
 
-    def set_blend_weight(self, weight: float) -> None:
+    def set_blend_weight(self, weight: float) -> bool:
         """The blend weight the registry gives this adapter on its layer, and ``weighted_scale = weight * scale``
         (a 0-d tensor updated in place, so a torch.compile'd model sees the same graph when the blend
-        or a hotswapped alpha changes it). Written only when the weight changes."""
+        or a hotswapped alpha changes it). Written only when the weight changes. True when the scale
+        written is another tensor than at the last write (a ``.to()`` replaced it): a layer may still
+        show the old one, so the registry pushes its lists again."""
         if self.blend_weight != weight:
             self.__dict__["blend_weight"] = weight
-            _write_scale(self, weight * self.scale)
+            return _write_scale(self, weight * self.scale)
+        return False
 
 
 def _init_blend(adapter: nn.Module, dtype: torch.dtype, device) -> None:
@@ -88,8 +91,8 @@ def _refresh_weighted_scale(adapter: nn.Module) -> None:
 _NUMPY_ROUNDING = {torch.float32: float, torch.float64: float, torch.float16: numpy.float32}
 
 
-def _write_scale(adapter: nn.Module, value: float) -> None:
-    """``adapter.weighted_scale = value``, in place. On the CPU through a numpy view of its one value:
+def _write_scale(adapter: nn.Module, value: float) -> bool:
+    """``adapter.weighted_scale = value``, in place (True: see `set_blend_weight`). On the CPU through a numpy view of its one value:
     a ``set_adapters`` writes one scalar per adapter and layer, and a ``fill_`` costs a torch dispatch
     (~3 us, most of a 264-layer switch) where the view's store costs ~0.1 us. Its version counter does
     not move: the concatenation cache keys on the blend weight and scale, and a forward that keeps the
@@ -98,12 +101,14 @@ def _write_scale(adapter: nn.Module, value: float) -> None:
     # Kept with the buffer and its address: a `.to()` replaces the buffer, and a deepcopy or unpickling
     # copies this entry with a new buffer at another address; either makes a new view.
     view = adapter.__dict__.get("_scale_view")
-    if view is None or view[0] is not buffer or view[1] != buffer.data_ptr():
+    replaced = view is not None and view[0] is not buffer
+    if view is None or replaced or view[1] != buffer.data_ptr():
         view = adapter.__dict__["_scale_view"] = _scale_view(adapter, buffer)
     if view[2] is None:
         buffer.fill_(value)
     else:
         view[2][()] = view[3](value)
+    return replaced
 
 
 def _scale_view(adapter: nn.Module, buffer: torch.Tensor) -> tuple:
@@ -435,6 +440,12 @@ class LoraLayer:
         fusion = self.__dict__.get("_lora_fusion")
         if fusion is not None:
             fusion.follow_conversion(self, fn)
+        active = self.__dict__.get("_lora_active")
+        if active and recurse:
+            # The adapters' scales are new tensors now: the shown pairs take them, in the same list (the
+            # registry keeps it too), so a switch that only writes scales reaches what this layer computes with.
+            active[:] = [(adapter, adapter._buffers["weighted_scale"]) for adapter, _ in active]
+            self.__dict__["_lora_concat"] = None
         return result
 
     def set_lora_fusion(self, fusion) -> None:
@@ -471,6 +482,8 @@ class LoraLayer:
             return True
         for adapter, factor in active:
             mid = self._lora_down(adapter.dropout(h), _in(adapter.down, dtype))
+            if mid.requires_grad:  # trainable factors: autograd keeps the scale, as it is now (`scale_for_graph`)
+                factor = factor.clone()
             self._lora_up_into(mid * (factor if scale is None else factor * scale), _in(adapter.up, dtype), out)
         return True
 
