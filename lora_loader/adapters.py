@@ -14,7 +14,9 @@ from torch import nn
 from .blocks import BlockWeights, PathWeights
 from .errors import LoraError, LoraNameError
 from .fuse import show_fused
-from .layers import BASE, BiasLayer, LoraAdapter, NormWeightLayer, ParamDiffLayer, SavedCopyLayer, show_active, show_nothing
+from .layers import (
+    BASE, BiasLayer, LoraAdapter, LoraGate, NormWeightLayer, ParamDiffLayer, SavedCopyLayer, honours_gate, show_active, show_nothing,
+)
 from .residency import Residency
 
 # Per component: a float, or (for a UNet) block weights.
@@ -46,7 +48,13 @@ class AdapterRecord:
             for component, path, module in self.layers:
                 cached.setdefault(component, []).append((path, module, module.lora_adapters[self.name]))
             self.__dict__["_by_component"] = cached
+            self.__dict__["_ungated"] = {component for component, _, module in self.layers if not honours_gate(module)}
         return cached
+
+    def ungated(self, component: str) -> bool:
+        """Whether some of its layers in ``component`` do not read their `LoraGate` (LoRA on parameters)."""
+        self.by_component()
+        return component in self.__dict__["_ungated"]
 
     def components(self) -> list[str]:
         return sorted({component for component, _, _ in self.layers + self.copies})
@@ -66,12 +74,16 @@ class AdapterRegistry:
         self.active_in: dict[str, list[str]] = {}  # component -> its active adapters, in order
         self.weights: dict[str, dict[str, ComponentWeight]] = {}  # name -> component (or "*") -> weight
         self.disabled: set[str] = set()  # components whose adapters are bypassed (disable_lora)
+        # Per component, the one flag its layers read to run their adapters: off while it is disabled.
+        self.gates: dict[str, LoraGate] = {}
         # Fusion: which (adapter, layer) pairs are written into the weights, and the fused layers.
         self.fused_pairs: set[tuple[str, int]] = set()
         self.fused_modules: list[tuple[str, nn.Module]] = []  # (component, module)
         # The layers given a non-empty active list by the last push, to reset them next time.
         self._pushed: dict[nn.Module, list] = {}
         self._copies_pushed = False
+        # What the last push's lists follow from (`_shown_signature`); None: unknown, the next change pushes.
+        self._pushed_signature: tuple | None = None
         # Which adapters keep their tensors where their layers compute (see residency.py).
         self.residency = Residency()
         # enable_lora_hotswap(target_rank): every adapter loaded from then on is zero-padded to it.
@@ -209,6 +221,7 @@ class AdapterRegistry:
 
     def _forget_pushed(self, name: str, layers) -> None:
         """Drop adapter ``name`` of these layers from the lists last pushed into them."""
+        self._pushed_signature = None
         for _, _, module in layers:
             pushed = self._pushed.get(module)
             if pushed is None:
@@ -267,15 +280,56 @@ class AdapterRegistry:
                 self.weights.setdefault(name, {}).update(weight)
             else:
                 self.weights[name] = weight
-        self.push()
+        if not self._reweigh():
+            self.push()
+
+    def _shown_signature(self) -> tuple | None:
+        """What decides which layers show which adapters, but not at which weight: each component's active
+        names, which weights are 0, the adapters' layer counts, the disabled and parked sets. None where a
+        push decides more than that (fused layers, copies, per-block or per-path weights)."""
+        if self.fused_pairs or self._copies_pushed:
+            return None
+        parts = []
+        for component, names in self.active_in.items():
+            for name in names:
+                given = self.weights.get(name) or {}
+                spec = given.get(component, given.get("*", 1.0))
+                if isinstance(spec, _BY_PATH):
+                    return None
+                parts.append((component, name, spec == 0.0, len(self.adapters[name].layers)))
+        return tuple(parts), frozenset(self.disabled), frozenset(self.residency.parked)
+
+    def _reweigh(self) -> bool:
+        """A change of blend weights only (the usual ``set_adapters`` between two blends of the same adapters,
+        or back to the same adapter): the layers keep their lists, whose factors are the adapters'
+        ``weighted_scale`` tensors, and only those are written. False when the lists change too, or
+        a scale is another tensor than the lists were made with (a ``.to()`` since): then `push`."""
+        if self._pushed_signature is None or self._shown_signature() != self._pushed_signature:
+            return False
+        replaced = False
+        for component, names in self.active_in.items():
+            for name in names:
+                entries = self.adapters[name].by_component().get(component)
+                if not entries:
+                    continue
+                given = self.weights.get(name) or {}
+                weight = given.get(component, given.get("*", 1.0))
+                if weight == 0.0:
+                    continue  # shown nowhere, as `_collect_shown` has it
+                for _, _, adapter in entries:
+                    if adapter.blend_weight != weight and adapter.set_blend_weight(weight):
+                        replaced = True
+        return not replaced
 
     def mark_fused(self, component: str, module: nn.Module, names: list[str]) -> None:
         """``names`` are now written into ``module``'s weights: their unfused forward stops there."""
+        self._pushed_signature = None
         self.fused_modules.append((component, module))
         self.fused_pairs.update((name, id(module)) for name in names)
 
     def forget_fused(self, components: list[str]) -> list[nn.Module]:
         """Forget the fusions of ``components``' layers and return those layers (to unfuse or keep fused)."""
+        self._pushed_signature = None
         taken = [module for component, module in self.fused_modules if component in components]
         ids = {id(module) for module in taken}
         self.fused_modules = [(c, m) for c, m in self.fused_modules if id(m) not in ids]
@@ -283,12 +337,35 @@ class AdapterRegistry:
         return taken
 
     def set_enabled(self, enabled: bool, components) -> None:
+        """``disable_lora`` / ``enable_lora`` of ``components``: their gates off or on. The layers keep what
+        they show, so this touches no layer; only what the gates do not cover is pushed again: layers
+        that do not read a gate (LoRA on parameters), fused layers, copies, and adapters that were parked
+        while disabled (brought home with new tensors)."""
+        before = set(self.disabled)
         if enabled:
             self.disabled -= set(components)
+            parked = self.residency.parked & set(self.active)
             self.residency.bring_home(self, self.active)
+            if parked:
+                self.push()
+                return
         else:
             self.disabled |= set(components)
-        self.push()
+        if self.disabled == before:
+            return
+        for component in components:
+            self.gate(component).on = component not in self.disabled
+        ungated = any(self.adapters[name].ungated(c) for c in components for name in self.active_in.get(c, ()))
+        if ungated or self.fused_modules or self._copies_pushed:
+            self.push()
+        elif self._pushed_signature is not None:
+            self._pushed_signature = self._shown_signature()  # the same lists, behind other gates
+
+    def gate(self, component: str) -> LoraGate:
+        gate = self.gates.get(component)
+        if gate is None:
+            gate = self.gates[component] = LoraGate(component not in self.disabled)
+        return gate
 
     # -- pushing into layers -----------------------------------------------------
     def weight(self, name: str, component: str, path: str) -> float:
@@ -304,37 +381,44 @@ class AdapterRegistry:
         so the cost follows the active set, not the number of adapters loaded; a
         scale tensor is written only when its value changes.
         """
-        lists: dict[nn.Module, list] = {}  # modules hash by identity
+        shown: dict[nn.Module, list] = {}  # modules hash by identity
         for component, names in self.active_in.items():
-            if component in self.disabled:
-                continue
+            lists: dict[nn.Module, list] = {}
             for name in names:
                 entries = self.adapters[name].by_component().get(component)
                 if entries:
                     self._collect_shown(name, component, entries, lists)
-        show_nothing(self._pushed, unless_in=lists)  # layers that showed something and show nothing now
-        show_active(lists)
-        self._pushed = lists
+            gate = self.gate(component)
+            gate.on = component not in self.disabled
+            if not gate.on and any(self.adapters[name].ungated(component) for name in names):
+                # A disabled component's layers keep their lists behind the closed gate; those that read none show nothing.
+                lists = {module: pairs for module, pairs in lists.items() if honours_gate(module)}
+            show_active(lists, gate)
+            shown.update(lists)
+        show_nothing(self._pushed, unless_in=shown)  # layers that showed something and show nothing now
+        self._pushed = shown
         for component, module in self.fused_modules:
             show_fused(module, component not in self.disabled)
         if self._copies_pushed or any(record.copies for record in self.adapters.values()):
             self._push_copies()
+        self._pushed_signature = self._shown_signature()
 
     def _push_added(self, record: AdapterRecord) -> None:
         """What `push` gives after `add`, touching only the new adapter's layers: it is active last
         in each of its components, fused nowhere, so each of its layers gets its list with the new
         adapter appended, and every other layer keeps its list. Keeps a load's cost flat in the number
         of adapters already active."""
-        added: dict[nn.Module, list] = {}
-        for component, entries in record.by_component().items():
-            self._collect_shown(record.name, component, entries, added)
         pushed = self._pushed
-        for module, pairs in added.items():
-            before = pushed.get(module)
-            added[module] = pushed[module] = pairs if not before else before + pairs
-        show_active(added)
+        for component, entries in record.by_component().items():
+            added: dict[nn.Module, list] = {}
+            self._collect_shown(record.name, component, entries, added)
+            for module, pairs in added.items():
+                before = pushed.get(module)
+                added[module] = pushed[module] = pairs if not before else before + pairs
+            show_active(added, self.gate(component))
         if self._copies_pushed or record.copies:
             self._push_copies()
+        self._pushed_signature = self._shown_signature()
 
     def _collect_shown(self, name: str, component: str, entries, lists: dict) -> None:
         """The rule of what a layer shows, in one place: adapter ``name`` on each of ``component``'s layers

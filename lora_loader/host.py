@@ -105,20 +105,22 @@ class LoraHost(LoraResidency):
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------
-    def _lora_registry_to_read(self) -> AdapterRegistry:
+    def _lora_registry_to_read(self, components: dict[str, nn.Module] | None = None) -> AdapterRegistry:
         """The registry if there is one, else an empty one that is not attached: for calls that only read
-        (or refuse), so that asking a model without adapters leaves it without a registry."""
-        for module in self._lora_components().values():
+        (or refuse), so that asking a model without adapters leaves it without a registry. ``components``:
+        `_lora_components` when the caller has them already (a pipeline's costs a lookup per component name)."""
+        for module in (self._lora_components() if components is None else components).values():
             if _REGISTRY in module.__dict__:
                 return module.__dict__[_REGISTRY]
         return AdapterRegistry()
 
-    def _lora_registry_to_change(self) -> AdapterRegistry:
-        """The registry, attached to every component (created if there is none yet): for calls that change it."""
+    def _lora_registry_to_change(self, components: dict[str, nn.Module] | None = None) -> AdapterRegistry:
+        """The registry, attached to every component (created if there is none yet): for calls that change it.
+        ``components``: as for `_lora_registry_to_read`."""
         # The registry lives on the component modules, not on the host: adapters live in those
         # modules, so a second pipeline built from the same components (img2img from txt2img,
         # `from_pipe`) sees the same adapters, as it does with diffusers.
-        components = list(self._lora_components().values())
+        components = list((self._lora_components() if components is None else components).values())
         registry = next((m.__dict__[_REGISTRY] for m in components if _REGISTRY in m.__dict__), None)
         if registry is None:
             registry = AdapterRegistry()
@@ -296,15 +298,17 @@ class LoraHost(LoraResidency):
             if weights is not None:
                 raise LoraError("pass either weights= or adapter_weights=, not both")
             weights = adapter_weights
-        self._lora_load_missing(adapter_names)
-        names = self._lora_registry_to_read().names(adapter_names, "set_adapters")
+        components = self._lora_components()  # once: the calls below take them
+        self._lora_load_missing(adapter_names, components)
+        scope = list(components)  # `_lora_scope`
+        names = self._lora_registry_to_read(components).names(adapter_names, "set_adapters")
         if weights is None or not isinstance(weights, (list, tuple)):
             weights = [weights] * len(names)
         if len(weights) != len(names):
             raise LoraError(f"got {len(weights)} weights for {len(names)} adapters {names}; expected one weight per adapter")
         # On a pipeline's component (pipe.unet.set_adapters), a number is that component's weight only.
         on_component = COMPONENT_NAME in self.__dict__
-        everywhere = self._lora_scope()[0] if on_component else ALL_COMPONENTS
+        everywhere = scope[0] if on_component else ALL_COMPONENTS
         normalized = []
         for name, weight in zip(names, weights):
             if weight is None:
@@ -313,7 +317,7 @@ class LoraHost(LoraResidency):
                 normalized.append(self._lora_component_weights(name, weight))
             else:
                 normalized.append({everywhere: _number(weight, f"weight of adapter '{name}'")})
-        self._lora_registry_to_change().set_active(names, normalized, self._lora_scope(), update=on_component)
+        self._lora_registry_to_change(components).set_active(names, normalized, scope, update=on_component)
 
     def disable_lora(self) -> None:
         """Bypass every adapter: outputs equal the base model's exactly, until `enable_lora`.
@@ -328,7 +332,8 @@ class LoraHost(LoraResidency):
         >>> torch.equal(model(x), base)
         True
         """
-        self._lora_registry_to_change().set_enabled(False, self._lora_scope())
+        components = self._lora_components()
+        self._lora_registry_to_change(components).set_enabled(False, list(components))
 
     def enable_lora(self) -> None:
         """Restore the adapters and weights of the last `set_adapters` (or loads) after `disable_lora`.
@@ -343,7 +348,8 @@ class LoraHost(LoraResidency):
         >>> torch.equal(model(x), with_lora)
         True
         """
-        self._lora_registry_to_change().set_enabled(True, self._lora_scope())
+        components = self._lora_components()
+        self._lora_registry_to_change(components).set_enabled(True, list(components))
 
     def get_active_adapters(self) -> list[str]:
         """Names of the active adapters, in the order they were set.
@@ -408,10 +414,10 @@ class LoraHost(LoraResidency):
             raise LoraError(f"resolver must be a folder, a Hub namespace, a callable name -> source, or None; got {resolver!r}")
         self._lora_registry_to_change().resolver = resolver
 
-    def _lora_load_missing(self, adapter_names) -> None:
+    def _lora_load_missing(self, adapter_names, components: dict[str, nn.Module] | None = None) -> None:
         """Load, without activating them, the adapters ``adapter_names`` names that are not loaded and that the
         resolver (`set_adapter_resolver`) knows; the others are left for the caller's name check."""
-        registry = self._lora_registry_to_read()
+        registry = self._lora_registry_to_read(components)
         if registry.resolver is None:
             return
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names

@@ -233,6 +233,19 @@ def shape_problem(delta: LoraDelta, module: nn.Module) -> str | None:
     )
 
 
+def _once_per_name(resolve_component: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """``resolve_component`` asked once per symbolic name: a plan asks it for every part (a pipeline's answer
+    looks its components up, a diffusers ``__getattr__`` per name), and nothing changes them while it plans."""
+    answers: dict[str, str | None] = {}
+
+    def resolve(symbolic: str) -> str | None:
+        if symbolic not in answers:
+            answers[symbolic] = resolve_component(symbolic)
+        return answers[symbolic]
+
+    return resolve
+
+
 def plan(
     converted: ConvertedLora,
     components: dict[str, nn.Module],
@@ -246,6 +259,7 @@ def plan(
     One walk over the file's parts (LoRA deltas, then module copies, biases, norm weights and
     saved base weights); each part's handler plans it or refuses it with a reason code.
     """
+    resolve_component = _once_per_name(resolve_component)
     # A file that several families read alike (names and widths) but map differently: the live model's family reads it.
     converted = for_model(converted, components, resolve_component)
     walk = _Walk(components, resolve_component, tensors)

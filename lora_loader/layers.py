@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextvars
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,13 +58,20 @@ class _Blended:
     def rank(self) -> int:
         return self.r
 
-    def set_blend_weight(self, weight: float) -> None:
+    # Whether `_write_scale` may write ``weighted_scale``'s memory directly on the CPU (see there); an
+    # adapter kind whose forward keeps the factor for a backward without `scale_for_graph` leaves it False.
+    _direct_scale_write = False
+
+    def set_blend_weight(self, weight: float) -> bool:
         """The blend weight the registry gives this adapter on its layer, and ``weighted_scale = weight * scale``
         (a 0-d tensor updated in place, so a torch.compile'd model sees the same graph when the blend
-        or a hotswapped alpha changes it). Written only when the weight changes."""
+        or a hotswapped alpha changes it). Written only when the weight changes. True when the scale
+        written is another tensor than at the last write (a ``.to()`` replaced it): a layer may still
+        show the old one, so the registry pushes its lists again."""
         if self.blend_weight != weight:
             self.__dict__["blend_weight"] = weight
-            self._buffers["weighted_scale"].fill_(weight * self.scale)
+            return _write_scale(self, weight * self.scale)
+        return False
 
 
 def _init_blend(adapter: nn.Module, dtype: torch.dtype, device) -> None:
@@ -75,11 +83,52 @@ def _init_blend(adapter: nn.Module, dtype: torch.dtype, device) -> None:
 def _refresh_weighted_scale(adapter: nn.Module) -> None:
     weight = adapter.blend_weight
     if weight == weight:  # not NaN: the adapter has been shown
-        adapter._buffers["weighted_scale"].fill_(weight * adapter.scale)
+        _write_scale(adapter, weight * adapter.scale)
+
+
+# dtypes whose CPU scalar numpy writes exactly as ``fill_`` does (float64 -> float32 -> float16, each
+# rounded to nearest even); bfloat16 has no numpy dtype and is filled by torch.
+_NUMPY_ROUNDING = {torch.float32: float, torch.float64: float, torch.float16: numpy.float32}
+
+
+def _write_scale(adapter: nn.Module, value: float) -> bool:
+    """``adapter.weighted_scale = value``, in place (True: see `set_blend_weight`). On the CPU through a numpy view of its one value:
+    a ``set_adapters`` writes one scalar per adapter and layer, and a ``fill_`` costs a torch dispatch
+    (~3 us, most of a 264-layer switch) where the view's store costs ~0.1 us. Its version counter does
+    not move: the concatenation cache keys on the blend weight and scale, and a forward that keeps the
+    factor for a backward keeps a copy (`scale_for_graph`), so neither sees the write late."""
+    buffer = adapter._buffers["weighted_scale"]
+    # Kept with the buffer and its address: a `.to()` replaces the buffer, and a deepcopy or unpickling
+    # copies this entry with a new buffer at another address; either makes a new view.
+    view = adapter.__dict__.get("_scale_view")
+    replaced = view is not None and view[0] is not buffer
+    if view is None or replaced or view[1] != buffer.data_ptr():
+        view = adapter.__dict__["_scale_view"] = _scale_view(adapter, buffer)
+    if view[2] is None:
+        buffer.fill_(value)
+    else:
+        view[2][()] = view[3](value)
+    return replaced
+
+
+def _scale_view(adapter: nn.Module, buffer: torch.Tensor) -> tuple:
+    """``(buffer, its address, a numpy view of it or None, the rounding to store through it)``."""
+    rounding = _NUMPY_ROUNDING.get(buffer.dtype)
+    if not adapter._direct_scale_write or buffer.device.type != "cpu" or rounding is None:
+        return (buffer, buffer.data_ptr(), None, None)
+    return (buffer, buffer.data_ptr(), buffer.detach().numpy(), rounding)
+
+
+def scale_for_graph(factor):
+    """``factor`` as a forward that autograd records may keep: a copy of a 0-d ``weighted_scale``, whose
+    memory `_write_scale` may overwrite before the backward (a float, as a mixed batch passes, as it is)."""
+    return factor.clone() if isinstance(factor, torch.Tensor) and torch.is_grad_enabled() else factor
 
 
 class LoraAdapter(_Blended, nn.Module):
     """One adapter's factors on one layer (``down``, ``up``), its scale, dropout and DoRA magnitude."""
+
+    _direct_scale_write = True
 
     def __init__(
         self,
@@ -178,6 +227,7 @@ class FactorAdapter(_Blended, nn.Module):
 
     magnitude = None  # PEFT's DoRA vector: `LoraAdapter` only; this kind's DoRA is `dora_scale`
     up_bias = None  # PEFT's lora_B.bias: `LoraAdapter` only
+    _direct_scale_write = True
 
     def __init__(self, delta: FactorDelta, weight_shape: torch.Size, compute_dtype: torch.dtype, device):
         super().__init__()
@@ -310,11 +360,30 @@ def rows_by_adapter(names: list[str], batch: int, device, present) -> dict[str, 
     return {name: torch.tensor(rows, device=device) for name, rows in groups.items()}
 
 
+class LoraGate:
+    """Whether the adapters the layers of one component show run: ``disable_lora`` turns one flag off
+    and ``enable_lora`` on, so neither touches a layer (their cost does not grow with the layers or
+    the adapters loaded). The registry keeps one per component and hands it to the layers it shows
+    adapters on (`show_active`); a layer shown otherwise has `ALWAYS_ON`."""
+
+    __slots__ = ("on",)
+
+    def __init__(self, on: bool = True):
+        self.on = on
+
+    def __repr__(self) -> str:
+        return f"LoraGate(on={self.on})"
+
+
+ALWAYS_ON = LoraGate()
+
+
 class LoraLayer:
     """Mixin placed in front of the wrapped module's class. Never instantiated directly.
 
     What the layer shows is its own state, written only through `show_active` / `show_nothing`
-    (the registry's push), `set_lora_active`, `drop_lora_adapter` and `drop_lora_cache`.
+    (the registry's push), `set_lora_active`, `drop_lora_adapter` and `drop_lora_cache`; whether it
+    runs, by its component's `LoraGate`.
     """
 
     lora_adapters: AdapterDict
@@ -322,6 +391,7 @@ class LoraLayer:
     # (adapter, weighted_scale) pairs: the adapter's 0-d ``blend weight * scale``; empty means "base only".
     _lora_active: list[tuple[LoraAdapter, torch.Tensor]]
     _lora_concat: tuple | None
+    _lora_gate: LoraGate = ALWAYS_ON  # its component's gate once the registry shows adapters on it
 
     def set_lora_active(self, active: list[tuple[LoraAdapter, torch.Tensor]]) -> None:
         """Show these ``(adapter, adapter.weighted_scale)`` pairs, in order (`show_active` for many layers)."""
@@ -354,7 +424,7 @@ class LoraLayer:
             return self._lora_mixed_batch(x, out, rows)
         active = self._lora_active
         scale = CALL_SCALE.get()
-        if not active or scale == 0:
+        if not active or scale == 0 or not self._lora_gate.on:
             return out
         if any(factor.device != out.device for _, factor in active):
             active = self._lora_follow(out.device)
@@ -370,6 +440,12 @@ class LoraLayer:
         fusion = self.__dict__.get("_lora_fusion")
         if fusion is not None:
             fusion.follow_conversion(self, fn)
+        active = self.__dict__.get("_lora_active")
+        if active and recurse:
+            # The adapters' scales are new tensors now: the shown pairs take them, in the same list (the
+            # registry keeps it too), so a switch that only writes scales reaches what this layer computes with.
+            active[:] = [(adapter, adapter._buffers["weighted_scale"]) for adapter, _ in active]
+            self.__dict__["_lora_concat"] = None
         return result
 
     def set_lora_fusion(self, fusion) -> None:
@@ -406,6 +482,8 @@ class LoraLayer:
             return True
         for adapter, factor in active:
             mid = self._lora_down(adapter.dropout(h), _in(adapter.down, dtype))
+            if mid.requires_grad:  # trainable factors: autograd keeps the scale, as it is now (`scale_for_graph`)
+                factor = factor.clone()
             self._lora_up_into(mid * (factor if scale is None else factor * scale), _in(adapter.up, dtype), out)
         return True
 
@@ -426,9 +504,10 @@ class LoraLayer:
         else:
             for adapter, factor in plain:
                 down, up = _in(adapter.down, dtype), _in(adapter.up, dtype)
-                d = self._lora_up(self._lora_down(adapter.dropout(h), down), up) * factor
+                d = self._lora_up(self._lora_down(adapter.dropout(h), down), up) * scale_for_graph(factor)
                 delta = d if delta is None else delta + d
         for adapter, factor in active:
+            factor = scale_for_graph(factor) if (type(adapter) is FactorAdapter or adapter.up_bias is not None) else factor
             weight = adapter.blend_weight if blended else 1.0
             d = None
             if type(adapter) is FactorAdapter:
@@ -455,8 +534,10 @@ class LoraLayer:
         # Keyed on the adapter and factor objects themselves (compared by identity: no id() reuse
         # after a delete), their in-place version counters, device and dtype, so a blend change,
         # a `.to()` or an optimizer step invalidates the cache without any hook.
+        # The blend weight and scale too: `_write_scale` writes a CPU factor without moving its version.
         key = tuple(
-            (a, f, getattr(f, "_version", None), a.down._version, a.up._version, a.down.device, a.down.dtype, dtype)
+            (a, f, getattr(f, "_version", None), a.blend_weight, a.scale, a.down._version, a.up._version, a.down.device,
+             a.down.dtype, dtype)
             for a, f in active
         )
         cached = self._lora_concat
@@ -510,8 +591,9 @@ class LoraLayer:
         return out
 
 
-def show_active(lists: dict[nn.Module, list]) -> None:
-    """Set what each of these LoRA layers shows: ``{layer: [(adapter, adapter.weighted_scale), ...]}``.
+def show_active(lists: dict[nn.Module, list], gate: LoraGate | None = None) -> None:
+    """Set what each of these LoRA layers shows: ``{layer: [(adapter, adapter.weighted_scale), ...]}``,
+    and with ``gate`` (the registry's, for the layers' component) the gate that says whether it runs.
 
     The one writer of a layer's shown list, for one layer (`LoraLayer.set_lora_active`) or for all
     the layers a blend change touches at once (the registry's push: one loop, no call per layer,
@@ -523,6 +605,14 @@ def show_active(lists: dict[nn.Module, list]) -> None:
         state["_lora_active"] = active
         if len(active) < 2:
             state["_lora_concat"] = None
+        if gate is not None:
+            state["_lora_gate"] = gate
+
+
+def honours_gate(module: nn.Module) -> bool:
+    """Whether this layer's forward reads its `LoraGate` (`LoraLayer`'s does); another kind (LoRA on
+    parameters) stops running its adapters only when it shows none."""
+    return type(module).forward is LoraLayer.forward
 
 
 def show_nothing(layers, unless_in: dict) -> None:
@@ -683,7 +773,7 @@ def _swap_out(module: nn.Module, container: str, state: tuple[str, ...]) -> None
     """Undo `_swap_in`: the original class, and none of the attributes it added."""
     base_class = module._lora_base_class
     del module._modules[container]
-    for name in ("_lora_base_class", *state):
+    for name in ("_lora_base_class", "_lora_gate", *state):
         module.__dict__.pop(name, None)
     wrapped_class = type(module)
     module.__class__ = base_class
