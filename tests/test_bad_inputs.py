@@ -450,3 +450,20 @@ def test_a_bad_input_is_a_lora_error_naming_it_and_changes_nothing(name, h, tmp_
 
 def test_the_table_holds_at_least_seventy_cases():
     assert len(CASES) >= 70, len(CASES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_large_finite_values_whose_sum_overflows_are_no_nan_or_inf(dtype):
+    """The finiteness check sums a tensor first (cheap) and looks value by value only when the sum is not
+    finite: every value here is finite, so the file converts, though its sum overflows the dtype's range."""
+    from lora_loader import formats
+
+    big = torch.finfo(dtype).max / 2
+    tensors = {
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.full((4, 32), big, dtype=dtype),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.full((32, 4), big, dtype=dtype),
+    }
+    assert not torch.isfinite(tensors["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].sum())
+    assert formats.tensor_problems(tensors) == {}
+    tensors["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"][3, 1] = float("inf")
+    assert list(formats.tensor_problems(tensors)) == ["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"]
