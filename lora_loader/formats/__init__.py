@@ -39,8 +39,9 @@ _CONVERTERS = (
 )
 
 
-# Module names only BFL's Flux checkpoint has (img_in / txt_in are also Qwen-Image's diffusers names).
-_BFL_ONLY = re.compile(r"^(?:(?:double|single)_blocks\.\d+|time_in|vector_in|guidance_in|final_layer)\.")
+# Module names only BFL's Flux checkpoint has (img_in / txt_in are also Qwen-Image's diffusers names, final_layer.linear /
+# final_layer.adaLN_modulation.1 Bria Fibo 2's diffusers names and Z-Image's checkpoint names).
+_BFL_ONLY = re.compile(r"^(?:(?:double|single)_blocks\.\d+|time_in|vector_in|guidance_in)\.")
 
 
 def _bfl_names(keys) -> bool:
@@ -48,6 +49,8 @@ def _bfl_names(keys) -> bool:
 
     >>> _bfl_names(["img_in.lora_A.weight", "double_blocks.0.img_attn.qkv.lora_A.weight"]), _bfl_names(["img_in.lora_A.weight"])
     (True, False)
+    >>> _bfl_names(["final_layer.linear.lora_A.weight", "layers.0.attention.to_q.lora_A.weight"])
+    False
     """
     return any(_BFL_ONLY.match(key) for key in keys)
 
