@@ -15,6 +15,7 @@ same file wherever the family's ``lora_state_dict`` reads it (the diffusers layo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 RANK, ALPHA = 4, 2.0  # scale 0.5
 FAMILY_KEYS = {  # tiny model -> the family `detect_family` / `lora-loader inspect` names
     "sana": "sana", "sana-video": "sana", "cogview4": "cogview4", "auraflow": "auraflow", "kandinsky5": "kandinsky5",
-    "ernie-image": "ernie-image", "cosmos": "cosmos", "bria-fibo2": "bria-fibo2",
+    "ernie-image": "ernie-image", "cosmos": "cosmos", "bria-fibo2": "bria-fibo2", "amused": "amused",
 }  # fmt: skip
 _SANA_CONVS = re.compile(r"\.ff\.conv_(inverted|point)$")  # 1x1 convolutions: LoCon in Kohya files
 
@@ -89,14 +90,20 @@ LAYOUTS = {  # layout -> (writer of {path: (A, B)}, lora_loader's format name)
 DIFFUSERS_READS = {"ernie-image": ("peft-save-pretrained", "ai-toolkit")}
 
 
+def header_scale(family: str) -> float:
+    """The scale diffusers reads a diffusers-layout file at: peft's alpha / r from the header, where the family's
+    ``save_lora_weights`` writes one (aMUSEd's, the SD mixin's, writes none: alpha = r)."""
+    return 1.0 if family == "amused" else ALPHA / RANK
+
+
 def write_diffusers(family: str, pairs: dict, path: str) -> str:
     """The pipeline's own ``save_lora_weights`` of peft's state dict, with peft's config in the header."""
     pipeline_cls = MAKERS[family][2]
     state = {f"{p}.lora_A.weight": a for p, (a, b) in pairs.items()} | {f"{p}.lora_B.weight": b for p, (a, b) in pairs.items()}
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=sorted(pairs))
     directory, name = os.path.split(path)
-    pipeline_cls.save_lora_weights(directory, transformer_lora_layers=state, weight_name=name,
-                                   transformer_lora_adapter_metadata=config.to_dict())  # fmt: skip
+    header = {"transformer_lora_adapter_metadata": config.to_dict()} if header_scale(family) != 1.0 else {}
+    pipeline_cls.save_lora_weights(directory, transformer_lora_layers=state, weight_name=name, **header)
     return path
 
 
@@ -142,10 +149,8 @@ def diffusers_output(family: str, source, adapters=None) -> tuple[torch.Tensor, 
     make, output, pipeline_cls = MAKERS[family]
     model = make(0)
     for src, name in adapters or [(source, "d")]:
-        if isinstance(src, str):
-            state, metadata = pipeline_cls.lora_state_dict(src, return_lora_metadata=True)
-        else:
-            state, metadata = pipeline_cls.lora_state_dict(dict(src)), None
+        read = pipeline_cls.lora_state_dict(src if isinstance(src, str) else dict(src), return_lora_metadata=True)
+        state, metadata = read[0], read[-1]  # the SD mixin's (aMUSEd's) has the network alphas between
         model.load_lora_adapter(state, prefix="transformer", adapter_name=name, metadata=metadata)
     return output(model), model
 
@@ -176,6 +181,7 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("tail_c")
 
 
+@functools.cache
 def base_output(family: str) -> torch.Tensor:
     make, output, _ = MAKERS[family]
     return output(make(0))
@@ -185,7 +191,7 @@ def base_output(family: str) -> torch.Tensor:
 def test_the_diffusers_layout_gives_what_diffusers_and_peft_give(family, root):
     path = files(family, root / family)["diffusers"]
     theirs, _ = diffusers_output(family, path)
-    want = independent_merge(family, read(path), scale=ALPHA / RANK)
+    want = independent_merge(family, read(path), scale=header_scale(family))
     base = base_output(family)
     assert_close(theirs, want, base)  # the merge computed here is what diffusers+peft run
     model = lora_loader.attach(MAKERS[family][0](0))

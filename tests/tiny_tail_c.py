@@ -1,11 +1,12 @@
 """Tiny transformers of the families whose diffusers loader has no converter (SANA, SANA-Video, CogView4, AuraFlow,
-Kandinsky 5, ERNIE-Image, Cosmos Predict 2.5, Bria Fibo 2), diffusers' own test sizes where its tests have them,
+Kandinsky 5, ERNIE-Image, Cosmos Predict 2.5, Bria Fibo 2, aMUSEd's U-ViT), diffusers' own test sizes where its tests have them,
 seeded, each with a fixed input: ``MAKERS[family] = (make(seed) -> model, output(model) -> tensor, pipeline class)``.
 """
 
 from __future__ import annotations
 
 import torch
+
 from diffusers import (
     AuraFlowPipeline,
     AuraFlowTransformer2DModel,
@@ -23,7 +24,9 @@ from diffusers import (
     SanaTransformer2DModel,
     SanaVideoPipeline,
     SanaVideoTransformer3DModel,
+    UVit2DModel,
 )
+from diffusers.loaders.lora_pipeline import AmusedLoraLoaderMixin  # the deprecated AmusedPipeline no longer mixes it in
 
 
 def _noise(*shapes):
@@ -179,3 +182,24 @@ MAKERS = {
     "cosmos": (tiny_cosmos, cosmos_output, Cosmos2_5_PredictBasePipeline),
     "bria-fibo2": (tiny_bria_fibo2, bria_fibo2_output, BriaFibo2Pipeline),
 }
+
+
+def tiny_amused(seed: int = 0) -> UVit2DModel:  # diffusers' old tests/pipelines/amused sizes
+    torch.manual_seed(seed)
+    model = UVit2DModel(
+        hidden_size=8, use_bias=False, hidden_dropout=0.0, cond_embed_dim=8, micro_cond_encode_dim=2, micro_cond_embed_dim=10,
+        encoder_hidden_size=8, vocab_size=32, codebook_size=8, in_channels=8, block_out_channels=8, num_res_blocks=1,
+        downsample=True, upsample=True, block_num_heads=1, num_hidden_layers=1, num_attention_heads=1, attention_dropout=0.0,
+        intermediate_size=8, layer_norm_eps=1e-06, ln_elementwise_affine=True,
+    )  # fmt: skip
+    return _no_zero_weights(model)
+
+
+def amused_output(model) -> torch.Tensor:
+    text, pooled = _noise((1, 5, 8), (1, 8))
+    ids = torch.randint(0, 8, (1, 4, 4), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return model(ids, text, pooled, torch.tensor([[4.0, 4.0, 0.0, 0.0, 6.0]]))
+
+
+MAKERS["amused"] = (tiny_amused, amused_output, AmusedLoraLoaderMixin)
