@@ -37,6 +37,7 @@ RANK, ALPHA = 4, 2.0  # scale 0.5
 FAMILY_KEYS = {  # tiny model -> the family `detect_family` / `lora-loader inspect` names
     "sana": "sana", "sana-video": "sana", "cogview4": "cogview4", "auraflow": "auraflow", "kandinsky5": "kandinsky5",
     "ernie-image": "ernie-image", "cosmos": "cosmos", "bria-fibo2": "bria-fibo2", "amused": "amused",
+    "rfd4-proteina": "rfd4-proteina",
 }  # fmt: skip
 _SANA_CONVS = re.compile(r"\.ff\.conv_(inverted|point)$")  # 1x1 convolutions: LoCon in Kohya files
 

@@ -1,5 +1,5 @@
 """Tiny transformers of the families whose diffusers loader has no converter (SANA, SANA-Video, CogView4, AuraFlow,
-Kandinsky 5, ERNIE-Image, Cosmos Predict 2.5, Bria Fibo 2, aMUSEd's U-ViT), diffusers' own test sizes where its tests have them,
+Kandinsky 5, ERNIE-Image, Cosmos Predict 2.5, Bria Fibo 2, aMUSEd's U-ViT, RFD4 Proteina), diffusers' own test sizes where its tests have them,
 seeded, each with a fixed input: ``MAKERS[family] = (make(seed) -> model, output(model) -> tensor, pipeline class)``.
 """
 
@@ -20,6 +20,8 @@ from diffusers import (
     ErnieImageTransformer2DModel,
     Kandinsky5T2IPipeline,
     Kandinsky5Transformer3DModel,
+    RFD4ProteinaPipeline,
+    RFD4ProteinaTransformer,
     SanaPipeline,
     SanaTransformer2DModel,
     SanaVideoPipeline,
@@ -203,3 +205,27 @@ def amused_output(model) -> torch.Tensor:
 
 
 MAKERS["amused"] = (tiny_amused, amused_output, AmusedLoraLoaderMixin)
+
+
+def tiny_rfd4_proteina(seed: int = 0) -> RFD4ProteinaTransformer:  # diffusers' tests have no sizes: small, few features
+    torch.manual_seed(seed)
+    model = RFD4ProteinaTransformer(
+        nlayers=2, token_dim=16, nheads=2, dim_cond=8, pair_repr_dim=8, latent_dim=4, token_type_emb_dim=4, cath_emb_dim=4,
+        t_emb_dim=8, seq_sep_dim=4, xt_pair_dist_dim=4, feats_seq=("xt_bb_ca", "xt_local_latents"),
+        feats_cond_seq=("time_emb_bb_ca",), feats_pair_repr=("xt_bb_ca_pair_dists",), feats_pair_cond=("time_emb_bb_ca",),
+        tri_mult_c=8, num_sequence_classes=5,
+    )  # fmt: skip
+    return _no_zero_weights(model)
+
+
+def rfd4_proteina_output(model) -> torch.Tensor:
+    """Every output (velocities, sequence and insertion logits), flattened into one tensor."""
+    coords, latents = _noise((1, 6, 3), (1, 6, 4))
+    flags = {"is_in_context_conditioning": torch.zeros(1, 6), "supports_local_latent": torch.ones(1, 6)}
+    with torch.no_grad():
+        out = model(coords, latents, torch.tensor([0.5]), torch.tensor([0.5]), torch.ones(1, 6, dtype=torch.bool),
+                    conditioning=flags, return_dict=False)  # fmt: skip
+    return torch.cat([o.flatten() for o in out])
+
+
+MAKERS["rfd4-proteina"] = (tiny_rfd4_proteina, rfd4_proteina_output, RFD4ProteinaPipeline)

@@ -25,6 +25,7 @@ from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
 from .qwen_image import QWEN_IMAGE
+from .rfd4_proteina import RFD4_PROTEINA
 from .sd3 import SD3
 from .wan import WAN
 from .z_image import Z_IMAGE
@@ -56,7 +57,7 @@ from .writer import to_original
 # broader rule of a family above (HunyuanVideo 1.5's time_embed_timestep_embedder, CogVideoX's patch_embed_text_proj,
 # LTX-Video's attn1, Z-Image's attention names). Bria Fibo 2 (Z-Image's blocks and its own Perceiver) first too: its
 # table names its own modules, which wins by the names it knows; on a tie with Z-Image, its `model_classes` decide.
-_DIFFUSERS_NAMES_ONLY = (SANA, COGVIEW4, AURAFLOW, KANDINSKY5, ERNIE_IMAGE, COSMOS, BRIA_FIBO2, AMUSED)
+_DIFFUSERS_NAMES_ONLY = (SANA, COGVIEW4, AURAFLOW, KANDINSKY5, ERNIE_IMAGE, COSMOS, BRIA_FIBO2, AMUSED, RFD4_PROTEINA)
 FAMILIES = _DIFFUSERS_NAMES_ONLY + (
     FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO, QWEN_IMAGE,
     Z_IMAGE,
@@ -64,7 +65,7 @@ FAMILIES = _DIFFUSERS_NAMES_ONLY + (
 
 __all__ = [
     "ALWAYS", "AMUSED", "AURAFLOW", "BRIA_FIBO2", "CHROMA", "COGVIEW4", "COSMOS", "ERNIE_IMAGE", "KANDINSKY5", "SANA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2",
-    "LTX_VIDEO", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
+    "LTX_VIDEO", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "RFD4_PROTEINA", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
     "add_original", "add_originals", "families_of", "family_of", "family_of_model", "for_model", "fused", "interleaved",
     "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
