@@ -279,3 +279,33 @@ def test_lora_loader_inspect_names_the_family(family, root, capsys):
     for layout in ("diffusers", "onetrainer"):
         assert main(["inspect", files(family, root / family)[layout], "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["family"] == FAMILY_KEYS[family], layout
+
+
+@pytest.mark.parametrize("producer", ["lycoris", "ai-toolkit"])
+@pytest.mark.parametrize("family", sorted(MAKERS))
+def test_lokr_gives_the_kronecker_merge_of_its_factors(family, producer):
+    """LoKr as LyCORIS' wrapper writes it (``lycoris_<mangled path>.lokr_w1`` / ``lokr_w2_a`` / ``lokr_w2_b`` + alpha:
+    SimpleTuner's LyCORIS option) and as ai-toolkit does (``diffusion_model.<path>.*``), on three linear modules:
+    W + alpha / r * kron(w1, w2_a @ w2_b), computed here."""
+    make, output, _ = MAKERS[family]
+    modules = {n: m for n, m in make(0).named_modules() if isinstance(m, torch.nn.Linear) and min(m.weight.shape) % 4 == 0}
+    chosen = [n for n in modules if re.search(r"\.\d+\.", n)][:3]
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for path in chosen:
+        rows, cols = modules[path].weight.shape
+        stem = "lycoris_" + _mangle(path) if producer == "lycoris" else "diffusion_model." + path
+        tensors |= {f"{stem}.lokr_w1": torch.randn(4, 4, generator=g) * 0.3, f"{stem}.lokr_w2_a": torch.randn(rows // 4, 2, generator=g) * 0.3,
+                    f"{stem}.lokr_w2_b": torch.randn(2, cols // 4, generator=g) * 0.3, f"{stem}.alpha": torch.tensor(1.0)}  # fmt: skip
+    model = make(0)
+    with torch.no_grad():
+        weights = dict(model.named_modules())
+        for path in chosen:
+            stem = "lycoris_" + _mangle(path) if producer == "lycoris" else "diffusion_model." + path
+            w1, w2a, w2b = (tensors[f"{stem}.{k}"] for k in ("lokr_w1", "lokr_w2_a", "lokr_w2_b"))
+            weights[path].weight += 1.0 / 2 * torch.kron(w1, w2a @ w2b)
+    want = output(model)
+    mine = lora_loader.attach(make(0))
+    report = mine.load_lora_weights(tensors, adapter_name="k")
+    assert not report.skipped
+    assert_close(output(mine), want, base_output(family))
