@@ -309,3 +309,54 @@ def test_lokr_gives_the_kronecker_merge_of_its_factors(family, producer):
     report = mine.load_lora_weights(tensors, adapter_name="k")
     assert not report.skipped
     assert_close(output(mine), want, base_output(family))
+
+
+# AuraFlow's checkpoint names (ComfyUI's model: ComfyUI's LoRA training and LoRA extraction write them), written here
+# from ComfyUI's ``auraflow_to_diffusers``: diffusers path -> original name; the image stream of a double layer is w2.
+_AURAFLOW_ORIGINAL = {
+    "joint_transformer_blocks.0.attn.to_q": "double_layers.0.attn.w2q", "joint_transformer_blocks.0.attn.to_k": "double_layers.0.attn.w2k",
+    "joint_transformer_blocks.0.attn.to_v": "double_layers.0.attn.w2v", "joint_transformer_blocks.0.attn.to_out.0": "double_layers.0.attn.w2o",
+    "joint_transformer_blocks.0.attn.add_q_proj": "double_layers.0.attn.w1q", "joint_transformer_blocks.0.attn.add_k_proj": "double_layers.0.attn.w1k",
+    "joint_transformer_blocks.0.attn.add_v_proj": "double_layers.0.attn.w1v", "joint_transformer_blocks.0.attn.to_add_out": "double_layers.0.attn.w1o",
+    "joint_transformer_blocks.0.ff.linear_1": "double_layers.0.mlpX.c_fc1", "joint_transformer_blocks.0.ff.linear_2": "double_layers.0.mlpX.c_fc2",
+    "joint_transformer_blocks.0.ff.out_projection": "double_layers.0.mlpX.c_proj",
+    "joint_transformer_blocks.0.ff_context.linear_1": "double_layers.0.mlpC.c_fc1",
+    "joint_transformer_blocks.0.ff_context.linear_2": "double_layers.0.mlpC.c_fc2",
+    "joint_transformer_blocks.0.ff_context.out_projection": "double_layers.0.mlpC.c_proj",
+    "joint_transformer_blocks.0.norm1.linear": "double_layers.0.modX.1", "joint_transformer_blocks.0.norm1_context.linear": "double_layers.0.modC.1",
+    "single_transformer_blocks.0.attn.to_q": "single_layers.0.attn.w1q", "single_transformer_blocks.0.attn.to_k": "single_layers.0.attn.w1k",
+    "single_transformer_blocks.0.attn.to_v": "single_layers.0.attn.w1v", "single_transformer_blocks.0.attn.to_out.0": "single_layers.0.attn.w1o",
+    "single_transformer_blocks.0.ff.linear_1": "single_layers.0.mlp.c_fc1", "single_transformer_blocks.0.ff.linear_2": "single_layers.0.mlp.c_fc2",
+    "single_transformer_blocks.0.ff.out_projection": "single_layers.0.mlp.c_proj", "single_transformer_blocks.0.norm1.linear": "single_layers.0.modCX.1",
+    "context_embedder": "cond_seq_linear", "pos_embed.proj": "init_x_linear", "time_step_proj.linear_1": "t_embedder.mlp.0",
+    "time_step_proj.linear_2": "t_embedder.mlp.2", "proj_out": "final_linear", "norm_out.linear": "modF.1",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("producer", ["comfyui", "kohya"])
+def test_auraflow_in_its_checkpoint_names_gives_the_merge_of_its_own_tensors(producer):
+    """Every linear of the tiny AuraFlow in the checkpoint's names, as ComfyUI saves them (``diffusion_model.`` +
+    lora_up / lora_down + alpha) and as a Kohya-style tool would (``lora_unet_`` + the mangled names); modF.1's
+    (shift, scale) halves are diffusers' norm_out.linear's (scale, shift)."""
+    pairs = peft_pairs("auraflow", seed=3)
+    assert sorted(pairs) == sorted(_AURAFLOW_ORIGINAL)  # the map names every linear of the model
+    if producer == "comfyui":
+        tensors = _spell({_AURAFLOW_ORIGINAL[p]: ab for p, ab in pairs.items()}, lambda s: "diffusion_model." + s, ".lora_down.weight", ".lora_up.weight", True)
+    else:
+        tensors = _spell({_AURAFLOW_ORIGINAL[p]: ab for p, ab in pairs.items()}, lambda s: "lora_unet_" + _mangle(s), ".lora_down.weight", ".lora_up.weight", True)
+    make, output, _ = MAKERS["auraflow"]
+    model = make(0)
+    with torch.no_grad():
+        modules = dict(model.named_modules())
+        for path, (a, b) in pairs.items():
+            delta = ALPHA / RANK * b @ a
+            if path == "norm_out.linear":
+                half = delta.shape[0] // 2
+                delta = torch.cat([delta[half:], delta[:half]])
+            modules[path].weight += delta
+    want = output(model)
+    mine = lora_loader.attach(make(0))
+    report = mine.load_lora_weights(tensors, adapter_name="c")
+    assert not report.skipped
+    assert_close(output(mine), want, base_output("auraflow"))
+    assert detect_family(convert(tensors).deltas)[0] == "auraflow"

@@ -52,11 +52,12 @@ from .writer import to_original
 # one has tell them apart, and a file that neither tells is Flux.1's unless loaded into a Flux.2 model (`family_of`).
 # Chroma (Flux.1's blocks, one distilled guidance layer) after both: only its guidance layer's names claim a file.
 # Qwen-Image (no original names of its own: detection only) and Z-Image (layers_N_ / *_refiner_N_ blocks) last.
-# The families diffusers converts nothing for (diffusers' names only): detection-only entries (no blocks: `family_of`
-# never picks them) whose `detect` names only their own modules, first, so a file with those is not taken by a
-# broader rule of a family above (HunyuanVideo 1.5's time_embed_timestep_embedder, CogVideoX's patch_embed_text_proj,
-# LTX-Video's attn1, Z-Image's attention names). Bria Fibo 2 (Z-Image's blocks and its own Perceiver) first too: its
-# table names its own modules, which wins by the names it knows; on a tie with Z-Image, its `model_classes` decide.
+# The families diffusers converts nothing for (diffusers' names only) come first: their `detect` names only their own
+# modules, so a file with those is not taken by a broader rule of a family after them (HunyuanVideo 1.5's
+# time_embed_timestep_embedder, CogVideoX's patch_embed_text_proj, LTX-Video's attn1, Z-Image's attention names). Most
+# have no blocks (`family_of` never picks them); AuraFlow's blocks (double_layers_N_ / single_layers_N_) are no other
+# family's; Bria Fibo 2's table names its own modules (Z-Image's blocks and its Perceiver) and wins by the names it
+# knows; on a tie with Z-Image (names both know, read differently) the live model's class decides (`model_classes`).
 _DIFFUSERS_NAMES_ONLY = (SANA, COGVIEW4, AURAFLOW, KANDINSKY5, ERNIE_IMAGE, COSMOS, BRIA_FIBO2, AMUSED, RFD4_PROTEINA)
 FAMILIES = _DIFFUSERS_NAMES_ONLY + (
     FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO, QWEN_IMAGE,
