@@ -360,3 +360,48 @@ def test_auraflow_in_its_checkpoint_names_gives_the_merge_of_its_own_tensors(pro
     assert not report.skipped
     assert_close(output(mine), want, base_output("auraflow"))
     assert detect_family(convert(tensors).deltas)[0] == "auraflow"
+
+
+def test_a_onetrainer_sana_file_with_its_gemma_text_encoder_loads_into_both_components():
+    """OneTrainer trains SANA's text encoder (Gemma 2) beside the transformer and saves both as Kohya keys
+    (``lora_te_layers_0_self_attn_q_proj`` / ``lora_transformer_transformer_blocks_0_attn1_to_q`` + alpha); diffusers'
+    SANA loader loads the transformer only. Each component's output is the merge of the file's tensors computed here."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline
+    from transformers import Gemma2Config, Gemma2Model
+
+    def gemma():
+        torch.manual_seed(0)
+        config = Gemma2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=4)  # fmt: skip
+        return Gemma2Model(config).eval()
+
+    def gemma_output(model):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([[1, 5, 9, 3]])).last_hidden_state
+
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1], downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )  # fmt: skip
+    make, output, _ = MAKERS["sana"]
+    pipe = lora_loader.attach(SanaPipeline(tokenizer=None, text_encoder=gemma(), vae=vae, transformer=make(0),
+                                           scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)))  # fmt: skip
+    g = torch.Generator().manual_seed(6)
+    te_pairs = {n: (torch.randn(RANK, m.in_features, generator=g) * 0.2, torch.randn(m.out_features, RANK, generator=g) * 0.2)
+                for n, m in gemma().named_modules() if isinstance(m, torch.nn.Linear)}  # fmt: skip
+    tr_pairs = {p: ab for p, ab in peft_pairs("sana", seed=5).items() if ".attn" in p}
+    tensors = _spell(te_pairs, lambda s: "lora_te_" + _mangle(s), ".lora_down.weight", ".lora_up.weight", True) | _spell(
+        tr_pairs, lambda s: "lora_transformer_" + _mangle(s), ".lora_down.weight", ".lora_up.weight", True)
+    report = pipe.load_lora_weights(tensors, adapter_name="ot")
+    assert report.format == "kohya" and not report.skipped
+    merged = gemma()
+    with torch.no_grad():
+        modules = dict(merged.named_modules())
+        for path, (a, b) in te_pairs.items():
+            modules[path].weight += ALPHA / RANK * b @ a
+    assert_close(gemma_output(pipe.text_encoder), gemma_output(merged), gemma_output(gemma()))
+    transformer_only = {k: v for k, v in tensors.items() if k.startswith("lora_transformer_")}
+    assert_close(output(pipe.transformer), independent_merge("sana", transformer_only), base_output("sana"))
