@@ -3,7 +3,7 @@
 diffusers' ``ErnieImageLoraLoaderMixin`` only rewrites the prefix (PEFT's ``base_model.model.`` and ai-toolkit's /
 ComfyUI's ``diffusion_model.`` -> ``transformer.``): the checkpoint's names are diffusers' (``layers.N.self_attention.to_q``,
 ``layers.N.mlp.gate_proj``), so ai-toolkit, musubi-tuner (``lora_unet_layers_0_self_attention_to_q``), OneTrainer and
-PEFT files load by module path. The ``self_attention`` / ``mlp.linear_fc2`` block names and the final norm are ERNIE's
+PEFT files load by module path. The ``self_attention.to_q`` / ``mlp.linear_fc2`` block names and the final norm are ERNIE's
 alone (its ``time_embedding`` is no SD UNet's).
 """
 
@@ -17,7 +17,7 @@ ERNIE_IMAGE = Family(
     key="ernie-image",
     detect=(
         r"^layers_\d+_self_attention_(to_q|to_k|to_v|to_out_0)$",
-        r"^layers_\d+_mlp_(gate_proj|up_proj|linear_fc2)$",
+        r"^layers_\d+_mlp_linear_fc2$",  # not gate_proj / up_proj: a causal LM's layers_N_mlp_ names
         r"^final_norm_linear$",
     ),
     # ai-toolkit / musubi-tuner "ernie_image", modelspec "ernie-image/lora".
