@@ -405,3 +405,20 @@ def test_a_onetrainer_sana_file_with_its_gemma_text_encoder_loads_into_both_comp
     assert_close(gemma_output(pipe.text_encoder), gemma_output(merged), gemma_output(gemma()))
     transformer_only = {k: v for k, v in tensors.items() if k.startswith("lora_transformer_")}
     assert_close(output(pipe.transformer), independent_merge("sana", transformer_only), base_output("sana"))
+
+
+def test_an_attention_only_file_is_named_by_its_width_where_names_are_shared():
+    """The training scripts' default LoRA (to_q, to_k, to_v, to_out.0) names only attn1 / attn2, as LTX-Video,
+    CogVideoX and LTX-2 do: SANA's self-attention is 1152 or 2240 wide, CogView4's 4096 (and it has no attn2)."""
+    def attention(width, attn2=True):
+        from types import SimpleNamespace
+
+        attns = ("attn1", "attn2") if attn2 else ("attn1",)
+        return {("transformer", f"transformer_blocks.3.{a}.{m}"): SimpleNamespace(down=torch.zeros(4, width))
+                for a in attns for m in ("to_q", "to_k", "to_v", "to_out.0")}  # fmt: skip
+
+    assert detect_family(attention(2240))[0] == "sana" and detect_family(attention(1152))[0] == "sana"
+    assert detect_family(attention(2048))[0] == "ltx-video"  # LTX-Video 0.9's width
+    assert detect_family(attention(4096, attn2=False))[0] == "cogview4"
+    assert detect_family(attention(4096))[0] != "cogview4"  # LTX-2's attn1 is 4096 wide too, beside an attn2
+    assert detect_family(attention(3072, attn2=False))[0] == "cogvideox"
