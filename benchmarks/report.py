@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,10 +163,16 @@ def print_table(report: Report) -> None:
     print("=" * 100)
 
 
-def many_adapters_section(path: Path) -> str:
-    """The section ``many_adapters.py`` wrote into ``path`` (between its markers), to keep on a rewrite."""
-    start, end = "<!-- many_adapters:start -->", "<!-- many_adapters:end -->"
+def kept_sections(path: Path) -> str:
+    r"""The sections other scripts wrote into ``path`` between their ``<!-- NAME:start -->`` / ``<!-- NAME:end -->``
+    markers (``many_adapters.py``'s 50 adapters, ``bench_dit.py``'s DiTs), to keep when run.py rewrites the file.
+
+    >>> import tempfile
+    >>> f = Path(tempfile.mkdtemp()) / "R.md"
+    >>> _ = f.write_text("old table\n<!-- a:start -->\nA\n<!-- a:end -->\nx\n<!-- b:start -->B<!-- b:end -->\n")
+    >>> kept_sections(f)
+    '<!-- a:start -->\nA\n<!-- a:end -->\n\n<!-- b:start -->B<!-- b:end -->\n'
+    """
     old = path.read_text() if path.exists() else ""
-    if start not in old or end not in old:
-        return ""
-    return start + old.split(start, 1)[1].split(end, 1)[0] + end + "\n"
+    sections = re.findall(r"(<!-- ([\w-]+):start -->.*?<!-- \2:end -->)", old, flags=re.S)
+    return "\n".join(section + "\n" for section, _ in sections)

@@ -46,7 +46,7 @@ from bench_lm import fig_lm  # noqa: E402
 from bench_load import fig_load  # noqa: E402
 from bench_rss import fig_rss, rss_child  # noqa: E402
 from bench_switch import fig_switch  # noqa: E402
-from report import Report, many_adapters_section, markdown, print_table  # noqa: E402
+from report import Report, kept_sections, markdown, print_table  # noqa: E402
 from sd_setup import SDBench  # noqa: E402
 from workloads import FULL, QUICK, Size  # noqa: E402
 
@@ -116,9 +116,9 @@ def main(argv=None) -> int:
         out = str(HERE / "RESULTS.md")
     if out:
         text = markdown(report, info, size, args, elapsed)
-        kept = many_adapters_section(Path(out))
+        kept = kept_sections(Path(out))
         Path(out).write_text(text + ("\n" + kept if kept else ""))
-        print(f"wrote {out}" + (" (kept its 50-adapter section from many_adapters.py)" if kept else ""))
+        print(f"wrote {out}" + (" (kept the sections many_adapters.py and bench_dit.py wrote)" if kept else ""))
     print(f"total {elapsed / 60:.1f} min")
     return 0
 

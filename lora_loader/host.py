@@ -23,7 +23,7 @@ from .blocks import BlockWeights, expand_block_weights, expand_path_weights
 from .config import LoraConfig, lycoris_peft_config
 from .errors import LoraError, LoraFormatError, LoraNameError, LoraWarning
 from .formats import convert
-from .fuse import dense_delta, fuse_layer, fuse_problem, keep_fused, unfuse_layer
+from .fuse import dense_delta, fuse_layer, fuse_problem, keep_fused, originals_keeper, unfuse_layer
 from .hub import read_source
 from .layers import CALL_SCALE
 from .residency import LoraResidency
@@ -587,12 +587,20 @@ class LoraLifecycle:
         adapter_names: list[str] | None = None,
         components: list[str] | None = None,
         safe_fusing: bool = False,
+        keep_originals: str = "auto",
         **kwargs,
     ) -> None:
         """Write the current blend of ``adapter_names`` (default: the active adapters) into the base weights.
 
         ``lora_scale`` multiplies this fuse only; the weights `set_adapters` set are
         unchanged. `unfuse_lora` restores the original weights bit for bit.
+
+        ``keep_originals``: where the original weights wait for `unfuse_lora`. ``"device"``: beside
+        the fused ones (twice the targeted weights' memory there); ``"cpu"``: in CPU memory (pinned
+        with CUDA), the fused weights written in place; ``"disk"``: in a temporary file (``TMPDIR``);
+        ``"auto"`` (default): on the device if its free memory holds the fused copies, else ``"cpu"``,
+        else ``"disk"``. A model in CPU memory keeps them as they are unless ``"disk"``; layers
+        offloaded by accelerate or quantized by bitsandbytes keep them where they always do.
 
         >>> import torch, lora_loader
         >>> model = lora_loader.attach(torch.nn.Sequential(torch.nn.Linear(4, 4)))
@@ -641,9 +649,10 @@ class LoraLifecycle:
                 for name, adapter, w in items:
                     if not torch.isfinite(dense_delta(module, adapter, w)[0]).all():
                         raise LoraError(f"fusing adapter '{name}' into {component} gives non-finite weights; nothing fused")
+        keep = originals_keeper(keep_originals, [module for _, module, _ in per_module.values()])
         registry = self._lora_registry_to_change()
         for component, module, items in per_module.values():
-            fuse_layer(module, [(adapter, w) for _, adapter, w in items if w != 0.0])
+            fuse_layer(module, [(adapter, w) for _, adapter, w in items if w != 0.0], keep)
             registry.mark_fused(component, module, [name for name, _, _ in items])
         registry.push()
 

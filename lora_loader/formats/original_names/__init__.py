@@ -17,11 +17,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from .engine import ALWAYS, IF_TWO_HALVES, Blocks, Family, Target, fused, interleaved, split_module, swapped
+from .ace_step import ACE_STEP
 from .cogvideox_mochi import COGVIDEOX, MOCHI
 from .flux import FLUX
 from .flux2 import FLUX2
+from .flux3 import FLUX3
 from .chroma import CHROMA
 from .hunyuan_video import HUNYUAN_VIDEO, HUNYUAN_VIDEO_15
+from .ideogram4 import IDEOGRAM4
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
 from .qwen_image import QWEN_IMAGE
@@ -52,6 +55,10 @@ from .writer import to_original
 # one has tell them apart, and a file that neither tells is Flux.1's unless loaded into a Flux.2 model (`family_of`).
 # Chroma (Flux.1's blocks, one distilled guidance layer) after both: only its guidance layer's names claim a file.
 # Qwen-Image (no original names of its own: detection only) and Z-Image (layers_N_ / *_refiner_N_ blocks) last.
+# Flux 3 after the Flux.1 family: it shares only single_blocks_N_ (other module names there) and claims by its own.
+# Ideogram 4 before Z-Image: both name layers_N_attention_qkv and, in diffusers' names, layers_N_attention_to_q; only
+# Ideogram 4's adaln_modulation / attention_o / top-level names claim a file or tell inspect. ACE-Step (layers_N_ too,
+# a causal LM's own names) claims only by cross_attn and its embedders.
 # The families diffusers converts nothing for (diffusers' names only) come first: their `detect` names only their own
 # modules, so a file with those is not taken by a broader rule of a family after them (HunyuanVideo 1.5's
 # time_embed_timestep_embedder, CogVideoX's patch_embed_text_proj, LTX-Video's attn1, Z-Image's attention names). Most
@@ -60,13 +67,15 @@ from .writer import to_original
 # knows; on a tie with Z-Image (names both know, read differently) the live model's class decides (`model_classes`).
 _DIFFUSERS_NAMES_ONLY = (SANA, COGVIEW4, AURAFLOW, KANDINSKY5, ERNIE_IMAGE, COSMOS, BRIA_FIBO2, AMUSED, RFD4_PROTEINA)
 FAMILIES = _DIFFUSERS_NAMES_ONLY + (
-    FLUX, FLUX2, CHROMA, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO, QWEN_IMAGE,
-    Z_IMAGE,
+    FLUX, FLUX2, CHROMA, FLUX3, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO,
+    QWEN_IMAGE, IDEOGRAM4, ACE_STEP, Z_IMAGE,
 )
 
 __all__ = [
-    "ALWAYS", "AMUSED", "AURAFLOW", "BRIA_FIBO2", "CHROMA", "COGVIEW4", "COSMOS", "ERNIE_IMAGE", "KANDINSKY5", "SANA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IF_TWO_HALVES", "LTX2",
-    "LTX_VIDEO", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "RFD4_PROTEINA", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
+    "ACE_STEP", "ALWAYS", "AMUSED", "AURAFLOW", "BRIA_FIBO2", "CHROMA", "COGVIDEOX", "COGVIEW4", "COSMOS",
+    "ERNIE_IMAGE", "FAMILIES", "FLUX", "FLUX2", "FLUX3", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IDEOGRAM4",
+    "IF_TWO_HALVES", "KANDINSKY5", "LTX2", "LTX_VIDEO", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "RFD4_PROTEINA", "SANA",
+    "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
     "add_original", "add_originals", "families_of", "family_of", "family_of_model", "for_model", "fused", "interleaved",
     "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip
@@ -107,16 +116,18 @@ def families_of(module_names) -> list[Family]:
     """
     deltas = module_names if isinstance(module_names, dict) else {}
     names = {name: name.replace(".", "_") for name in module_names}
+    scores = {family.name: family.score(list(names.values())) for family in FAMILIES}
     ruled_out = set()  # families whose widths a module contradicts where another family's fit it (`Family.shapes`)
-    for name, delta in deltas.items():
-        fits = {family.name: family.fits(names[name], delta) for family in FAMILIES}
-        if True in fits.values():
-            ruled_out |= {family for family, fit in fits.items() if fit is False}
+    if any(family.shapes and scores[family.name][1] for family in FAMILIES):  # else no width rule can change the pick
+        for name, delta in deltas.items():
+            fits = {family.name: family.fits(names[name], delta) for family in FAMILIES if family.shapes}
+            if True in fits.values():
+                ruled_out |= {family for family, fit in fits.items() if fit is False}
     best, best_score = [], (0, 0)
     for family in FAMILIES:
         if family.name in ruled_out:
             continue
-        known, in_blocks = family.score(list(names.values()))
+        known, in_blocks = scores[family.name]
         # Only block names claim a file: a top-level name (context_embedder) may be diffusers' name too.
         if in_blocks and (known, in_blocks) > best_score:
             best, best_score = [family], (known, in_blocks)
@@ -156,6 +167,7 @@ def rename_original_names(result) -> None:
         mine = {module: delta for (c, module), delta in result.deltas.items() if c == component}
         family = family_of(mine)  # with the deltas: their widths rule families out (`Family.shapes`)
         if family is None or 2 * family.score([m.replace(".", "_") for m in mine])[0] <= len(mine):
+            add_unclaimed(result, component, mine, instead=(tuple((component, m) for m in mine), ()), skip=())
             continue
         for module in mine:
             del result.deltas[(component, module)]
@@ -192,9 +204,34 @@ def add_originals(result, component: str, modules: dict) -> None:
     first = readings[0][1]
     result.deltas.update(first.deltas)
     result.unknown.update(first.unknown)
+    instead = (tuple(first.deltas), tuple(first.unknown))
     for family, reading in readings[1:]:
         if family.model_classes and (set(reading.deltas), set(reading.unknown)) != (set(first.deltas), set(first.unknown)):
-            instead = (tuple(first.deltas), tuple(first.unknown))
+            result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
+    add_unclaimed(result, component, modules, instead, skip=tied)
+
+
+def add_unclaimed(result, component: str, modules: dict, instead: tuple, skip) -> None:
+    """An `Alternative` reading of ``modules`` by each family (not in ``skip``) whose table knows every one of their
+    names but none of which claims the file: names a causal LM shares (ACE-Step's ``layers_0_self_attn_q_proj``, a
+    file without its ``cross_attn``) are read by the family only when loaded into one of its ``model_classes``.
+
+    >>> import torch
+    >>> from lora_loader.delta import LoraDelta
+    >>> from lora_loader.formats.canonical import ConvertedLora
+    >>> out = ConvertedLora()
+    >>> add_unclaimed(out, "denoiser", {"layers.0.self_attn.q_proj": LoraDelta(torch.ones(1, 2), torch.ones(2, 1))}, ((), ()), ())
+    >>> [(alt.model_classes, list(alt.deltas)) for alt in out.alternatives]
+    [(('AceStepTransformer1DModel',), [('denoiser', 'layers.0.self_attn.to_q')])]
+    """
+    names = [m.replace(".", "_") for m in modules]
+    for family in FAMILIES:
+        if family in skip or not family.model_classes or family.claims(names) or family.score(names)[0] != len(names):
+            continue
+        reading = type(result)()
+        for module, delta in modules.items():
+            add_original(reading, family, component, module, delta)
+        if not reading.unknown:
             result.alternatives.append(Alternative(component, family.model_classes, reading.deltas, reading.unknown, instead))
 
 

@@ -263,6 +263,7 @@ class Family:
         object.__setattr__(self, "_modules", {name: _target(spec) for name, spec in (self.modules | self.aliases).items()})
         object.__setattr__(self, "_claim", tuple(re.compile(p) for p in self.claim))
         object.__setattr__(self, "_back", None)
+        object.__setattr__(self, "_cache", {})
 
     def fits(self, name: str, delta) -> bool | None:
         """Whether ``delta``'s output / input widths are those ``shapes`` gives ``name``; None: no rule, or unknown widths.
@@ -271,6 +272,8 @@ class Family:
         >>> fam.fits("linear1", LoraDelta(torch.ones(1, 2), torch.ones(14, 1))), fam.fits("linear1", LoraDelta(torch.ones(1, 2), torch.ones(18, 1)))
         (True, False)
         """
+        if not self.shapes:
+            return None
         widths = _out_in(delta)
         if widths is None:
             return None
@@ -296,15 +299,29 @@ class Family:
     def score(self, module_names) -> tuple[int, int]:
         """``(names the table knows, names that claim the file)`` among ``module_names`` (Kohya-mangled): a name
         claims it when it matches one of ``claim``, or without ``claim``, when it is in one of the blocks."""
-        known = sum(1 for name in module_names if self.targets(name) is not None)
-        if self._claim:
-            claiming = sum(1 for name in module_names if any(p.match(name) for p in self._claim))
-        else:
-            claiming = sum(1 for name in module_names if any(p.match(name) for p, _, _ in self._blocks))
+        known = claiming = 0
+        for name in module_names:
+            target, claims = self._read(name)
+            known += target is not None
+            claiming += claims
         return known, claiming
+
+    def _read(self, name: str) -> tuple[Target | None, bool]:
+        """``(targets(name), whether name claims a file)``, remembered: every load asks every family of every
+        name (a causal LM adapter's 154 names x 17 tables of regexes was most of its conversion time)."""
+        cache = self._cache
+        if name not in cache:
+            if len(cache) > 100_000:  # names come from files: bounded in practice, but never unbounded
+                cache.clear()
+            patterns = self._claim or [p for p, _, _ in self._blocks]
+            cache[name] = (self._targets(name), any(p.match(name) for p in patterns))
+        return cache[name]
 
     def targets(self, name: str) -> Target | None:
         """The `Target` of an original module name, with full diffusers paths, or None."""
+        return self._read(name)[0]
+
+    def _targets(self, name: str) -> Target | None:
         wrong = next((w for w in self.prefix_aliases if name.startswith(w)), None)
         if wrong is not None:
             name = self.prefix_aliases[wrong] + name[len(wrong):]
