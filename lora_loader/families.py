@@ -134,6 +134,8 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         return original
     for family in FAMILIES:  # module names only one DiT family has (the tables' `detect`)
         hit = next((n for n in names for pattern in family.detect if re.search(pattern, n)), None)
+        if hit is None and family.detect_widths:  # names it shares with another family, at widths only it has
+            hit = next((n for n, d in denoiser if family.detected_by_width(n, _in_features(d))), None)
         if hit is not None and not any(re.search(pattern, n) for pattern in family.detect_unless for n in names):
             return family.key, [f"{family.name} module names ({hit})"]
     hinted = family_from_metadata(metadata or {})

@@ -120,19 +120,20 @@ def test_inspect_says_unknown_for_a_transformer_no_table_knows(adapter, tmp_path
 
 
 def test_a_dit_is_not_named_sd2_sd3_or_a_causal_lm_by_names_it_shares():
-    """An Anima-like file (cross-attention of width 1024, a Qwen3 text encoder of width 1024) is no SD 2.x, a DiT's
+    """An Anima-like file (cross-attention of width 1024, a Qwen3 text encoder of width 1024) is no SD 2.x (its DiT's
+    adaLN layers name the Cosmos DiT), a SANA file is SANA's, a DiT's
     joint blocks in names beyond SD3's are no SD3, and a transformer's ``layers.N`` (Lumina 2) no causal LM."""
     def d(component, module, width=1024):
         return {(component, module): SimpleNamespace(down=torch.zeros(4, width))}
 
     anima = (d("transformer", "transformer_blocks.0.attn1.to_q", 2048) | d("transformer", "transformer_blocks.0.attn2.to_k")
              | d("transformer", "transformer_blocks.0.norm1.linear_1", 2048) | d("text_encoder", "model.layers.0.self_attn.q_proj"))
-    assert detect_family(anima)[0] == "unknown"
+    assert detect_family(anima)[0] == "cosmos"  # norm1.linear_1: the adaLN-LoRA layer of the Cosmos DiT Anima is built on
     anima_attention = d("transformer", "transformer_blocks.0.attn2.to_k") | d("text_encoder", "model.layers.0.self_attn.q_proj")
     assert detect_family(anima_attention)[0] != "sd2"  # (SD3's names: SD 3.5 has attn2 too)
     sana = (d("transformer", "transformer_blocks.0.attn1.to_q") | d("transformer", "transformer_blocks.0.attn2.to_k")
             | d("transformer", "transformer_blocks.0.ff.conv_inverted"))
-    assert detect_family(sana)[0] == "unknown"
+    assert detect_family(sana)[0] == "sana"  # ff.conv_inverted: SANA's GLUMBConv feed-forward, no other DiT's
     # ff.dense_in: a name no family has (ff.linear_in is Flux.2's diffusers name, and would name Flux.2)
     assert detect_family(d("transformer", "transformer_blocks.0.attn.to_q", 1536) | d("transformer", "transformer_blocks.0.ff.dense_in", 1536))[0] == "unknown"
     assert detect_family(d("transformer", "transformer_blocks.0.attn.to_q", 1536) | d("transformer", "transformer_blocks.0.ff.net.2", 1536))[0] == "sd3"

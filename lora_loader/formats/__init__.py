@@ -40,7 +40,7 @@ _CONVERTERS = (
 
 
 # Module names only BFL's Flux checkpoint has (img_in / txt_in are also Qwen-Image's diffusers names, final_layer.linear /
-# final_layer.adaLN_modulation.1 HiDream's: a file with no other BFL name is no Flux file).
+# final_layer.adaLN_modulation.1 HiDream's, Bria Fibo 2's and Z-Image's too: a file with no other BFL name is no Flux file).
 _BFL_ONLY = re.compile(r"^(?:(?:double|single)_blocks\.\d+|time_in|vector_in|guidance_in)\.")
 
 
@@ -50,6 +50,8 @@ def _bfl_names(keys) -> bool:
     >>> _bfl_names(["img_in.lora_A.weight", "double_blocks.0.img_attn.qkv.lora_A.weight"]), _bfl_names(["img_in.lora_A.weight"])
     (True, False)
     >>> _bfl_names(["final_layer.linear.lora_A.weight", "double_stream_blocks.0.block.attn1.to_q.lora_A.weight"])  # HiDream's
+    False
+    >>> _bfl_names(["final_layer.linear.lora_A.weight", "layers.0.attention.to_q.lora_A.weight"])
     False
     """
     return any(_BFL_ONLY.match(key) for key in keys)

@@ -28,6 +28,7 @@ from .ideogram4 import IDEOGRAM4
 from .ltx import LTX2, LTX_VIDEO
 from .minimax_h3 import MINIMAX_H3
 from .qwen_image import QWEN_IMAGE
+from .rfd4_proteina import RFD4_PROTEINA
 from .sd3 import SD3
 from .wan import WAN
 from .z_image import Z_IMAGE
@@ -35,6 +36,14 @@ from .anima import ANIMA
 from .hidream import HIDREAM
 from .krea2 import KREA2
 from .lumina2 import LUMINA2
+from .amused import AMUSED
+from .auraflow import AURAFLOW
+from .bria_fibo import BRIA_FIBO2
+from .cogview4 import COGVIEW4
+from .cosmos import COSMOS
+from .ernie_image import ERNIE_IMAGE
+from .kandinsky5 import KANDINSKY5
+from .sana import SANA
 from .writer import to_original
 
 # A file's denoiser names are converted by the family that knows most of them (the first on a tie):
@@ -57,15 +66,20 @@ from .writer import to_original
 # Lumina 2 after Z-Image: the same block names and qkv; a file in names both know is Z-Image's unless loaded into a
 # Lumina 2 model (or its fused qkv's widths are Lumina 2's). HiDream (detection only), Anima and Krea 2 (blocks_N_ with
 # names Wan's table lacks: each wins by the names it knows) after them.
-FAMILIES = (
+# The families diffusers converts nothing for (diffusers' names only) come first: their `detect` names only their own
+# modules, so a file with those is not taken by a broader rule of a family after them (HunyuanVideo 1.5's
+# time_embed_timestep_embedder, CogVideoX's patch_embed_text_proj, LTX-Video's attn1, Z-Image's attention names). Most
+# have no blocks (`family_of` never picks them); AuraFlow's blocks (double_layers_N_ / single_layers_N_) are no other
+# family's; Bria Fibo 2's table names its own modules (Z-Image's blocks and its Perceiver) and wins by the names it
+# knows; on a tie with Z-Image (names both know, read differently) the live model's class decides (`model_classes`).
+_DIFFUSERS_NAMES_ONLY = (SANA, COGVIEW4, AURAFLOW, KANDINSKY5, ERNIE_IMAGE, COSMOS, BRIA_FIBO2, AMUSED, RFD4_PROTEINA)
+FAMILIES = _DIFFUSERS_NAMES_ONLY + (
     FLUX, FLUX2, CHROMA, FLUX3, SD3, HUNYUAN_VIDEO_15, HUNYUAN_VIDEO, WAN, MINIMAX_H3, LTX2, MOCHI, COGVIDEOX, LTX_VIDEO,
     QWEN_IMAGE, IDEOGRAM4, ACE_STEP, Z_IMAGE, LUMINA2, HIDREAM, ANIMA, KREA2,
 )
 
 __all__ = [
-    "ACE_STEP", "ALWAYS", "ANIMA", "CHROMA", "COGVIDEOX", "FAMILIES", "FLUX", "FLUX2", "FLUX3", "HIDREAM", "HUNYUAN_VIDEO",
-    "HUNYUAN_VIDEO_15", "IDEOGRAM4", "IF_TWO_HALVES", "KREA2", "LTX2", "LTX_VIDEO", "LUMINA2", "MINIMAX_H3", "MOCHI",
-    "QWEN_IMAGE", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
+    "ACE_STEP", "ALWAYS", "AMUSED", "ANIMA", "AURAFLOW", "BRIA_FIBO2", "CHROMA", "COGVIDEOX", "COGVIEW4", "COSMOS", "ERNIE_IMAGE", "FAMILIES", "FLUX", "FLUX2", "FLUX3", "HIDREAM", "HUNYUAN_VIDEO", "HUNYUAN_VIDEO_15", "IDEOGRAM4", "IF_TWO_HALVES", "KANDINSKY5", "KREA2", "LTX2", "LTX_VIDEO", "LUMINA2", "MINIMAX_H3", "MOCHI", "QWEN_IMAGE", "RFD4_PROTEINA", "SANA", "SD3", "WAN", "Z_IMAGE", "Alternative", "Blocks", "Family", "Target",
     "add_original", "add_originals", "families_of", "family_of", "family_of_model", "for_model", "fused", "interleaved",
     "rename_original_names", "split_module", "swapped", "to_original",
 ]  # fmt: skip

@@ -249,6 +249,10 @@ class Family:
     # (Flux.1's and Flux.2's ``single_blocks_N_linear1``): a module whose widths are one family's ratio and not
     # another's rules the other out (widths that are no family's ratio decide nothing: `original_names.families_of`).
     shapes: tuple = ()
+    # For `families.detect_family` too: ``(regex, input widths)`` pairs (``re.search`` over the same diffusers names as
+    # ``detect``): a module whose name matches and whose input width is one of them names the family as ``detect`` does,
+    # for names it shares with another family whose widths differ (SANA's attention is LTX-Video's names at 1152 / 2240).
+    detect_widths: tuple = ()
 
     def __post_init__(self):
         compiled = []
@@ -282,6 +286,15 @@ class Family:
                 rows, features = ratio if isinstance(ratio, tuple) else (ratio, 1)
                 return widths[0] * features == widths[1] * rows
         return None
+
+    def detected_by_width(self, name: str, in_features: int | None) -> bool:
+        """Whether a module of this name and input width names this family (``detect_widths``).
+
+        >>> fam = Family("Demo", hint="", detect_widths=((r"_attn1_to_q$", (1152, 2240)),))
+        >>> fam.detected_by_width("blocks_0_attn1_to_q", 2240), fam.detected_by_width("blocks_0_attn1_to_q", 2048)
+        (True, False)
+        """
+        return in_features is not None and any(re.search(p, name) and in_features in widths for p, widths in self.detect_widths)
 
     def claims(self, module_names) -> bool:
         """True when some of a file's denoiser names (Kohya-mangled) make it this family's (see `score`)."""
