@@ -132,6 +132,9 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
     original = _original_names_family(deltas)
     if original is not None:
         return original
+    # Before the tables' names: Anima's DiT is Cosmos-Predict2's, so only its text conditioner tells the two apart.
+    if "text_conditioner" in components:  # diffusers' AnimaLoraLoaderMixin alone loads into a text_conditioner
+        return "anima", ["keys for Anima's text conditioner (text_conditioner / the checkpoint's llm_adapter)"]
     for family in FAMILIES:  # module names only one DiT family has (the tables' `detect`)
         hit = next((n for n in names for pattern in family.detect if re.search(pattern, n)), None)
         if hit is None and family.detect_widths:  # names it shares with another family, at widths only it has
@@ -143,8 +146,6 @@ def _family_from_names(components: set, denoiser: list, unet: list[str], adapter
         return hinted, [f"header metadata names {FAMILY_LABELS[hinted]} (its diffusers module names are shared)"]
     if any(n.startswith(("double_blocks_", "single_blocks_")) or "single_transformer_blocks_" in n for n in names):
         return "flux", ["Flux block names (double_blocks/single_blocks or single_transformer_blocks)"]
-    if "text_conditioner" in components:  # diffusers' AnimaLoraLoaderMixin alone loads into a text_conditioner
-        return "anima", ["keys for Anima's text conditioner (text_conditioner / the checkpoint's llm_adapter)"]
     if "text_encoder_3" in components:
         return "sd3", ["keys for a third text encoder (lora_te3_ / text_encoder_3)"]
     if not unet and any("transformer_blocks_" in n for n in names) and all(_SD3_NAMES.match(n) for n in names):
