@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from harness import LL, TP, profile, profile_lines, read_safetensors, rounds, time_each, timed, trim
+from harness import LL, TP, profile, profile_lines, read_safetensors, read_safetensors_owned, rounds, time_each, timed, trim
 from report import Report, Row, faster_text, med, verdict
 from workloads import Size, build_llama, no_lora_left, peft_layer_counts, remove_peft, write_peft_adapters
 
@@ -78,7 +78,7 @@ def lm_load(lm: LMBench) -> None:
     ll, tp, folders, report, repeats = lm.ll, lm.tp, lm.folders, lm.report, lm.repeats
     load, unload, reports = lm.load, lm.unload, lm.reports
     adapter_file, file_mib, what = lm.adapter_file, lm.file_mib, lm.what
-    times, reads = {LL: [], "other": []}, []
+    times, reads, owned_reads = {LL: [], "other": []}, [], []
     cold = {lib: load(lib, folders[0], "x") for lib in (LL, "other")}  # untimed warm-up round
     counts = {LL: sum(reports[LL].modules.values()), "other": peft_layer_counts(tp, "x", ("model",)).get("model", 0)}
     line = f"LM adapter modules injected: {LL} {counts[LL]}, {TP} {counts['other']}"
@@ -88,19 +88,23 @@ def lm_load(lm: LMBench) -> None:
         unload(lib)
     for r, order in rounds(repeats):
         reads.append(timed(lambda: read_safetensors(adapter_file))[0])
+        owned_reads.append(timed(lambda: read_safetensors_owned(adapter_file))[0])
         for lib in order:
             times[lib].append(load(lib, folders[0], "x"))
         for lib in order:
             unload(lib)
         print(f"  round {r + 1}: {LL} {times[LL][-1]:.3f} s | {TP} {times['other'][-1]:.3f} s | read {reads[-1]:.3f} s", flush=True)
     report.add(Row("lm", f"reference: safetensors read of the adapter file ({file_mib:.1f} MiB, warm)", "s", None, reads, "safetensors", kind="plain"))
-    l1, o1, st = med(times[LL]), med(times["other"]), med(reads)
+    report.add(Row("lm", "reference: the same read with each tensor copied into memory the process owns (the bytes read, not mapped)",
+                   "s", None, owned_reads, "safetensors + copy", kind="plain"))
+    l1, o1, st, owned = med(times[LL]), med(times["other"]), med(reads), med(owned_reads)
     ok_read, ok_speed = l1 <= 2 * st, o1 / l1 >= 5
     report.add(Row(
         "lm", f"load_adapter, {what}", "s", times[LL], times["other"], TP,
         target="<= 2x the safetensors read, and >= 5x faster than transformers+peft", met=ok_read and ok_speed,
         verdict="; ".join([
-            verdict(ok_read, f"{l1 / st:.2f}x the read" + ("" if ok_read else f" (target 2x: {l1 / (2 * st):.2f}x over)")),
+            verdict(ok_read, f"{l1 / st:.2f}x the read" + ("" if ok_read else f" (target 2x: {l1 / (2 * st):.2f}x over)")
+                    + f" ({l1 / owned:.2f}x the read that copies the bytes)"),
             verdict(ok_speed, faster_text(o1 / l1)),
         ]),
     ))

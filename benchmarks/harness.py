@@ -76,9 +76,17 @@ def minor_faults() -> int:
 
 
 def read_safetensors(path: str) -> dict:
+    """safetensors' own read. In safetensors 0.8 its tensors are views of a memory map of the file: no byte
+    is read until one is used."""
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def read_safetensors_owned(path: str) -> dict:
+    """The same read with every tensor copied into memory the process owns, as a loaded adapter must hold
+    it (a file rewritten or truncated later must not change or crash it): the bytes read, not mapped."""
+    return {key: tensor.clone() for key, tensor in read_safetensors(path).items()}
 
 
 def rounds(n: int):
