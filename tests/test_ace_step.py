@@ -22,10 +22,10 @@ from diffusers.pipelines.ace_step import AceStepPipeline
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
 from tiny_tail_b import ace_step_output, tiny_ace_step
 
 import lora_loader
-from lora_loader import LoraError
 from lora_loader.families import detect_family
 from lora_loader.formats import convert
 
@@ -199,20 +199,7 @@ def test_a_blend_of_two_layouts_gives_what_diffusers_gives(files, tmp_path):
 
 def test_disable_is_exact_fuse_unfuse_restores_every_weight_and_unload_is_exact(files):
     paths, base = files
-    model = lora_loader.attach(tiny_ace_step(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_lora_weights(paths["comfyui"], adapter_name="a")
-    unfused = ace_step_output(model)
-    model.disable_lora()
-    assert torch.equal(ace_step_output(model), base)
-    model.enable_lora()
-    model.fuse_lora()
-    assert_close(ace_step_output(model), unfused, base)
-    model.unfuse_lora()
-    after = model.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    model.unload_lora_weights()
-    assert torch.equal(ace_step_output(model), base) and model.get_list_adapters() == {}
+    check_disable_fuse_unfuse_unload(lora_loader.attach(tiny_ace_step(0)), paths["comfyui"], ace_step_output, base)
 
 
 def test_a_file_with_layers_the_model_lacks_is_refused_and_changes_nothing(files):
@@ -220,16 +207,7 @@ def test_a_file_with_layers_the_model_lacks_is_refused_and_changes_nothing(files
     extra = ["lora_unet_layers_5_cross_attn_q_proj.lora_down.weight", "lora_unet_layers_5_cross_attn_q_proj.lora_up.weight"]
     tensors[extra[0]], tensors[extra[1]] = torch.ones(RANK, 32), torch.ones(32, RANK)
     model = lora_loader.attach(tiny_ace_step(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LoraError, match="lora_unet_layers_5_cross_attn_q_proj"):
-        model.load_lora_weights(tensors, adapter_name="x")
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert model.get_list_adapters() == {}
-    with pytest.warns(lora_loader.LoraWarning):
-        report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
-    assert sorted(report.skipped) == sorted(extra)
-    assert_close(ace_step_output(model), expected(files[0]["kohya"], "kohya"), files[1])
+    check_refused_unchanged_then_skipped(model, tensors, extra, "lora_unet_layers_5_cross_attn_q_proj", ace_step_output, expected(files[0]["kohya"], "kohya"), files[1])
 
 
 def test_a_causal_lm_adapter_in_the_same_spelling_is_not_renamed():

@@ -22,10 +22,10 @@ from diffusers import HiDreamImagePipeline
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
 from tiny_tail_a import hidream_output, tiny_hidream
 
 import lora_loader
-from lora_loader import LoraError
 from lora_loader.families import detect_family
 from lora_loader.formats import convert
 
@@ -139,20 +139,7 @@ def test_a_blend_of_two_gives_what_diffusers_gives(files, tmp_path):
 
 def test_disable_is_exact_fuse_unfuse_restores_every_weight_and_unload_is_exact(files):
     paths, base = files
-    model = lora_loader.attach(tiny_hidream(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_lora_weights(paths["diffusion-pipe"], adapter_name="a")
-    unfused = hidream_output(model)
-    model.disable_lora()
-    assert torch.equal(hidream_output(model), base)
-    model.enable_lora()
-    model.fuse_lora()
-    assert_close(hidream_output(model), unfused, base)
-    model.unfuse_lora()
-    after = model.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    model.unload_lora_weights()
-    assert torch.equal(hidream_output(model), base) and model.get_list_adapters() == {}
+    check_disable_fuse_unfuse_unload(lora_loader.attach(tiny_hidream(0)), paths["diffusion-pipe"], hidream_output, base)
 
 
 def test_a_file_with_blocks_the_model_lacks_is_refused_and_changes_nothing(files):
@@ -161,16 +148,7 @@ def test_a_file_with_blocks_the_model_lacks_is_refused_and_changes_nothing(files
              "diffusion_model.double_stream_blocks.3.block.attn1.to_q.lora_B.weight"]  # fmt: skip
     tensors[extra[0]], tensors[extra[1]] = torch.ones(RANK, 32), torch.ones(32, RANK)
     model = lora_loader.attach(tiny_hidream(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LoraError, match=r"double_stream_blocks.3.block.attn1.to_q"):
-        model.load_lora_weights(tensors, adapter_name="x")
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert model.get_list_adapters() == {}
-    with pytest.warns(lora_loader.LoraWarning):
-        report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
-    assert sorted(report.skipped) == sorted(extra)
-    assert_close(hidream_output(model), expected(files[0]["diffusion-pipe"], "diffusion-pipe"), files[1])
+    check_refused_unchanged_then_skipped(model, tensors, extra, r"double_stream_blocks.3.block.attn1.to_q", hidream_output, expected(files[0]["diffusion-pipe"], "diffusion-pipe"), files[1])
 
 
 @pytest.mark.parametrize("prefix", ["lycoris_", "diffusion_model."])

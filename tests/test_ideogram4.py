@@ -21,10 +21,10 @@ from diffusers import Ideogram4Pipeline
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
 from tiny_tail_b import ideogram4_output, tiny_ideogram4
 
 import lora_loader
-from lora_loader import LoraError
 from lora_loader.families import detect_family
 from lora_loader.formats import convert
 
@@ -188,20 +188,7 @@ def test_a_blend_of_two_layouts_gives_what_diffusers_gives(files, tmp_path):
 
 def test_disable_is_exact_fuse_unfuse_restores_every_weight_and_unload_is_exact(files):
     paths, base = files
-    model = lora_loader.attach(tiny_ideogram4(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_lora_weights(paths["comfyui"], adapter_name="a")
-    unfused = ideogram4_output(model)
-    model.disable_lora()
-    assert torch.equal(ideogram4_output(model), base)
-    model.enable_lora()
-    model.fuse_lora()
-    assert_close(ideogram4_output(model), unfused, base)
-    model.unfuse_lora()
-    after = model.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    model.unload_lora_weights()
-    assert torch.equal(ideogram4_output(model), base) and model.get_list_adapters() == {}
+    check_disable_fuse_unfuse_unload(lora_loader.attach(tiny_ideogram4(0)), paths["comfyui"], ideogram4_output, base)
 
 
 def test_a_file_with_layers_the_model_lacks_is_refused_and_changes_nothing(files):
@@ -209,16 +196,7 @@ def test_a_file_with_layers_the_model_lacks_is_refused_and_changes_nothing(files
     extra = ["diffusion_model.layers.5.attention.qkv.lora_A.weight", "diffusion_model.layers.5.attention.qkv.lora_B.weight"]
     tensors[extra[0]], tensors[extra[1]] = torch.ones(RANK, 32), torch.ones(96, RANK)
     model = lora_loader.attach(tiny_ideogram4(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LoraError, match="layers.5.attention.qkv"):
-        model.load_lora_weights(tensors, adapter_name="x")
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert model.get_list_adapters() == {}
-    with pytest.warns(lora_loader.LoraWarning):
-        report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
-    assert sorted(report.skipped) == sorted(extra)
-    assert_close(ideogram4_output(model), expected(files[0]["ai-toolkit"], "ai-toolkit"), files[1])
+    check_refused_unchanged_then_skipped(model, tensors, extra, "layers.5.attention.qkv", ideogram4_output, expected(files[0]["ai-toolkit"], "ai-toolkit"), files[1])
 
 
 def test_a_kohya_save_writes_the_original_names_and_loads_back_the_same(files, tmp_path):

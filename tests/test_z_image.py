@@ -22,9 +22,9 @@ from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import (ALPHA, RANK, assert_close, diffusers_output, independent_merge, kohya_resolver, random_pairs, spell,
                        tiny_z_image, z_image_output)  # fmt: skip
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
 
 import lora_loader
-from lora_loader import LoraError
 from lora_loader.families import detect_family
 from lora_loader.formats import convert
 
@@ -167,20 +167,7 @@ def test_a_blend_of_two_layouts_gives_what_diffusers_gives(files):
 
 def test_disable_is_exact_fuse_unfuse_restores_every_weight_and_unload_is_exact(files):
     paths, base = files
-    model = lora_loader.attach(tiny_z_image(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_lora_weights(paths["comfyui"], adapter_name="a")
-    unfused = z_image_output(model)
-    model.disable_lora()
-    assert torch.equal(z_image_output(model), base)
-    model.enable_lora()
-    model.fuse_lora()
-    assert_close(z_image_output(model), unfused, base)
-    model.unfuse_lora()
-    after = model.state_dict()
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    model.unload_lora_weights()
-    assert torch.equal(z_image_output(model), base) and model.get_list_adapters() == {}
+    check_disable_fuse_unfuse_unload(lora_loader.attach(tiny_z_image(0)), paths["comfyui"], z_image_output, base)
 
 
 def test_a_file_with_blocks_the_model_lacks_is_refused_and_changes_nothing(files):
@@ -188,16 +175,7 @@ def test_a_file_with_blocks_the_model_lacks_is_refused_and_changes_nothing(files
     extra = ["lora_unet_layers_5_attention_qkv.lora_down.weight", "lora_unet_layers_5_attention_qkv.lora_up.weight"]
     tensors[extra[0]], tensors[extra[1]] = torch.ones(RANK, 32), torch.ones(96, RANK)
     model = lora_loader.attach(tiny_z_image(0))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LoraError, match="lora_unet_layers_5_attention_qkv"):
-        model.load_lora_weights(tensors, adapter_name="x")
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert model.get_list_adapters() == {}
-    with pytest.warns(lora_loader.LoraWarning):
-        report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
-    assert sorted(report.skipped) == sorted(extra)
-    assert_close(z_image_output(model), expected(files[0]["musubi"], "musubi"), files[1])
+    check_refused_unchanged_then_skipped(model, tensors, extra, "lora_unet_layers_5_attention_qkv", z_image_output, expected(files[0]["musubi"], "musubi"), files[1])
 
 
 def lokr_file(prefix: str, mangle: bool, seed: int = 4) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
 
@@ -131,6 +132,42 @@ def kohya_resolver(model, renames: dict | None = None, fused: dict | None = None
 def assert_close(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor, tolerance: float = 1e-4) -> None:
     assert (want - base).abs().max() > 1e-3, "the LoRA did not change the output: the test would prove nothing"
     assert (got - want).abs().max() <= tolerance, (got - want).abs().max()
+
+
+def check_disable_fuse_unfuse_unload(model, path, output, base: torch.Tensor) -> None:
+    """On an attached ``model`` without LoRA: after loading ``path``, ``disable_lora`` gives ``base`` exactly, a fuse
+    gives the unfused output, ``unfuse_lora`` gives every weight back bit for bit, and unloading gives ``base``."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_lora_weights(path, adapter_name="a")
+    unfused = output(model)
+    model.disable_lora()
+    assert torch.equal(output(model), base)
+    model.enable_lora()
+    model.fuse_lora()
+    assert_close(output(model), unfused, base)
+    model.unfuse_lora()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    model.unload_lora_weights()
+    assert torch.equal(output(model), base) and model.get_list_adapters() == {}
+
+
+def check_refused_unchanged_then_skipped(model, tensors: dict, extra: list[str], match: str, output, want, base) -> None:
+    """``tensors`` (a good file plus the ``extra`` keys, for modules ``model`` lacks) are refused with a `LoraError`
+    matching ``match`` and leave the model exactly as it was; with ``strict=False`` they load with a warning, the
+    extra keys are reported skipped, and the output is ``want`` (the good file's)."""
+    import lora_loader
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lora_loader.LoraError, match=match):
+        model.load_lora_weights(tensors, adapter_name="x")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.get_list_adapters() == {}
+    with pytest.warns(lora_loader.LoraWarning):
+        report = model.load_lora_weights(tensors, adapter_name="x", strict=False)
+    assert sorted(report.skipped) == sorted(extra)
+    assert_close(output(model), want, base)
 
 
 def diffusers_output(pipeline_cls, make, output, tensors: dict, adapter: str = "d"):
