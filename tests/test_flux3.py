@@ -22,7 +22,7 @@ from diffusers.loaders.lora_pipeline import Flux3LoraLoaderMixin
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
 from tiny_tail_b import flux3_output, tiny_flux3
 
 import lora_loader
@@ -86,13 +86,6 @@ def resolve(stem: str):
         half = tiny_flux3(0).norm_out.linear.weight.shape[0] // 2
         return [(table[name], torch.cat([torch.arange(half, 2 * half), torch.arange(0, half)]))]
     return [(table.get(name, name), slice(None))]
-
-
-def read(path: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def expected(path: str, layout: str, weight: float = 1.0) -> torch.Tensor:

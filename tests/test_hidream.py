@@ -22,7 +22,7 @@ from diffusers import HiDreamImagePipeline
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
 from tiny_tail_a import hidream_output, tiny_hidream
 
 import lora_loader
@@ -78,13 +78,6 @@ def resolve(stem: str):
     for prefix in ("diffusion_model.", "transformer.", "lora_unet_", "lycoris_"):
         stem = stem.removeprefix(prefix)
     return [(_MODULES[stem.replace(".", "_")], slice(None))]
-
-
-def read(path: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def expected(path: str, layout: str) -> torch.Tensor:

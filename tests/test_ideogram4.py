@@ -21,7 +21,7 @@ from diffusers import Ideogram4Pipeline
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
 from tiny_tail_b import ideogram4_output, tiny_ideogram4
 
 import lora_loader
@@ -110,13 +110,6 @@ def resolve(stem: str):
         block = path[: -len(".qkv")]
         return [(f"{block}.{leaf}", slice(i * 32, (i + 1) * 32)) for i, leaf in enumerate(_QKV)]
     return [(path.replace(".attention.o", ".attention.to_out.0").replace("to_out_0", "to_out.0"), slice(None))]
-
-
-def read(path: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def expected(path: str, layout: str, weight: float = 1.0) -> torch.Tensor:

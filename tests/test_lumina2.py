@@ -24,7 +24,7 @@ from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumin
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
 from tiny_tail_a import lumina2_output, tiny_lumina2
 
 import lora_loader
@@ -114,13 +114,6 @@ def resolve(stem: str):
         return [(f"{block}.attn.to_q", slice(0, Q)), (f"{block}.attn.to_k", slice(Q, Q + KV)), (f"{block}.attn.to_v", slice(Q + KV, None))]
     originals = {mangled(o): to_diffusers_path(o) for o in ORIGINAL if not o.endswith("qkv")}
     return [(originals.get(name) or modules[name], slice(None))]
-
-
-def read(path: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def expected(path: str, layout: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import (ALPHA, RANK, assert_close, diffusers_output, independent_merge, kohya_resolver, random_pairs, spell,
                        tiny_z_image, z_image_output)  # fmt: skip
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
 
 import lora_loader
 from lora_loader.families import detect_family
@@ -91,13 +91,6 @@ LAYOUTS = {
     "dotted-kohya": ("diffusers", True),
 }
 RESOLVE = kohya_resolver(tiny_z_image(0), renames={"attention_out": "attention_to_out_0"}, fused={"attention_qkv": ("attention.to_q", "attention.to_k", "attention.to_v")})
-
-
-def read(path: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def expected(path: str, layout: str, weight: float = 1.0) -> torch.Tensor:

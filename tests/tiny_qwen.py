@@ -134,6 +134,14 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, base: torch.Tensor, tole
     assert (got - want).abs().max() <= tolerance, (got - want).abs().max()
 
 
+def read(path: str) -> tuple[dict, dict]:
+    """A safetensors file's tensors and header, read by safetensors itself."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+
+
 def check_disable_fuse_unfuse_unload(model, path, output, base: torch.Tensor) -> None:
     """On an attached ``model`` without LoRA: after loading ``path``, ``disable_lora`` gives ``base`` exactly, a fuse
     gives the unfused output, ``unfuse_lora`` gives every weight back bit for bit, and unloading gives ``base``."""
