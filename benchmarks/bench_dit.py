@@ -424,7 +424,8 @@ def markdown(benches: list[FamilyBench], info: dict, argv: list[str], elapsed: f
         f"seeded random weights stored in {str(st.dtype).split('.')[-1]} on {st.device} (both libraries get identical copies), and the "
         "files the trainers write for them (see `benchmarks/README.md`). Both libraries run in one process, in alternating rounds "
         f"(the order flips every round); {st.repeats} rounds; each cell: median [min – max]; ratio: how many times faster "
-        "lora_loader is (medians).",
+        "lora_loader is (medians). The read reference is `safetensors.torch.load_file`, which in safetensors 0.8 maps the file "
+        "and reads no byte; a load copies every byte into memory the adapter owns (see `benchmarks/README.md`, `load`).",
         "",
         "**The last column is an extrapolation, not a measurement**: the reduced model's medians multiplied by how many times its "
         "blocks the full model has (every targeted layer is in a block, so loading, switching and fusing work grows with the block "

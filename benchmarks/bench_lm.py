@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from harness import LL, TP, profile, profile_lines, read_safetensors, read_safetensors_owned, rounds, time_each, timed, trim
-from report import Report, Row, faster_text, med, verdict
+from report import read_target_note, Report, Row, faster_text, med, verdict
 from workloads import Size, build_llama, no_lora_left, peft_layer_counts, remove_peft, write_peft_adapters
 
 
@@ -108,6 +108,8 @@ def lm_load(lm: LMBench) -> None:
             verdict(ok_speed, faster_text(o1 / l1)),
         ]),
     ))
+    if not ok_read:
+        report.notes.append(read_target_note("the LM load_adapter", l1, st, owned, sum(reports[LL].modules.values())))
     if not (ok_read and ok_speed):
         prof = profile(lambda: ll.load_adapter(folders[0], adapter_name="x"))
         unload(LL)

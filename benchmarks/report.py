@@ -86,6 +86,20 @@ def format_row_text(row: Row) -> str:
     return f"[{row.figure}] {row.what}: {mine}{other} | {ratio_text(row)}{verdict}"
 
 
+def read_target_note(what: str, load: float, mapped: float, owned: float, modules: int) -> str:
+    """Why a load misses "<= 2x the safetensors read": what the reference reads, and what the load does beyond it."""
+    return (
+        f"Why {what} misses 2x the read: the read is `safetensors.torch.load_file`, which in safetensors 0.8 maps the file "
+        f"and copies no byte ({fmt_value(mapped, 's')}); a load must own the bytes (a file rewritten or truncated later must not "
+        f"change the adapter or crash the process), and the same read with each tensor copied into process memory costs "
+        f"{fmt_value(owned, 's')} alone, so 2x the map ({fmt_value(2 * mapped, 's')}) leaves "
+        + (f"{fmt_value(2 * mapped - owned, 's')}" if 2 * mapped > owned else "nothing")
+        + f" for the work beyond the copy. Against the copying read the load is {load / owned:.2f}x; the rest is per-module Python work for "
+        f"{modules} modules: names and alphas converted, each tensor checked finite, the plan, one wrapper layer per module "
+        f"(its profile is under 'Where lora_loader's time goes')."
+    )
+
+
 def verdict(met: bool, text: str) -> str:
     return ("MET: " if met else "MISSED: ") + text
 
