@@ -109,7 +109,9 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            # Copies: safe_open's tensors are views of a mapping of the file, which would follow a file saved over in
+            # place after the load (and fault once it is truncated); an adapter owns its bytes, as the direct read's do.
+            tensors = {key: f.get_tensor(key).clone() for key in f.keys()}
     except Exception as err:  # safetensors raises SafetensorError, OSError, or others on bad headers
         raise LoraFileError(
             f"{path}: not a readable safetensors file (truncated or corrupt?): {type(err).__name__}: {err}"
@@ -130,7 +132,8 @@ def _read_safetensors_direct(path: str) -> tuple[dict[str, torch.Tensor], dict[s
 
     Each tensor is allocated in its dtype and filled by one ``readinto`` from the file
     (little-endian, as the format is), which costs about half of ``safe_open``'s
-    ``get_tensor`` per tensor; the tensors own their memory, as ``get_tensor``'s do.
+    ``get_tensor`` per tensor plus the copy the fallback makes (``get_tensor``'s tensors are views of a
+    mapping of the file); the tensors own their memory.
     """
     if sys.byteorder != "little":
         return None

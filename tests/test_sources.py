@@ -253,6 +253,26 @@ def test_a_safetensors_file_path_loads_like_diffusers(files, as_type):
     assert_matches(outputs(pipe), files["want_a"], files["base"])
 
 
+@pytest.mark.parametrize("reader", ["direct", "safe_open"])
+def test_a_loaded_adapter_owns_its_bytes_so_rewriting_the_file_in_place_changes_nothing(files, tmp_path, monkeypatch, reader):
+    """A training loop may save over the file it loaded (in place, same inode): the adapter keeps what it loaded. Both
+    readers copy the bytes into memory the adapter owns; safetensors' ``safe_open`` alone (the reader for headers the
+    direct one does not take on) returns views of a mapping of the file, which follow its new bytes."""
+    import lora_loader.hub
+
+    if reader == "safe_open":
+        monkeypatch.setattr(lora_loader.hub, "_read_safetensors_direct", lambda path: None)
+    path = tmp_path / "lora.safetensors"
+    shutil.copyfile(files["a"], path)
+    pipe = fresh()
+    pipe.load_lora_weights(path)
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    with open(path, "r+b") as f:  # every tensor's bytes zeroed, the header kept
+        f.seek(data_start)
+        f.write(bytes(path.stat().st_size - data_start))
+    assert_matches(outputs(pipe), files["want_a"], files["base"])
+
+
 def test_a_folder_holding_one_safetensors_file_loads_it_without_weight_name(files, tmp_path):
     folder = tmp_path / "one"
     folder.mkdir()
