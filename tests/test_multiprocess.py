@@ -101,8 +101,10 @@ def runs(tmp_path_factory):
         run_dir = root / name
         (run_dir / "log").mkdir(parents=True)
         cmd = [*prefix, str(spy), str(run_dir / "log"), str(EXAMPLE), "--out", str(run_dir / "adapter"), *ARGS]
-        procs[name] = subprocess.Popen(cmd, cwd=root, env=clean_env(root / "hf_home"), stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # stdin from /dev/null: under pytest-xdist the worker's stdin is its execnet channel, and a DDP worker that
+        # inherits it hung at exit (rank 0 saved and finished, rank 1 never did) on every xdist run on a 2-core box.
+        procs[name] = subprocess.Popen(cmd, cwd=root, env=clean_env(root / "hf_home"), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         outputs = {name: proc.communicate(timeout=300)[0] for name, proc in procs.items()}
     finally:  # a run that hangs (say, a worker waiting for a peer that died) takes its workers down with it
