@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from dit_workloads import (  # noqa: E402
     DitSize, block_inputs, build, changed, fingerprints, flux_size, forward_blocks, layout_text, pipeline, wan_size, write_file,
 )  # fmt: skip
-from report import Row, fmt_stats, fmt_value, med, ratio_text  # noqa: E402
+from report import Row, fmt_stats, fmt_value, med, ratio_text, write_section  # noqa: E402
 
 START, END = "<!-- dit:start -->", "<!-- dit:end -->"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -483,18 +483,6 @@ def markdown(benches: list[FamilyBench], info: dict, argv: list[str], elapsed: f
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put ``text`` in place of the previous section between the markers, or append it."""
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        before, rest = old.split(START, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        new = before + text + ("\n" + after if after else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="512-wide models, 1 round, ai-toolkit rank 32 only, no RSS children: "
@@ -577,7 +565,7 @@ def main(argv=None) -> int:
     print("\n" + text)
     out = args.out or (None if args.quick else str(HERE / "RESULTS.md"))
     if out:
-        write_section(Path(out), text)
+        write_section(Path(out), text, START, END)
         print(f"wrote the section into {out}")
     print(f"total {elapsed / 60:.1f} min")
     return 0

@@ -50,7 +50,7 @@ from harness import DP, LL, machine, proc_status, quiet_libraries, read_safetens
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from report import Row, fmt_stats, fmt_value, format_row_text, med, ratio_text  # noqa: E402
+from report import Row, fmt_stats, fmt_value, format_row_text, med, ratio_text, write_section  # noqa: E402
 from workloads import FULL, QUICK, Size, build_text_encoder, build_unet, make_pipeline, no_lora_left  # noqa: E402
 
 TARGETS = re.compile(r".*\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)")
@@ -417,18 +417,6 @@ class Bench:
         return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Put ``text`` in place of the previous section between the markers, or append it."""
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        before, rest = old.split(START, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        new = before + text + ("\n" + after if after else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a smaller UNet and 12 adapters: a smoke run (prints only)")
@@ -465,7 +453,7 @@ def main(argv=None) -> int:
     print("\n" + text)
     out = args.out or (None if args.quick else str(HERE / "RESULTS.md"))
     if out:
-        write_section(Path(out), text)
+        write_section(Path(out), text, START, END)
         print(f"wrote the section into {out}")
     print(f"total {elapsed / 60:.1f} min")
     return 0

@@ -177,6 +177,19 @@ def print_table(report: Report) -> None:
     print("=" * 100)
 
 
+def write_section(path: Path, text: str, start: str, end: str) -> None:
+    """Put ``text`` (which starts with ``start`` and ends with ``end``) in place of the previous section between
+    those markers in ``path``, or append it: how a benchmark with a section of its own writes RESULTS.md."""
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        new = before + text + ("\n" + after if after else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    path.write_text(new)
+
+
 def kept_sections(path: Path) -> str:
     r"""The sections other scripts wrote into ``path`` between their ``<!-- NAME:start -->`` / ``<!-- NAME:end -->``
     markers (``many_adapters.py``'s 50 adapters, ``bench_dit.py``'s DiTs), to keep when run.py rewrites the file.
