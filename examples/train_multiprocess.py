@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_adapter(args.out)
         print(f"wrote {args.out} ({accelerator.num_processes} process(es), global batch {args.global_batch})")
+    # Shut down in step: every process waits for the save, drops the DDP-wrapped model (its reducer holds the process
+    # group) and only then destroys the group. A process that destroyed the group while its peer was still saving,
+    # and freed the DDP model only on return, was left waiting at exit for a peer that had gone.
+    accelerator.wait_for_everyone()
+    model, optimizer, loader = accelerator.free_memory(model, optimizer, loader)
     accelerator.end_training()
 
 
