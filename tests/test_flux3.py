@@ -21,8 +21,8 @@ import torch
 from diffusers.loaders.lora_pipeline import Flux3LoraLoaderMixin
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
-from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
+from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, random_pairs, spell
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, merged_output, read
 from tiny_tail_b import flux3_output, tiny_flux3
 
 import lora_loader
@@ -89,9 +89,7 @@ def resolve(stem: str):
 
 
 def expected(path: str, layout: str, weight: float = 1.0) -> torch.Tensor:
-    tensors, _ = read(path)
-    header_scale = (lambda stem, rank: ALPHA / RANK) if layout == "diffusers" else None
-    return independent_merge(tiny_flux3, flux3_output, tensors, resolve, header_scale, weight)
+    return merged_output(tiny_flux3, flux3_output, resolve, path, layout == "diffusers", weight)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from diffusers import HiDreamImagePipeline
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, merged_output, read
 from tiny_tail_a import hidream_output, tiny_hidream
 
 import lora_loader
@@ -81,9 +81,7 @@ def resolve(stem: str):
 
 
 def expected(path: str, layout: str) -> torch.Tensor:
-    tensors, _ = read(path)
-    header_scale = (lambda stem, rank: ALPHA / RANK) if layout == "diffusers" else None
-    return independent_merge(tiny_hidream, hidream_output, tensors, resolve, header_scale)
+    return merged_output(tiny_hidream, hidream_output, resolve, path, layout == "diffusers")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import torch
 from diffusers import Ideogram4Pipeline
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
-from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
+from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, random_pairs, spell
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, merged_output, read
 from tiny_tail_b import ideogram4_output, tiny_ideogram4
 
 import lora_loader
@@ -113,9 +113,7 @@ def resolve(stem: str):
 
 
 def expected(path: str, layout: str, weight: float = 1.0) -> torch.Tensor:
-    tensors, _ = read(path)
-    header_scale = (lambda stem, rank: ALPHA / RANK) if layout == "diffusers" else None
-    return independent_merge(tiny_ideogram4, ideogram4_output, tensors, resolve, header_scale, weight)
+    return merged_output(tiny_ideogram4, ideogram4_output, resolve, path, layout == "diffusers", weight)
 
 
 @pytest.fixture(scope="module")

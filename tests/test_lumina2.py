@@ -24,7 +24,7 @@ from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lumin
 from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import ALPHA, RANK, assert_close, diffusers_output, independent_merge, random_pairs, spell
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, merged_output, read
 from tiny_tail_a import lumina2_output, tiny_lumina2
 
 import lora_loader
@@ -117,9 +117,7 @@ def resolve(stem: str):
 
 
 def expected(path: str, layout: str) -> torch.Tensor:
-    tensors, _ = read(path)
-    header_scale = (lambda stem, rank: ALPHA / RANK) if layout == "diffusers" else None
-    return independent_merge(tiny_lumina2, lumina2_output, tensors, resolve, header_scale)
+    return merged_output(tiny_lumina2, lumina2_output, resolve, path, layout == "diffusers")
 
 
 @pytest.fixture(scope="module")

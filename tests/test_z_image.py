@@ -22,7 +22,7 @@ from peft import LoraConfig
 from producers import save_diffusers_lora, save_state_dict
 from tiny_qwen import (ALPHA, RANK, assert_close, diffusers_output, independent_merge, kohya_resolver, random_pairs, spell,
                        tiny_z_image, z_image_output)  # fmt: skip
-from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, read
+from tiny_qwen import check_disable_fuse_unfuse_unload, check_refused_unchanged_then_skipped, merged_output, read
 
 import lora_loader
 from lora_loader.families import detect_family
@@ -94,9 +94,7 @@ RESOLVE = kohya_resolver(tiny_z_image(0), renames={"attention_out": "attention_t
 
 
 def expected(path: str, layout: str, weight: float = 1.0) -> torch.Tensor:
-    tensors, _ = read(path)
-    header_scale = (lambda stem, rank: ALPHA / RANK) if layout == "diffusers" else None
-    return independent_merge(tiny_z_image, z_image_output, tensors, RESOLVE, header_scale, weight)
+    return merged_output(tiny_z_image, z_image_output, RESOLVE, path, layout == "diffusers", weight)
 
 
 @pytest.fixture(scope="module")

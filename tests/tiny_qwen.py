@@ -142,6 +142,13 @@ def read(path: str) -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
+def merged_output(make, output, resolve, path: str, header_alpha: bool, weight: float = 1.0) -> torch.Tensor:
+    """The output of ``make(0)`` with the file at ``path`` merged in by `independent_merge`; ``header_alpha``: the file
+    is diffusers' layout, whose strength (alpha / rank) is in its header, not in alpha keys."""
+    header_scale = (lambda stem, rank: ALPHA / RANK) if header_alpha else None
+    return independent_merge(make, output, read(path)[0], resolve, header_scale, weight)
+
+
 def check_disable_fuse_unfuse_unload(model, path, output, base: torch.Tensor) -> None:
     """On an attached ``model`` without LoRA: after loading ``path``, ``disable_lora`` gives ``base`` exactly, a fuse
     gives the unfused output, ``unfuse_lora`` gives every weight back bit for bit, and unloading gives ``base``."""
